@@ -1,0 +1,1 @@
+# OpenCL C sources, shipped as package data (see pyproject.toml).

@@ -1,0 +1,120 @@
+import os
+
+import numpy as np
+import pytest
+
+from transfercl_cli import runtime
+from transfercl_cli.errors import DeviceError
+from transfercl_cli.runtime import parse_selector, select_device
+
+
+class FakeDev:
+    def __init__(self, pi, di, name, typ, platform="Fake Platform"):
+        self.platform_index, self.device_index = pi, di
+        self.id = f"{pi}:{di}"
+        self.name, self.type, self.platform_name = name, typ, platform
+
+
+DEVS = [FakeDev(0, 0, "pthread-Intel Xeon", "cpu", "Portable Computing Language"),
+        FakeDev(1, 0, "QUALCOMM Adreno(TM) 740", "gpu", "QUALCOMM Snapdragon(TM)"),
+        FakeDev(1, 1, "Mali-G78", "gpu", "ARM Platform")]
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("0:1", ("index", (0, 1))), ("2", ("index", (0, 2))), ("GPU", ("type", "gpu")), ("cpu", ("type", "cpu")),
+    ("pocl", ("name", "pocl")), ("Adreno", ("name", "adreno")), ("numpy", ("numpy", None)), ("", ("default", None)),
+])
+def test_parse_selector(spec, expected):
+    assert parse_selector(spec) == expected
+
+
+def test_select_default_prefers_gpu(monkeypatch):
+    monkeypatch.delenv("TCL_DEVICE", raising=False)
+    assert select_device(None, DEVS).name.startswith("QUALCOMM")
+    assert select_device(None, DEVS[:1]).type == "cpu"
+
+
+def test_select_by_index_type_name_and_env(monkeypatch):
+    assert select_device("1:1", DEVS).name == "Mali-G78"
+    assert select_device("cpu", DEVS).id == "0:0"
+    assert select_device("adreno", DEVS).id == "1:0"
+    assert select_device("portable", DEVS).id == "0:0"  # platform names match too
+    monkeypatch.setenv("TCL_DEVICE", "mali")
+    assert select_device(None, DEVS).id == "1:1"
+    assert select_device("numpy", DEVS) is None
+
+
+@pytest.mark.parametrize("spec", ["3:0", "accelerator", "nvidia"])
+def test_select_errors_name_the_devices(spec):
+    with pytest.raises(DeviceError) as e:
+        select_device(spec, DEVS)
+    msg = str(e.value)
+    assert "0:0" in msg and "1:1" in msg and "tcl devices" in msg
+
+
+def test_no_platform_is_a_clear_error(monkeypatch):
+    import pyopencl as cl
+
+    def boom():
+        raise cl.LogicError("clGetPlatformIDs", cl.status_code.PLATFORM_NOT_FOUND_KHR, "no platforms")
+
+    monkeypatch.setattr(cl, "get_platforms", boom)
+    with pytest.raises(DeviceError) as e:
+        runtime.list_devices()
+    assert "pocl-binary-distribution" in str(e.value) and "Termux" in str(e.value)
+
+
+def test_kernel_runs_and_matches_numpy(rt):
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 1000):
+        x = rng.standard_normal(n).astype(np.float32)
+        y = rng.standard_normal(n).astype(np.float32)
+        dx, dy = rt.to_device(x), rt.to_device(y)
+        k = rt.kernel("selftest", "saxpy")
+        rt.launch(k, (n,), None, np.int32(n), np.float32(2.5), dx, dy)
+        np.testing.assert_allclose(rt.to_host(dy), 2.5 * x.astype(np.float64) + y, rtol=1e-6, atol=1e-6)
+        dx.release()
+        dy.release()
+
+
+def test_build_failure_reports_log(rt, monkeypatch):
+    monkeypatch.setattr(runtime, "kernel_source", lambda name: "__kernel void broken( { this is not C }")
+    with pytest.raises(DeviceError) as e:
+        rt.program("definitely_broken_for_test", {"X": 1})
+    assert "failed to build" in str(e.value) and "definitely_broken_for_test" in str(e.value)
+
+
+def test_program_cached_within_process(rt):
+    p1 = rt.program("selftest", {"UNUSED": 3})
+    p2 = rt.program("selftest", {"UNUSED": 3})
+    assert p1 is p2
+    assert rt.program("selftest", {"UNUSED": 4}) is not p1
+
+
+def test_pocl_cache_dir_is_set():
+    assert os.environ.get("POCL_CACHE_DIR")
+    assert os.path.isdir(os.environ["POCL_CACHE_DIR"])
+
+
+def test_buffer_pool_reuses_buffers(rt):
+    a = rt.empty((123, 45))
+    buf = a.buf
+    a.release()
+    before = rt.allocated_bytes
+    b = rt.empty((45, 123))  # same byte size
+    assert b.buf is buf and rt.allocated_bytes == before
+    b.release()
+
+
+def test_device_array_reshape_and_roundtrip(rt):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    d = rt.to_device(x)
+    np.testing.assert_array_equal(d.reshape(6, -1).get(), x.reshape(6, 4))
+    with pytest.raises(ValueError):
+        d.reshape(5, 5)
+    d.release()
+
+
+def test_binary_cache_path_depends_on_inputs(rt):
+    a = rt._binary_cache_path("src", ["-DA=1"])
+    assert a != rt._binary_cache_path("src", ["-DA=2"]) and a != rt._binary_cache_path("src2", ["-DA=1"])

@@ -1,0 +1,161 @@
+"""Backends: where tensors live and which op implementations run.
+
+`NumpyBackend` runs the float64 numpy reference (tests, and `--device numpy` where no OpenCL exists);
+`CLBackend` runs the OpenCL kernels on one device. Both give ops the same small interface.
+"""
+import numpy as np
+
+from . import ops as _ops
+from .errors import ModelError
+
+
+class Backend:
+    name = "?"
+
+    def __init__(self):
+        self._params = {}  # (node name, param name) -> backend tensor
+
+    # tensors ------------------------------------------------------------------------------------------------------
+    def asarray(self, x):
+        raise NotImplementedError
+
+    def to_host(self, t):
+        raise NotImplementedError
+
+    def empty(self, shape, dtype=np.float32):
+        raise NotImplementedError
+
+    def zeros(self, shape, dtype=np.float32):
+        raise NotImplementedError
+
+    def release(self, t):
+        pass
+
+    def shape(self, t):
+        return tuple(t.shape)
+
+    # parameters ---------------------------------------------------------------------------------------------------
+    def param(self, node, key):
+        """The node's parameter as a backend tensor (uploaded once, then updated in place by optimizers)."""
+        k = (node.name, key)
+        t = self._params.get(k)
+        if t is None:
+            t = self.asarray(node.params[key])
+            self._params[k] = t
+        return t
+
+    def has_param(self, node, key):
+        return key in node.params
+
+    def forget_params(self, node=None):
+        """Drop device copies (all, or one node's) after host-side parameters changed."""
+        if node is None:
+            self._params.clear()
+        else:
+            for k in [k for k in self._params if k[0] == node.name]:
+                del self._params[k]
+
+    def sync_params_to_host(self, graph):
+        """Copy device parameters back into graph.node.params (float32)."""
+        for n in graph.nodes:
+            for key in list(n.params):
+                t = self._params.get((n.name, key))
+                if t is not None:
+                    n.params[key] = np.asarray(self.to_host(t), dtype=np.float32).reshape(n.params[key].shape)
+
+    # ops ----------------------------------------------------------------------------------------------------------
+    def forward_fn(self, op):
+        fn = _ops.lookup(self.name, op, "forward")
+        if fn is None:
+            raise ModelError(f"The op '{op}' has no {self.name} implementation in this version of tcl.",
+                             "Run `tcl inspect MODEL` to see which layers are unsupported.")
+        return fn
+
+    def backward_fn(self, op):
+        fn = _ops.lookup(self.name, op, "backward")
+        if fn is None:
+            raise ModelError(f"The op '{op}' cannot be trained on the {self.name} backend (no backward pass).",
+                             "Freeze that layer in the recipe (`freeze`), or cut the model before it.")
+        return fn
+
+    def fn(self, name):
+        f = _ops.lookup(self.name, name, "fn")
+        if f is None:
+            raise NotImplementedError(f"{name} on {self.name}")
+        return f
+
+    def finish(self):
+        pass
+
+
+class NumpyBackend(Backend):
+    """Reference backend: float64 numpy by default (float32 as a faster fallback device)."""
+
+    name = "numpy"
+
+    def __init__(self, dtype=np.float64):
+        super().__init__()
+        self.dtype = np.dtype(dtype)
+
+    def asarray(self, x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.integer):
+            return x.astype(np.int64)
+        return x.astype(self.dtype, copy=True)
+
+    def to_host(self, t):
+        return np.asarray(t)
+
+    def empty(self, shape, dtype=np.float32):
+        return np.empty(shape, dtype=self.dtype if dtype == np.float32 else dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        return np.zeros(shape, dtype=self.dtype if dtype == np.float32 else dtype)
+
+
+class CLBackend(Backend):
+    """The project's OpenCL kernels on one device (`Runtime`)."""
+
+    name = "opencl"
+
+    def __init__(self, rt):
+        super().__init__()
+        self.rt = rt
+
+    def asarray(self, x):
+        from .runtime import DeviceArray
+
+        if isinstance(x, DeviceArray):
+            return x
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype(np.int32)
+        else:
+            x = x.astype(np.float32)
+        return self.rt.to_device(x)
+
+    def to_host(self, t):
+        return self.rt.to_host(t)
+
+    def empty(self, shape, dtype=np.float32):
+        return self.rt.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        return self.rt.zeros(shape, dtype)
+
+    def release(self, t):
+        if t is not None and hasattr(t, "release"):
+            t.release()
+
+    def finish(self):
+        self.rt.finish()
+
+
+def make_backend(device=None):
+    """Backend for a device selector: 'numpy' gives the reference backend (float32 for speed), else OpenCL."""
+    from .runtime import get_runtime
+
+    rt = get_runtime(device)
+    if rt is None:
+        return NumpyBackend(np.float32)
+    return CLBackend(rt)

@@ -1,0 +1,210 @@
+"""The `tcl` command line: parses arguments, calls the library, prints. The work happens in the library modules."""
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import TclError
+
+
+class _State:
+    verbose = False
+
+
+def _fail(e, verbose):
+    if verbose:
+        traceback.print_exc()
+    msg = str(e) if isinstance(e, TclError) else f"{type(e).__name__}: {e}"
+    click.echo(f"Error: {msg}", err=True)
+    sys.exit(getattr(e, "exit_code", 1))
+
+
+class TclGroup(click.Group):
+    """Turns TclError (and out-of-memory) into one paragraph on stderr and exit code 2; --verbose shows the trace."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TclError as e:
+            _fail(e, _State.verbose or "--verbose" in sys.argv)
+        except MemoryError as e:
+            _fail(TclError("The host ran out of memory.", "Lower train.batch_size or freeze more layers."), _State.verbose)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=TclGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="tcl")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks on errors.")
+def main(verbose):
+    """TransferCL: fine-tune pretrained networks (Keras .h5, ONNX) on any OpenCL device."""
+    _State.verbose = verbose
+
+
+DEVICE_HELP = ("OpenCL device: an id (0:1), a type (gpu, cpu), part of a platform/device name (pocl, adreno), or "
+               "'numpy' for the slow reference fallback. Default: $TCL_DEVICE, else the first GPU, else the first CPU.")
+
+
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def devices(as_json):
+    """List OpenCL platforms and devices with their selector ids."""
+    from .runtime import list_devices, select_device
+
+    devs = list_devices()
+    try:
+        default = select_device(None, devs)
+    except TclError:
+        default = None
+    if as_json:
+        click.echo(json.dumps([dict(d.as_dict(), default=(d is default)) for d in devs], indent=2))
+        return
+    for d in devs:
+        mark = "*" if d is default else " "
+        click.echo(f"{mark} {d.id}  {d.name}  [{d.type}]  platform: {d.platform_name}")
+        click.echo(f"      compute units {d.compute_units}, global memory {_human_bytes(d.global_mem)}, "
+                   f"local memory {_human_bytes(d.local_mem)}, max work-group {d.max_work_group_size}")
+        click.echo(f"      {d.opencl_c_version}, fp16 {'yes' if d.fp16 else 'no'}, fp64 {'yes' if d.fp64 else 'no'}, "
+                   f"driver {d.driver_version}")
+    click.echo("(* = default; choose with --device ID or TCL_DEVICE)")
+
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--epochs", type=int, help="Override train.epochs.")
+@click.option("--lr", type=float, help="Override train.lr.")
+@click.option("--batch-size", type=int, help="Override train.batch_size.")
+@click.option("--optimizer", type=str, help="Override train.optimizer.")
+@click.option("--seed", type=int, help="Override train.seed (and data.seed).")
+@click.option("--data", "data_root", type=str, help="Override data.root.")
+@click.option("--model", type=str, help="Override model.")
+@click.option("--device", type=str, help=DEVICE_HELP)
+@click.option("--output", "-o", type=str, help="Override output (the run directory).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output directory from its last checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan (frozen, cut, added, cached, memory) and stop.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines (for cron and scripts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, device, output, resume, dry_run,
+             quiet, as_json):
+    """Fine-tune a pretrained model as a YAML RECIPE describes; writes a run directory with weights and reports."""
+    from .recipe import load_recipe
+    from .train import finetune as run
+
+    overrides = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "train.optimizer": optimizer,
+                 "train.seed": seed, "data.seed": seed, "data.root": data_root, "model": model, "device": device,
+                 "output": output}
+    if data_root:
+        overrides["data.root"] = os.path.abspath(data_root)
+    if model:
+        overrides["model"] = os.path.abspath(model)
+    if output:
+        overrides["output"] = os.path.abspath(output)
+    r = load_recipe(recipe, overrides)
+    echo = (lambda *a: None) if (quiet or as_json) else (lambda m: click.echo(m))
+    res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo)
+    if as_json:
+        click.echo(json.dumps(res if dry_run else {"run_dir": res["run_dir"], "metrics": res["metrics"],
+                                                    "meta": res["meta"]}, indent=2, default=str))
+    elif quiet and not dry_run:
+        m = res["metrics"]
+        click.echo(f"{res['run_dir']}: accuracy {m['accuracy']:.4f} on {res['meta']['split']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", type=click.Path(), help="Image folder (one sub-folder per class). Default: the run's data.")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe giving data split and preprocessing.")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), help="Which split to measure.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line, in output order.")
+@click.option("--device", type=str, help=DEVICE_HELP)
+@click.option("--output", "-o", type=click.Path(), help="Folder for report.json/report.md/PNGs (default: the run).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_json):
+    """Measure a model or run directory on labelled images: accuracy, per-class scores, confusion matrix."""
+    from .evaluate import evaluate as run
+    from .report import format_table
+
+    metrics, meta = run(model, data=data, recipe=recipe, split=split, device=device, labels=labels, out_dir=output,
+                        batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps({"metrics": metrics, "meta": meta}, indent=2, default=str))
+    else:
+        click.echo(format_table(metrics))
+        click.echo(f"{meta['split']} split, {meta['images_per_sec']} images/s on {meta['device']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line, in output order.")
+@click.option("--top", "-k", type=int, default=5, show_default=True)
+@click.option("--device", type=str, help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def predict(model, images, labels, top, device, as_json):
+    """Top-K classes with probabilities for each image (a model file or a fine-tuned run directory)."""
+    from .evaluate import predict as run
+
+    res = run(model, list(images), labels=labels, top=top, device=device)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    for r in res:
+        click.echo(r["image"])
+        if "error" in r:
+            click.echo(f"  unreadable: {r['error']}")
+            continue
+        for t in r["top"]:
+            click.echo(f"  {t['probability']:7.4f}  {t['index']:>5}  {t['label']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Show which layers a recipe freezes, trains, cuts, adds.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="For the training memory estimate.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, recipe, batch_size, as_json):
+    """Table of layers: name, type, output shape, parameters, multiply-adds; totals and memory estimate."""
+    from .inspect_model import inspect_model
+
+    res = inspect_model(model, recipe=recipe, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(res, indent=2, default=str))
+    else:
+        click.echo(res["text"])
+
+
+@main.command("export-weights")
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "h5", "npz"]), required=True)
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: RUN_DIR/export/model.FORMAT).")
+@click.option("--int8", is_flag=True, help="Per-channel symmetric int8 weight quantization (accuracy change measured).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--weights", type=click.Choice(["best", "final"]), default="best", show_default=True)
+@click.option("--device", type=str, help=DEVICE_HELP + " (for the int8 accuracy check)")
+def export_weights(run_dir, fmt, output, int8, force, weights, device):
+    """Write a fine-tuned run's weights as ONNX, Keras-layout HDF5 or npz."""
+    from .export_run import export_run
+
+    res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device)
+    click.echo(f"wrote {res['path']}")
+    if res.get("int8"):
+        q = res["int8"]
+        click.echo(f"int8: test accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} "
+                   f"({q['accuracy_change']:+.4f}); details in {q['report']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,155 @@
+"""Runs a Graph on a backend: forward (inference or training) and backward to parameter gradients.
+
+Only the part of the graph that gradients flow through keeps anything for the backward pass: a frozen prefix
+runs in inference mode (BatchNorm with moving statistics) and its intermediate tensors go back to the buffer
+pool as soon as their last reader has run.
+"""
+from .ops import Need
+
+
+class Executor:
+    def __init__(self, graph, backend, trainable=()):
+        self.graph = graph
+        self.be = backend
+        self.trainable = set(trainable)
+        self._fwd = {}
+        self._bwd = {}
+        for n in graph.nodes:
+            self._fwd[n.op] = self._fwd.get(n.op) or backend.forward_fn(n.op)
+        # Which tensors carry gradients: downstream of a trainable node.
+        grad_t = set()
+        self.grad_nodes = []
+        for n in graph.nodes:
+            if n.name in self.trainable and n.params or any(t in grad_t for t in n.inputs):
+                grad_t.update(n.outputs)
+                self.grad_nodes.append(n)
+        self.grad_tensors = grad_t
+        for n in self.grad_nodes:
+            self._bwd[n.op] = self._bwd.get(n.op) or backend.backward_fn(n.op)
+        grad_names = {n.name for n in self.grad_nodes}
+        # Last reader of each tensor, for freeing in the forward pass.
+        self._last_use = {}
+        for i, n in enumerate(graph.nodes):
+            for t in n.inputs:
+                self._last_use[t] = i
+        # Tensors the backward pass may read stay alive until backward ends.
+        self._keep_for_bwd = set()
+        for n in graph.nodes:
+            if n.name in grad_names:
+                self._keep_for_bwd.update(n.inputs)
+                self._keep_for_bwd.update(n.outputs)
+        self._saved = None
+        self._live = None
+
+    def node_training(self, n, training):
+        if not training or n not in self.grad_nodes:
+            return False
+        if n.op == "batchnorm":
+            return n.name in self.trainable
+        return True
+
+    def forward(self, feeds, training=False, outputs=None):
+        """Run the graph. `feeds`: {input tensor name: array or backend tensor}. Returns {output name: tensor}.
+
+        With training=True the state for `backward` is kept; otherwise intermediates are freed on the way.
+        """
+        be = self.be
+        want = list(outputs or self.graph.outputs)
+        env = {}
+        owned = set()
+        for k, v in feeds.items():
+            env[k] = be.asarray(v)
+            if env[k] is not v:
+                owned.add(k)
+        saved = {}
+        keep = set(want)
+        if training:
+            keep |= self._keep_for_bwd
+        for i, n in enumerate(self.graph.nodes):
+            xs = [env[t] for t in n.inputs]
+            ys, ctx = self._fwd[n.op](be, n, xs, self.node_training(n, training))
+            for t, y in zip(n.outputs, ys):
+                env[t] = y
+                owned.add(t)
+            if training and n in self.grad_nodes:
+                saved[n.name] = ctx
+            elif ctx is not None and hasattr(ctx, "release"):
+                ctx.release()
+            # Free inputs whose last reader this was.
+            for t in set(n.inputs):
+                if self._last_use.get(t) == i and t not in keep and t in owned:
+                    be.release(env.pop(t))
+                    owned.discard(t)
+        out = {t: env[t] for t in want}
+        if training:
+            self._saved = saved
+            self._live = {t: v for t, v in env.items() if t in owned and t not in want}
+        else:
+            for t, v in env.items():
+                if t in owned and t not in want:
+                    be.release(v)
+        return out
+
+    def backward(self, grad_outputs):
+        """Backpropagate {output tensor: gradient}. Returns {(node name, param): gradient} for trainable nodes."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward(training=True) first")
+        be = self.be
+        grads = dict(grad_outputs)
+        pgrads = {}
+        for n in reversed(self.grad_nodes):
+            gys = [grads.pop(t, None) for t in n.outputs]
+            if all(g is None for g in gys):
+                continue
+            need = Need([t in self.grad_tensors for t in n.inputs], n.name in self.trainable and bool(n.params))
+            gxs, gps = self._bwd[n.op](be, n, self._saved.pop(n.name), gys, need)
+            for g in gys:
+                if g is not None and all(g is not v for v in grad_outputs.values()):
+                    be.release(g)
+            for t, g, nd in zip(n.inputs, gxs, need.inputs):
+                if g is None or not nd:
+                    if g is not None:
+                        be.release(g)
+                    continue
+                if t in grads:
+                    acc = self._fwd["add"](be, None, [grads[t], g], False)[0][0] if "add" in self._fwd else None
+                    if acc is None:
+                        acc = be.forward_fn("add")(be, None, [grads[t], g], False)[0][0]
+                    be.release(grads[t])
+                    be.release(g)
+                    grads[t] = acc
+                else:
+                    grads[t] = g
+            if need.params:
+                for k, g in gps.items():
+                    pgrads[(n.name, k)] = g
+            elif gps:
+                for g in gps.values():
+                    be.release(g)
+        for g in grads.values():
+            if all(g is not v for v in grad_outputs.values()):
+                be.release(g)
+        self.end_step()
+        return pgrads
+
+    def end_step(self):
+        """Release what the last training forward kept (also after a forward without backward)."""
+        if self._live:
+            for v in self._live.values():
+                self.be.release(v)
+        self._live = None
+        if self._saved:
+            for ctx in self._saved.values():
+                if ctx is not None and hasattr(ctx, "release"):
+                    ctx.release()
+        self._saved = None
+
+
+def run_forward(graph, backend, feeds, outputs=None):
+    """One inference pass; returns host numpy arrays."""
+    ex = Executor(graph, backend)
+    out = ex.forward(feeds, training=False, outputs=outputs)
+    res = {k: backend.to_host(v) for k, v in out.items()}
+    for v in out.values():
+        backend.release(v)
+    return res

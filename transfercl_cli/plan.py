@@ -1,0 +1,306 @@
+"""From a recipe and a pretrained graph to what will run: cut, new head, frozen/trainable layers, folded
+BatchNorms, and the frozen prefix whose output can be cached.
+"""
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import RecipeError, closest
+from .graph import Graph, Node
+
+ACT_OPS = {"relu": "relu", "relu6": "relu6"}
+
+
+def _clip_as_act(n):
+    if n.op == "clip" and n.attrs.get("min") == 0 and n.attrs.get("max") == 6:
+        return "relu6"
+    return ACT_OPS.get(n.op)
+
+
+def cut_after(graph, layer):
+    """Keep `layer` and everything it depends on; its output becomes the graph output."""
+    node = _find(graph, layer, "cut_after")
+    g = Graph(list(graph.nodes), dict(graph.inputs), [node.outputs[0]], graph.name, dict(graph.meta))
+    g.prune()
+    return g
+
+
+def _find(graph, name, key):
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    hint = closest(name, graph.names())
+    raise RecipeError(
+        f"Recipe key '{key}': the model has no layer named '{name}'." + (f" Did you mean '{hint}'?" if hint else ""),
+        "Run `tcl inspect MODEL` to list the layer names.",
+    )
+
+
+def _unique(graph, base):
+    names = set(graph.names())
+    if base not in names:
+        return base
+    i = 1
+    while f"{base}_{i}" in names:
+        i += 1
+    return f"{base}_{i}"
+
+
+def add_head(graph, head, num_classes, seed=0):
+    """Append the recipe's head layers after the graph's (single) output. Returns the new node names."""
+    from .ops.shapes import infer_shapes
+
+    rng = np.random.default_rng(seed)
+    shapes = infer_shapes(graph)
+    t = graph.outputs[0]
+    shape = list(shapes[t])
+    new = []
+    for i, layer in enumerate(head):
+        kind, arg = next(iter(layer.items()))
+        name = _unique(graph, f"head_{kind}")
+        out = f"{name}:0"
+        if kind == "global_avg_pool":
+            if len(shape) != 3:
+                raise RecipeError(f"Recipe key 'head': global_avg_pool needs an image-shaped input (H, W, C), but the "
+                                  f"cut point's output has shape {tuple(shape)}.",
+                                  "Cut at a convolutional layer, or use dense directly.")
+            node = Node(name, "global_avgpool", [t], [out], {"keepdims": False})
+            shape = [shape[-1]]
+        elif kind == "flatten":
+            node = Node(name, "flatten", [t], [out])
+            shape = [int(np.prod(shape))]
+        elif kind == "dropout":
+            node = Node(name, "dropout", [t], [out], {"rate": float(arg or 0.0), "seed": int(seed) + i})
+        elif kind in ("relu", "relu6"):
+            node = Node(name, kind, [t], [out])
+        elif kind == "batchnorm":
+            c = shape[-1]
+            node = Node(name, "batchnorm", [t], [out], {"eps": 1e-3, "momentum": 0.99},
+                        {"gamma": np.ones(c, np.float32), "beta": np.zeros(c, np.float32),
+                         "mean": np.zeros(c, np.float32), "var": np.ones(c, np.float32)})
+        elif kind == "dense":
+            if len(shape) != 1:
+                # A dense layer on an image-shaped tensor flattens it first (as Keras users expect).
+                fl = _unique(graph, f"{name}_flatten")
+                graph.nodes.append(Node(fl, "flatten", [t], [f"{fl}:0"]))
+                new.append(fl)
+                t = f"{fl}:0"
+                shape = [int(np.prod(shape))]
+            units = num_classes if arg == "auto" else int(arg)
+            cin = shape[0]
+            limit = np.sqrt(6.0 / (cin + units))  # Glorot uniform, as Keras initialises Dense
+            node = Node(name, "dense", [t], [out], {},
+                        {"weight": rng.uniform(-limit, limit, (cin, units)).astype(np.float32),
+                         "bias": np.zeros(units, np.float32)})
+            shape = [units]
+        else:  # pragma: no cover - the recipe validator rejects these
+            raise RecipeError(f"Unknown head layer {kind}")
+        node.source = "head"
+        graph.nodes.append(node)
+        new.append(name)
+        t = out
+    if shape != [num_classes]:
+        raise RecipeError(f"Recipe key 'head': the head ends with shape {tuple(shape)}, but the data has "
+                          f"{num_classes} classes.", "End the head with `{dense: auto}`.")
+    graph.outputs = [t]
+    return new
+
+
+def resolve_freeze(graph, freeze, unfreeze, new_layers=()):
+    """The set of trainable layer names (only layers with parameters matter). New head layers always train."""
+    pretrained = [n.name for n in graph.nodes if n.name not in set(new_layers)]
+    names = set(pretrained)
+
+    def match(patterns, key):
+        out = set()
+        for p in patterns:
+            hits = {n for n in pretrained if fnmatch.fnmatchcase(n, p)}
+            if not hits:
+                hint = closest(p, pretrained)
+                raise RecipeError(
+                    f"Recipe key '{key}': '{p}' matches no layer of the model."
+                    + (f" Did you mean '{hint}'?" if hint else ""),
+                    "Names and glob patterns (conv_pw_13*) are matched against the layer names `tcl inspect MODEL` "
+                    "lists.",
+                )
+            out |= hits
+        return out
+
+    if freeze == "all":
+        frozen = set(names)
+    elif freeze == "none":
+        frozen = set()
+    elif isinstance(freeze, dict):
+        until = _find(graph, freeze["until"], "freeze.until").name
+        frozen = set()
+        for n in pretrained:
+            frozen.add(n)
+            if n == until:
+                break
+    else:
+        frozen = match(freeze, "freeze")
+    frozen -= match(unfreeze, "unfreeze")
+    trainable = (names - frozen) | set(new_layers)
+    return {n.name for n in graph.nodes if n.name in trainable and n.params}
+
+
+def fold_frozen(graph, trainable):
+    """Inference-time rewrite of the frozen part: Conv+BN folded into the conv's weights and bias, and a following
+    ReLU/ReLU6 fused into the conv's epilogue. Trainable nodes are shared (same objects), so updates made through the
+    returned graph are seen by `graph`."""
+    cons = graph.consumers()
+    by_out = graph.producer()
+    out_nodes = []
+    skip = set()
+    renames = {}
+    for n in graph.nodes:
+        if n.name in skip:
+            continue
+        if n.op in ("conv2d", "dense") and n.name not in trainable and not n.attrs.get("act"):
+            cur = n
+            merged = []
+            nxt = cons.get(cur.outputs[0], [])
+            if (n.op == "conv2d" and len(nxt) == 1 and nxt[0].op == "batchnorm" and nxt[0].name not in trainable
+                    and cur.outputs[0] not in graph.outputs):
+                bn = nxt[0]
+                w = cur.params["weight"].astype(np.float64)
+                b = cur.params.get("bias")
+                b = np.zeros(w.shape[-1]) if b is None else b.astype(np.float64)
+                s = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.params["var"].astype(np.float64) + bn.attrs["eps"])
+                cur = Node(cur.name, cur.op, list(cur.inputs), list(bn.outputs), dict(cur.attrs),
+                           {"weight": (w * s).astype(np.float32),
+                            "bias": ((b - bn.params["mean"]) * s + bn.params["beta"]).astype(np.float32)},
+                           cur.source)
+                cur.attrs["folded"] = [bn.name]
+                skip.add(bn.name)
+                merged.append(bn)
+                nxt = cons.get(cur.outputs[0], [])
+            if len(nxt) == 1 and _clip_as_act(nxt[0]) and nxt[0].name not in trainable and cur.outputs[0] not in graph.outputs:
+                act = nxt[0]
+                if cur is n:
+                    cur = Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), dict(n.params), n.source)
+                cur.attrs["act"] = _clip_as_act(act)
+                cur.attrs["folded"] = cur.attrs.get("folded", []) + [act.name]
+                cur.outputs = list(act.outputs)
+                skip.add(act.name)
+            out_nodes.append(cur)
+        else:
+            out_nodes.append(n)
+    del by_out, renames
+    g = Graph(out_nodes, dict(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))
+    g.topo_check()
+    return g
+
+
+def split_prefix(graph, trainable):
+    """Split into (prefix, suffix, tensor) where the prefix is frozen and the suffix reads only `tensor` from it.
+
+    Returns (None, graph, None, reason) when there is no such split."""
+    first = None
+    grad = set()
+    for i, n in enumerate(graph.nodes):
+        if n.name in trainable or any(t in grad for t in n.inputs):
+            grad.update(n.outputs)
+            if first is None:
+                first = i
+    if first is None:
+        return None, graph, None, "no layer trains"
+    if first == 0:
+        return None, graph, None, "the first layer trains, so there is no frozen prefix"
+    prefix_nodes = graph.nodes[:first]
+    suffix_nodes = graph.nodes[first:]
+    produced = set(graph.inputs) | {t for n in prefix_nodes for t in n.outputs}
+    crossing = {t for n in suffix_nodes for t in n.inputs if t in produced}
+    crossing |= {t for t in graph.outputs if t in produced}
+    if len(crossing) != 1:
+        return None, graph, None, f"the trainable part reads {len(crossing)} tensors of the frozen part"
+    t = crossing.pop()
+    if t in graph.inputs:
+        return None, graph, None, "the first layer trains, so there is no frozen prefix"
+    from .ops.shapes import infer_shapes
+
+    shapes = infer_shapes(graph)
+    prefix = Graph(list(prefix_nodes), dict(graph.inputs), [t], graph.name + ":prefix", dict(graph.meta))
+    prefix.prune()
+    suffix = Graph(list(suffix_nodes), {t: tuple(shapes[t])}, list(graph.outputs), graph.name + ":suffix",
+                   dict(graph.meta))
+    return prefix, suffix, t, None
+
+
+def graph_digest(graph):
+    """A hash of a graph's structure and parameters (for cache keys)."""
+    h = hashlib.sha256()
+    for n in graph.nodes:
+        h.update(repr((n.name, n.op, n.inputs, n.outputs, sorted((k, repr(v)) for k, v in n.attrs.items()))).encode())
+        for k in sorted(n.params):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(n.params[k]).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    graph: Graph  # the full training graph (pretrained part after the cut + head), unfolded
+    exec_graph: Graph  # frozen Conv+BN(+act) folded
+    trainable: set
+    frozen: list
+    cut: list
+    new: list
+    prefix: Graph = None
+    suffix: Graph = None
+    cache_tensor: str = None
+    cache_reason: str = None
+    use_cache: bool = False
+    memory: dict = field(default_factory=dict)
+
+
+def build_plan(model_graph, recipe, classes):
+    graph = model_graph.copy()
+    all_names = graph.names()
+    if recipe.get("cut_after"):
+        graph = cut_after(graph, recipe["cut_after"])
+    kept = set(graph.names())
+    cut = [n for n in all_names if n not in kept]
+    new = add_head(graph, recipe["head"], len(classes), seed=recipe["train"]["seed"])
+    trainable = resolve_freeze(graph, recipe["freeze"], recipe["unfreeze"], new)
+    frozen = [n.name for n in graph.nodes if n.params and n.name not in trainable]
+    exec_graph = fold_frozen(graph, trainable)
+    plan = Plan(graph, exec_graph, trainable, frozen, cut, new)
+    aug = recipe["augment"]
+    if recipe["train"]["cache"] == "off":
+        plan.cache_reason = "off in the recipe (train.cache: off)"
+    elif aug["hflip"] or aug["random_resized_crop"] or aug["brightness"] or aug["contrast"]:
+        plan.cache_reason = "augmentation is on, so the frozen prefix must see each augmented image every epoch"
+    else:
+        prefix, suffix, t, reason = split_prefix(exec_graph, trainable)
+        if prefix is not None:
+            plan.prefix, plan.suffix, plan.cache_tensor, plan.use_cache = prefix, suffix, t, True
+        else:
+            plan.cache_reason = reason
+    plan.memory = estimate_memory(plan, recipe["train"]["batch_size"])
+    return plan
+
+
+def estimate_memory(plan, batch):
+    """Bytes for parameters, optimizer state, gradients and activations of one training step (float32)."""
+    from .ops.shapes import infer_shapes
+
+    g = plan.suffix if plan.use_cache else plan.exec_graph
+    shapes = infer_shapes(g)
+    params = sum(int(np.prod(v.shape)) for n in g.nodes for v in n.params.values()) * 4
+    train_params = sum(int(np.prod(v.shape)) for n in g.nodes if n.name in plan.trainable for v in n.params.values()) * 4
+    acts = 0
+    grad_nodes = False
+    peak_inf = 0
+    for n in g.nodes:
+        if n.name in plan.trainable:
+            grad_nodes = True
+        sz = sum(int(np.prod(shapes[t])) for t in n.outputs) * 4 * batch
+        if grad_nodes:
+            acts += 2 * sz  # activation kept for backward + its gradient
+        else:
+            peak_inf = max(peak_inf, 2 * sz)
+    total = params + 3 * train_params + acts + peak_inf
+    return {"params": params, "optimizer_and_grads": 3 * train_params, "activations": acts + peak_inf, "total": total}

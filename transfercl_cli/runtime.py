@@ -1,0 +1,450 @@
+"""OpenCL runtime: device selection, kernel programs (built once, cached across processes) and device arrays.
+
+Every OpenCL op in tcl goes through one `Runtime`: it owns the context and the in-order queue, builds the
+`kernels/*.cl` sources with `-D` options, and hands out float32 `DeviceArray`s from a pool so that a training
+step that repeats the same shapes allocates nothing.
+"""
+import hashlib
+import os
+import threading
+from collections import defaultdict
+
+import numpy as np
+
+from .errors import DeviceError
+
+KERNEL_PACKAGE = "transfercl_cli.kernels"
+DEVICE_ENV = "TCL_DEVICE"
+
+
+def cache_dir(*parts):
+    """Per-user cache directory (XDG), created on demand."""
+    base = os.environ.get("TCL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "transfercl"
+    )
+    d = os.path.join(base, *parts)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _setup_pocl_cache():
+    # PoCL caches compiled kernels itself; give it a writable per-user directory when the user has not chosen one.
+    if "POCL_CACHE_DIR" not in os.environ:
+        try:
+            os.environ["POCL_CACHE_DIR"] = cache_dir("pocl")
+        except OSError:
+            pass
+
+
+_setup_pocl_cache()
+
+NO_PLATFORM_FIX = (
+    "On Linux x86_64 install the PoCL CPU platform with `pip install pocl-binary-distribution`; on Android/Termux "
+    "install `ocl-icd` and point LD_LIBRARY_PATH at the vendor OpenCL library (see the README section 'Android / "
+    "Termux'); run `tcl devices` to see what is found. As a slow fallback without OpenCL use `--device numpy`."
+)
+
+
+def _import_cl():
+    try:
+        import pyopencl as cl  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise DeviceError(f"pyopencl cannot be imported ({e}).", "Install it with `pip install pyopencl`.") from e
+    return cl
+
+
+def kernel_source(name):
+    """The text of kernels/NAME.cl, from the installed package (wheel) or the source tree."""
+    fname = name if name.endswith(".cl") else name + ".cl"
+    try:
+        from importlib import resources
+
+        return resources.files(KERNEL_PACKAGE).joinpath(fname).read_text()
+    except (ModuleNotFoundError, FileNotFoundError, OSError):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", fname)
+        with open(here) as f:
+            return f.read()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices
+
+
+class DeviceInfo:
+    """What `tcl devices` shows about one OpenCL device, and its selector id."""
+
+    def __init__(self, pi, di, platform, device):
+        cl = _import_cl()
+        self.platform_index = pi
+        self.device_index = di
+        self.platform = platform
+        self.device = device
+        self.id = f"{pi}:{di}"
+        self.platform_name = platform.name.strip()
+        self.name = device.name.strip()
+        t = device.type
+        self.type = (
+            "gpu" if t & cl.device_type.GPU else "cpu" if t & cl.device_type.CPU else "accelerator"
+            if t & cl.device_type.ACCELERATOR else "other"
+        )
+        self.compute_units = device.max_compute_units
+        self.global_mem = device.global_mem_size
+        self.local_mem = device.local_mem_size
+        self.max_alloc = device.max_mem_alloc_size
+        self.max_work_group_size = device.max_work_group_size
+        self.max_work_item_sizes = list(device.max_work_item_sizes)
+        try:
+            self.opencl_c_version = device.opencl_c_version.strip()
+        except Exception:  # pragma: no cover - OpenCL 1.0 devices
+            self.opencl_c_version = "OpenCL C 1.0"
+        ext = device.extensions
+        self.fp16 = "cl_khr_fp16" in ext
+        self.fp64 = "cl_khr_fp64" in ext
+        self.driver_version = device.driver_version.strip()
+        self.version = device.version.strip()
+
+    def as_dict(self):
+        return {
+            "id": self.id, "platform": self.platform_name, "name": self.name, "type": self.type,
+            "compute_units": self.compute_units, "global_mem_bytes": self.global_mem,
+            "local_mem_bytes": self.local_mem, "max_alloc_bytes": self.max_alloc,
+            "max_work_group_size": self.max_work_group_size, "opencl_c_version": self.opencl_c_version,
+            "fp16": self.fp16, "fp64": self.fp64, "driver_version": self.driver_version,
+        }
+
+
+def list_devices():
+    """All OpenCL devices on all platforms, as DeviceInfo. Raises DeviceError when there is no platform."""
+    cl = _import_cl()
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as e:  # pyopencl raises when the ICD loader finds no platform
+        raise DeviceError(f"No OpenCL platform was found ({e}).", NO_PLATFORM_FIX) from e
+    out = []
+    for pi, p in enumerate(platforms):
+        try:
+            devs = p.get_devices()
+        except cl.Error:
+            continue
+        for di, d in enumerate(devs):
+            out.append(DeviceInfo(pi, di, p, d))
+    if not out:
+        raise DeviceError("OpenCL platforms were found but none has a usable device.", NO_PLATFORM_FIX)
+    return out
+
+
+def parse_selector(spec):
+    """Classify a device selector: ('index', (p, d)), ('type', 'gpu'), ('numpy', None) or ('name', text)."""
+    s = str(spec).strip()
+    if not s:
+        return ("default", None)
+    low = s.lower()
+    if low in ("numpy", "reference", "none"):
+        return ("numpy", None)
+    if low in ("gpu", "cpu", "accelerator"):
+        return ("type", low)
+    parts = s.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        return ("index", (int(parts[0]), int(parts[1])))
+    if s.isdigit():
+        return ("index", (0, int(s)))
+    return ("name", low)
+
+
+def select_device(spec=None, devices=None):
+    """Pick a device by selector (see parse_selector); default: `$TCL_DEVICE`, else the first GPU, else the first CPU.
+
+    Returns a DeviceInfo, or None for the numpy fallback.
+    """
+    if spec is None or str(spec).strip() == "":
+        spec = os.environ.get(DEVICE_ENV, "")
+    kind, val = parse_selector(spec)
+    if kind == "numpy":
+        return None
+    devices = devices if devices is not None else list_devices()
+    ids = ", ".join(f"{d.id} ({d.name}, {d.type})" for d in devices)
+    if kind == "default":
+        for want in ("gpu", "cpu"):
+            for d in devices:
+                if d.type == want:
+                    return d
+        return devices[0]
+    if kind == "type":
+        for d in devices:
+            if d.type == val:
+                return d
+        raise DeviceError(
+            f"No OpenCL device of type '{val}' was found; the devices are: {ids}.",
+            "Choose one with --device ID (or the TCL_DEVICE variable), or run `tcl devices`.",
+        )
+    if kind == "index":
+        for d in devices:
+            if (d.platform_index, d.device_index) == val:
+                return d
+        raise DeviceError(
+            f"There is no OpenCL device {val[0]}:{val[1]}; the devices are: {ids}.",
+            "Use one of those ids with --device (or TCL_DEVICE), or run `tcl devices`.",
+        )
+    for d in devices:
+        if val in d.name.lower() or val in d.platform_name.lower():
+            return d
+    raise DeviceError(
+        f"No OpenCL device matches '{spec}'; the devices are: {ids}.",
+        "Pass an id such as 0:0, a type (gpu, cpu), or part of a platform or device name to --device "
+        "(or TCL_DEVICE); `tcl devices` lists them.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device arrays
+
+
+class DeviceArray:
+    """A float32 (or int32) array in device memory: an OpenCL buffer plus its shape. Row-major, no offset."""
+
+    __slots__ = ("rt", "buf", "shape", "dtype", "nbytes", "_pooled")
+
+    def __init__(self, rt, buf, shape, dtype=np.float32, pooled=False):
+        self.rt = rt
+        self.buf = buf
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self._pooled = pooled
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def reshape(self, *shape):
+        """A view with another shape over the same buffer (no copy)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = list(shape)
+        if -1 in shape:
+            i = shape.index(-1)
+            rest = int(np.prod([s for j, s in enumerate(shape) if j != i]))
+            shape[i] = self.size // max(rest, 1)
+        if int(np.prod(shape)) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
+        return DeviceArray(self.rt, self.buf, shape, self.dtype, pooled=False)
+
+    def get(self):
+        return self.rt.to_host(self)
+
+    def release(self):
+        """Return the buffer to the runtime's pool (only arrays that came from the pool)."""
+        if self._pooled:
+            self.rt.pool_release(self)
+            self._pooled = False
+
+    def __repr__(self):
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name})"
+
+
+class Runtime:
+    """One OpenCL device: context, queue, kernel programs and a buffer pool."""
+
+    def __init__(self, info):
+        cl = _import_cl()
+        self.cl = cl
+        self.info = info
+        self.device = info.device
+        try:
+            self.ctx = cl.Context([self.device])
+            self.queue = cl.CommandQueue(self.ctx)
+        except cl.Error as e:
+            raise DeviceError(
+                f"The OpenCL device {info.id} ({info.name}) could not be opened ({e}).",
+                "Check the driver with `tcl devices`, or choose another device with --device.",
+            ) from e
+        self._programs = {}
+        self._kernels = {}
+        self._pool = defaultdict(list)
+        self._lock = threading.Lock()
+        self.max_work_group_size = int(self.device.max_work_group_size)
+        self.is_cpu = info.type == "cpu"
+        self.is_pocl = "portable computing language" in info.platform_name.lower() or "pocl" in info.platform_name.lower()
+        self.allocated_bytes = 0
+        self.peak_bytes = 0
+
+    # -- programs ------------------------------------------------------------------------------------------------
+    def program(self, name, defines=None, options=()):
+        """Build (once per process, and cached across processes) kernels/NAME.cl with -D defines."""
+        opts = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())] + list(options)
+        # Full precision is required for the numpy-matching tests; no fast-math.
+        opts += ["-cl-std=CL1.2"]
+        key = (name, tuple(opts))
+        prg = self._programs.get(key)
+        if prg is not None:
+            return prg
+        src = kernel_source(name)
+        prg = self._build(name, src, opts)
+        self._programs[key] = prg
+        return prg
+
+    def _binary_cache_path(self, src, opts):
+        h = hashlib.sha256()
+        for part in (self.info.name, self.info.platform_name, self.info.driver_version, src, " ".join(opts)):
+            h.update(part.encode())
+            h.update(b"\0")
+        return os.path.join(cache_dir("programs"), h.hexdigest() + ".bin")
+
+    def _build(self, name, src, opts):
+        cl = self.cl
+        # PoCL keeps its own kernel cache (POCL_CACHE_DIR); other platforms get program binaries stored by us.
+        use_bin = not self.is_pocl and os.environ.get("TCL_NO_BINARY_CACHE") is None
+        path = self._binary_cache_path(src, opts) if use_bin else None
+        if path and os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    prg = cl.Program(self.ctx, [self.device], [f.read()]).build(options=opts)
+                return prg
+            except (cl.Error, OSError):
+                pass
+        try:
+            prg = cl.Program(self.ctx, src).build(options=opts)
+        except cl.Error as e:
+            # pyopencl puts the compiler's build log into the exception text.
+            raise DeviceError(
+                f"The OpenCL kernels in {name}.cl failed to build for {self.info.name} with options "
+                f"{' '.join(opts)}: {str(e).strip()[:4000]}",
+                "This is a driver or kernel bug: run `tcl doctor`, try another device with --device, and report "
+                "the build log above.",
+            ) from e
+        if path:
+            try:
+                from .fsutil import atomic_path
+
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(prg.binaries[0])
+            except OSError:
+                pass
+        return prg
+
+    def kernel(self, name, kernel_name, defines=None):
+        """A kernel object from kernels/NAME.cl (one per process and option set)."""
+        key = (name, kernel_name, tuple(sorted((defines or {}).items())))
+        k = self._kernels.get(key)
+        if k is None:
+            k = getattr(self.program(name, defines), kernel_name)
+            self._kernels[key] = k
+        return k
+
+    def launch(self, kernel, gsize, lsize, *args):
+        """Queue a kernel (no wait). Scalars must already be numpy scalars (np.int32, np.float32)."""
+        cl = self.cl
+        kernel.set_args(*[a.buf if isinstance(a, DeviceArray) else a for a in args])
+        gsize = tuple(int(g) for g in gsize)
+        if lsize is not None:
+            lsize = tuple(int(v) for v in lsize)
+            gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
+        try:
+            return cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
+        except cl.MemoryError as e:
+            raise self._oom(e) from e
+
+    def local_size(self, want, kernel=None):
+        """Clamp a wanted 1-D work-group size to the device (and kernel) limits."""
+        lim = self.max_work_group_size
+        if kernel is not None:
+            try:
+                lim = min(lim, kernel.get_work_group_info(self.cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device))
+            except Exception:
+                pass
+        w = 1
+        while w * 2 <= min(want, lim):
+            w *= 2
+        return w
+
+    def finish(self):
+        self.queue.finish()
+
+    # -- memory --------------------------------------------------------------------------------------------------
+    def _oom(self, e):
+        return DeviceError(
+            f"The OpenCL device {self.info.name} ran out of memory ({e}); tcl had {self.allocated_bytes / 2**20:.0f} "
+            "MiB allocated.",
+            "Lower train.batch_size (or --batch-size), freeze more layers, or use a device with more memory.",
+        )
+
+    def _alloc(self, nbytes):
+        cl = self.cl
+        try:
+            buf = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, size=max(int(nbytes), 4))
+        except (cl.MemoryError, cl.Error) as e:
+            raise self._oom(e) from e
+        self.allocated_bytes += max(int(nbytes), 4)
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+        return buf
+
+    def empty(self, shape, dtype=np.float32):
+        """An uninitialised device array, reusing a pooled buffer of the same byte size when one is free."""
+        shape = tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        key = max(nbytes, 4)
+        with self._lock:
+            free = self._pool.get(key)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = self._alloc(key)
+        return DeviceArray(self, buf, shape, dtype, pooled=True)
+
+    def pool_release(self, arr):
+        with self._lock:
+            self._pool[max(arr.nbytes, 4)].append(arr.buf)
+
+    def zeros(self, shape, dtype=np.float32):
+        a = self.empty(shape, dtype)
+        self.fill(a, 0)
+        return a
+
+    def fill(self, arr, value):
+        cl = self.cl
+        if arr.nbytes:
+            pattern = np.array([value], dtype=arr.dtype)
+            cl.enqueue_fill_buffer(self.queue, arr.buf, pattern, 0, arr.nbytes)
+        return arr
+
+    def to_device(self, array, out=None):
+        a = np.ascontiguousarray(array)
+        if a.dtype not in (np.float32, np.int32):
+            a = a.astype(np.int32 if np.issubdtype(a.dtype, np.integer) else np.float32)
+        dst = out if out is not None else self.empty(a.shape, a.dtype)
+        if a.nbytes:
+            self.cl.enqueue_copy(self.queue, dst.buf, a, is_blocking=False)
+            # The host array must stay alive until the copy is done; keep it simple and safe.
+            self.queue.finish()
+        return dst
+
+    def to_host(self, arr):
+        out = np.empty(arr.shape, dtype=arr.dtype)
+        if out.nbytes:
+            self.cl.enqueue_copy(self.queue, out, arr.buf, is_blocking=True)
+        return out
+
+    def copy(self, src, dst=None):
+        dst = dst if dst is not None else self.empty(src.shape, src.dtype)
+        if src.nbytes:
+            self.cl.enqueue_copy(self.queue, dst.buf, src.buf, byte_count=src.nbytes)
+        return dst
+
+
+_RUNTIMES = {}
+
+
+def get_runtime(spec=None):
+    """The process-wide Runtime for a device selector (None for the numpy fallback)."""
+    info = select_device(spec)
+    if info is None:
+        return None
+    rt = _RUNTIMES.get(info.id)
+    if rt is None:
+        rt = Runtime(info)
+        _RUNTIMES[info.id] = rt
+    return rt

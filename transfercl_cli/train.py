@@ -1,0 +1,549 @@
+"""`tcl finetune`: the training loop, from a recipe to a run directory.
+
+recipe -> data splits -> plan (cut, head, freeze, fold, cache point) -> frozen-prefix feature cache -> epochs of
+forward/loss/backward/optimizer on the device -> checkpoints, metrics.jsonl -> final evaluation report.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from .errors import DataError, RecipeError, TclError
+from .fsutil import load_npz, save_npz, write_json, write_text
+
+PARAM_TRAINED = ("weight", "bias", "gamma", "beta", "scale", "offset")  # BN mean/var are statistics, not trained
+
+
+class TrainingDiverged(TclError):
+    pass
+
+
+def resolve_preprocess(recipe_input, graph):
+    """Preprocessing from the recipe's `input`, else what the model says, else the default [-1, 1] scaling."""
+    from .data import Preprocess
+
+    hint = dict(graph.meta.get("preprocess") or {})
+    d = {"resize": recipe_input.get("resize", "shorter_crop"), "channel_order": recipe_input.get("channel_order", "RGB")}
+    size = recipe_input.get("size") or hint.get("size")
+    if not size:
+        shp = next(iter(graph.inputs.values()))
+        size = [shp[0], shp[1]] if len(shp) == 3 and shp[0] and shp[1] else [224, 224]
+    d["size"] = list(size)
+    if recipe_input.get("mean") is not None or recipe_input.get("std") is not None:
+        if recipe_input.get("mean") is None or recipe_input.get("std") is None:
+            raise RecipeError("Recipe key 'input': give both mean and std, or neither.",
+                              "For ImageNet-style models: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225].")
+        d["mean"], d["std"] = recipe_input["mean"], recipe_input["std"]
+    elif recipe_input.get("scale") is not None or recipe_input.get("offset") is not None:
+        d["scale"] = recipe_input.get("scale") if recipe_input.get("scale") is not None else 1.0
+        d["offset"] = recipe_input.get("offset") if recipe_input.get("offset") is not None else 0.0
+    elif hint.get("mean") is not None:
+        d["mean"], d["std"] = hint["mean"], hint["std"]
+    elif hint.get("scale") is not None:
+        d["scale"], d["offset"] = hint["scale"], hint.get("offset", 0.0)
+    else:
+        d["scale"], d["offset"] = 1.0 / 127.5, -1.0
+    return Preprocess.from_dict(d)
+
+
+def lr_at(train, epoch):
+    """Learning rate for a 0-based epoch under the recipe's schedule."""
+    lr = train["lr"]
+    sched = train["schedule"]
+    warm = train["warmup_epochs"] if sched == "warmup" else train.get("warmup_epochs", 0)
+    if warm and epoch < warm:
+        return lr * (epoch + 1) / warm
+    if sched == "step":
+        return lr * (train["gamma"] ** (epoch // train["step_size"]))
+    if sched == "cosine":
+        t = (epoch - warm) / max(1, train["epochs"] - warm)
+        return lr * 0.5 * (1 + math.cos(math.pi * t))
+    return lr
+
+
+class Optimizer:
+    """Per-parameter optimizer state on the device; one `step` for all gradients."""
+
+    def __init__(self, be, train):
+        self.be = be
+        self.kind = train["optimizer"]
+        self.momentum = train["momentum"]
+        self.weight_decay = train["weight_decay"]
+        self.state = {}
+        self.t = 0
+
+    def step(self, params, grads, lr):
+        """params, grads: {(node, key): backend tensor}."""
+        be = self.be
+        self.t += 1
+        for k, g in grads.items():
+            p = params[k]
+            st = self.state.setdefault(k, {})
+            wd = self.weight_decay if k[1] == "weight" else 0.0
+            if self.kind in ("sgd", "momentum", "nesterov"):
+                be.fn("sgd_step")(be, p, g, st, lr, momentum=0.0 if self.kind == "sgd" else self.momentum,
+                                  nesterov=self.kind == "nesterov", weight_decay=wd)
+            else:
+                be.fn("adam_step")(be, p, g, st, lr, weight_decay=wd, decoupled=self.kind == "adamw", step=self.t)
+
+    def state_arrays(self):
+        out = {"__t": np.array(self.t)}
+        for (node, key), st in self.state.items():
+            for sk, v in st.items():
+                if hasattr(v, "shape") or isinstance(v, np.ndarray):
+                    out[f"{node}/{key}/{sk}"] = np.asarray(self.be.to_host(v))
+                elif isinstance(v, (int, float)):
+                    out[f"{node}/{key}/{sk}"] = np.array(v)
+        return out
+
+    def load_state(self, arrays):
+        self.t = int(arrays.get("__t", 0))
+        for name, v in arrays.items():
+            if name == "__t":
+                continue
+            node, key, sk = name.rsplit("/", 2)
+            self.state.setdefault((node, key), {})[sk] = self.be.asarray(v) if v.ndim else v.item()
+
+
+def class_weight_vector(spec, classes, train_items):
+    if spec is None:
+        return None
+    k = len(classes)
+    if spec == "auto":
+        counts = np.bincount([y for _, y in train_items], minlength=k).astype(np.float64)
+        counts[counts == 0] = 1
+        return (counts.sum() / (k * counts)).astype(np.float32)
+    w = np.ones(k, np.float32)
+    for name, v in spec.items():
+        if name not in classes:
+            from .errors import closest
+
+            hint = closest(name, classes)
+            raise RecipeError(f"Recipe key 'train.class_weights': there is no class '{name}'."
+                              + (f" Did you mean '{hint}'?" if hint else ""), f"The classes are: {', '.join(classes)}.")
+        w[classes.index(name)] = v
+    return w
+
+
+class Session:
+    """Everything a run needs, resolved before any work starts (so every input error comes first)."""
+
+    def __init__(self, recipe, log=print):
+        from .backends import make_backend
+        from .data import Augment, load_splits
+        from .plan import build_plan
+        from .runfile import load_any_model
+
+        self.recipe = recipe
+        self.log = log
+        d = recipe["data"]
+        self.splits = load_splits(d["root"], val=d["val"], test=d["test"], seed=d["seed"],
+                                  extensions=tuple(d["extensions"]))
+        self.classes = list(self.splits.classes)
+        if not self.splits["train"]:
+            raise DataError(f"The dataset '{d['root']}' has no training images after the split.",
+                            "Add images, or lower data.val and data.test.")
+        self.model_graph = load_any_model(recipe["model"])
+        self.pre = resolve_preprocess(recipe["input"], self.model_graph)
+        self.augment = Augment.from_dict(recipe["augment"])
+        self.plan = build_plan(self.model_graph, recipe, self.classes)
+        self.plan.graph.meta.update(classes=self.classes, preprocess=self.pre.to_dict())
+        self.class_weights = class_weight_vector(recipe["train"]["class_weights"], self.classes, self.splits["train"])
+        self.be = make_backend(recipe["device"])
+
+    def describe(self):
+        """The resolved plan as text (for --dry-run and the top of the log)."""
+        p, r = self.plan, self.recipe
+        lines = [f"model      {r['model']} ({len(self.model_graph.nodes)} layers, "
+                 f"{self.model_graph.num_params():,} parameters)"]
+        counts = self.splits.counts()
+        lines.append(f"data       {r['data']['root']}: {len(self.classes)} classes ({', '.join(self.classes[:10])}"
+                     f"{', ...' if len(self.classes) > 10 else ''}); " + ", ".join(
+                         f"{s} {sum(c)}" for s, c in counts.items()))
+        lines.append(f"input      {self.pre.to_dict()}")
+        lines.append(f"cut        after {r['cut_after'] or '(no cut)'}: {len(p.cut)} layers dropped"
+                     + (f" ({', '.join(p.cut[:6])}{', ...' if len(p.cut) > 6 else ''})" if p.cut else ""))
+        lines.append(f"head       {', '.join(p.new)}")
+        tr = [n.name for n in p.graph.nodes if n.name in p.trainable]
+        ntrain = sum(v.size for n in p.graph.nodes if n.name in p.trainable for k, v in n.params.items()
+                     if k in PARAM_TRAINED)
+        lines.append(f"trainable  {len(tr)} layers, {ntrain:,} parameters: {', '.join(tr[:12])}"
+                     f"{', ...' if len(tr) > 12 else ''}")
+        lines.append(f"frozen     {len(p.frozen)} layers with parameters (BatchNorm in inference mode; "
+                     f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} conv layers with BN/activation "
+                     "folded in)")
+        if p.use_cache:
+            lines.append(f"cache      on: the frozen prefix's output '{p.cache_tensor}' "
+                         f"{tuple(p.suffix.inputs[p.cache_tensor])} is computed once per image and reused")
+        else:
+            lines.append(f"cache      off: {p.cache_reason}")
+        t = r["train"]
+        lines.append(f"train      {t['epochs']} epochs, batch {t['batch_size']}, {t['optimizer']} lr {t['lr']} "
+                     f"({t['schedule']}), weight decay {t['weight_decay']}, label smoothing {t['label_smoothing']}, "
+                     f"seed {t['seed']}")
+        mem = p.memory
+        lines.append(f"memory     about {mem['total'] / 2**20:.0f} MiB on the device for a training step "
+                     f"(parameters {mem['params'] / 2**20:.0f}, optimizer+gradients "
+                     f"{mem['optimizer_and_grads'] / 2**20:.0f}, activations {mem['activations'] / 2**20:.0f})")
+        be = self.be
+        dev = be.rt.info.name if hasattr(be, "rt") else "numpy reference (slow fallback)"
+        lines.append(f"device     {dev}")
+        lines.append(f"output     {r['output']}")
+        return "\n".join(lines)
+
+
+def _bar(total, desc, quiet):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False, dynamic_ncols=True)
+
+
+def compute_prefix_features(session, items, quiet=False):
+    """Frozen-prefix outputs for items via the disk cache. Returns (features array (N, ...), ok mask, cache)."""
+    from .cache import FeatureCache
+    from .data import ImageLoader
+    from .executor import Executor
+    from .plan import graph_digest
+
+    p, be = session.plan, session.be
+    shape = p.suffix.inputs[p.cache_tensor]
+    key = {"prefix": graph_digest(p.prefix), "tensor": p.cache_tensor, "pre": session.pre.to_dict()}
+    cache = FeatureCache(key, shape, root=os.environ.get("TCL_FEATURE_CACHE"))
+    ex = Executor(p.prefix, be)
+    inp = next(iter(p.prefix.inputs))
+    bs = min(32, session.recipe["train"]["batch_size"])
+    bad = []
+
+    def compute(missing):
+        loader = ImageLoader(missing, batch_size=bs, preprocess=session.pre, num_workers=2,
+                             on_bad_image=lambda path, reason: bad.append((path, reason)))
+        for x, _, paths in loader:
+            out = ex.forward({inp: x})[p.cache_tensor]
+            feats = be.to_host(out)
+            be.release(out)
+            yield paths, feats
+
+    bar = _bar(len(items), "caching features", quiet)
+    try:
+        data, rows, ok = cache.features(items, compute, progress=bar.update)
+    finally:
+        bar.close()
+    session.bad_images.extend(bad)
+    return data, rows, ok, cache
+
+
+class Trainer:
+    def __init__(self, session, quiet=False):
+        from .executor import Executor
+
+        self.s = session
+        self.quiet = quiet
+        self.be = session.be
+        p = session.plan
+        self.graph = p.suffix if p.use_cache else p.exec_graph
+        self.input = next(iter(self.graph.inputs))
+        self.output = self.graph.outputs[0]
+        self.ex = Executor(self.graph, self.be, p.trainable)
+        self.opt = Optimizer(self.be, session.recipe["train"])
+        self.dropouts = [n for n in self.graph.nodes if n.op == "dropout"]
+
+    def params(self):
+        return {(n.name, k): self.be.param(n, k) for n in self.graph.nodes if n.name in self.s.plan.trainable
+                for k in n.params if k in PARAM_TRAINED}
+
+    def step(self, x, y, lr, step_id):
+        be, t = self.be, self.s.recipe["train"]
+        seed = int(t["seed"])
+        for i, n in enumerate(self.dropouts):
+            n.attrs["seed"] = (seed * 1000003 + step_id * 7919 + i) % (2**31 - 1)
+        out = self.ex.forward({self.input: x}, training=True)[self.output]
+        labels = be.asarray(np.asarray(y, np.int32))
+        loss, glogits = be.fn("softmax_xent")(be, out, labels, label_smoothing=t["label_smoothing"],
+                                             class_weights=self.s.class_weights)
+        preds = np.argmax(be.to_host(out), axis=1)
+        be.release(out)
+        be.release(labels)
+        if not math.isfinite(loss):
+            self.ex.end_step()
+            be.release(glogits)
+            raise TrainingDiverged(
+                f"The training loss became {loss} at step {step_id}.",
+                "The last good checkpoint is kept in the run directory. Lower train.lr (e.g. by 10x), enable "
+                "train.clip_grad_norm, or check the input scaling (input.scale/offset or mean/std).")
+        grads = self.ex.backward({self.output: glogits})
+        be.release(glogits)
+        grads = {k: g for k, g in grads.items() if k[1] in PARAM_TRAINED}
+        if t["clip_grad_norm"]:
+            norm = math.sqrt(be.fn("grad_norm_sq")(be, list(grads.values())))
+            if norm > t["clip_grad_norm"]:
+                for g in grads.values():
+                    be.fn("scale_inplace")(be, g, t["clip_grad_norm"] / norm)
+        self.opt.step(self.params(), grads, lr)
+        for g in grads.values():
+            be.release(g)
+        return loss, int(np.sum(preds == np.asarray(y)))
+
+    def predict(self, x):
+        out = self.ex.forward({self.input: x}, training=False)[self.output]
+        logits = self.be.to_host(out).astype(np.float64)
+        self.be.release(out)
+        return logits
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Source:
+    """Batches of model input for one split: cached prefix features or decoded (optionally augmented) images."""
+
+    def __init__(self, session, items, features=None, augment=False, shuffle=False):
+        self.s = session
+        self.items = items
+        self.features = features  # (data, rows, ok) or None
+        self.augment = augment
+        self.shuffle = shuffle
+        self.loader = None
+        if features is None and items:
+            from .data import ImageLoader
+
+            self.loader = ImageLoader(items, batch_size=session.recipe["train"]["batch_size"], shuffle=shuffle,
+                                      seed=session.recipe["train"]["seed"], preprocess=session.pre,
+                                      augment=session.augment if augment else None,
+                                      on_bad_image=lambda p, r: session.bad_images.append((p, r)))
+
+    def __len__(self):
+        if self.features is not None:
+            return int(self.features[2].sum())
+        return len(self.items)
+
+    def batches(self, epoch, batch_size):
+        if self.loader is not None:
+            for x, y, paths in self.loader.epoch(epoch):
+                yield x, y, paths
+            return
+        if self.features is None:
+            return
+        data, rows, ok = self.features
+        idx = np.flatnonzero(ok)
+        if self.shuffle:
+            idx = idx[np.random.default_rng([self.s.recipe["train"]["seed"], epoch]).permutation(len(idx))]
+        for s in range(0, len(idx), batch_size):
+            b = idx[s:s + batch_size]
+            yield (np.asarray(data[rows[b]], dtype=np.float32), np.array([self.items[i][1] for i in b], np.int32),
+                   [self.items[i][0] for i in b])
+
+
+def predict_source(trainer, source, batch_size):
+    """Probabilities, labels and paths for every readable item of a source."""
+    probs, labels, paths = [], [], []
+    for x, y, p in source.batches(0, batch_size):
+        probs.append(softmax(trainer.predict(x)))
+        labels.append(y)
+        paths.extend(p)
+    if not probs:
+        return np.zeros((0, len(trainer.s.classes))), np.zeros(0, np.int64), []
+    return np.concatenate(probs), np.concatenate(labels).astype(np.int64), paths
+
+
+def _cross_entropy(probs, y):
+    if len(y) == 0:
+        return float("nan")
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
+
+
+def _save_checkpoint(run_dir, trainer, epoch, history, best):
+    s = trainer.s
+    s.be.sync_params_to_host(trainer.graph)
+    save_npz(os.path.join(run_dir, "checkpoint.npz"), s.plan.graph.params())
+    save_npz(os.path.join(run_dir, "optimizer.npz"), trainer.opt.state_arrays())
+    write_json(os.path.join(run_dir, "checkpoint.json"), {"epoch": epoch, "history": history, "best": best,
+                                                          "recipe": _recipe_digest(s.recipe)})
+
+
+def _recipe_digest(recipe):
+    import hashlib
+
+    keep = {k: recipe[k] for k in ("model", "cut_after", "head", "freeze", "unfreeze", "data", "augment", "input")}
+    keep["train"] = {k: v for k, v in recipe["train"].items() if k != "epochs"}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_params_into(graph, arrays):
+    for n in graph.nodes:
+        for k in n.params:
+            key = f"{n.name}/{k}"
+            if key in arrays:
+                n.params[k] = arrays[key].astype(np.float32).reshape(n.params[k].shape)
+
+
+def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
+    """Run a recipe end to end. Returns a dict summary (also written to the run directory)."""
+    import yaml
+
+    from .report import compute_metrics, format_table, write_report
+    from .runfile import save_run_model
+
+    t_start = time.perf_counter()
+    session = Session(recipe, log=log)
+    session.bad_images = []
+    log(session.describe())
+    if dry_run:
+        return {"dry_run": True, "plan": session.describe()}
+    run_dir = recipe["output"]
+    os.makedirs(run_dir, exist_ok=True)
+    t = recipe["train"]
+    ckpt_json = os.path.join(run_dir, "checkpoint.json")
+    start_epoch, history, best = 0, [], None
+    if resume:
+        if not os.path.exists(ckpt_json):
+            raise TclError(f"--resume: the run directory '{run_dir}' has no checkpoint.",
+                           "Start the run without --resume (or point --output at the run to continue).")
+        with open(ckpt_json) as f:
+            ck = json.load(f)
+        if ck.get("recipe") != _recipe_digest(recipe):
+            raise TclError(f"--resume: the recipe differs from the one the run in '{run_dir}' was started with "
+                           "(only train.epochs may change).", "Use the same recipe, or a new --output.")
+        _load_params_into(session.plan.graph, load_npz(os.path.join(run_dir, "checkpoint.npz")))
+        # Folded copies were made from the original parameters; only trainable layers changed, and those are shared.
+        start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck.get("best")
+    elif os.path.exists(ckpt_json):
+        log(f"note: '{run_dir}' already holds a run; starting over (use --resume to continue it).")
+    write_text(os.path.join(run_dir, "recipe.resolved.yaml"),
+               yaml.safe_dump(json.loads(json.dumps(dict(recipe), default=str)), sort_keys=False))
+    write_json(os.path.join(run_dir, "classes.json"), session.classes)
+
+    splits = session.splits
+    plan = session.plan
+    cache_info = None
+    feats = {}
+    if plan.use_cache:
+        all_items = splits["train"] + splits["val"] + splits["test"]
+        data, rows, ok, cache = compute_prefix_features(session, all_items, quiet=quiet)
+        off = 0
+        for name in ("train", "val", "test"):
+            n = len(splits[name])
+            feats[name] = (data, rows[off:off + n], ok[off:off + n])
+            off += n
+        epochs_run = max(1, t["epochs"] - start_epoch)
+        cache_info = {"hits": cache.hits, "misses": cache.misses, "compute_seconds": round(cache.compute_seconds, 2),
+                      "seconds_per_image": cache.seconds_per_image, "dir": cache.dir,
+                      "seconds_saved_now": round(cache.seconds_saved(), 2),
+                      "seconds_saved_over_epochs": round((cache.seconds_per_image or 0) * len(all_items)
+                                                         * (epochs_run + 1) - cache.compute_seconds, 1)}
+        log(f"cache      {cache.hits} hits, {cache.misses} computed in {cache.compute_seconds:.1f} s; recomputing the "
+            f"prefix every epoch would have cost about {cache_info['seconds_saved_over_epochs']:.0f} s more")
+    trainer = Trainer(session, quiet=quiet)
+    if resume:
+        trainer.opt.load_state(load_npz(os.path.join(run_dir, "optimizer.npz")))
+    src = {name: Source(session, splits[name], feats.get(name), augment=(name == "train"), shuffle=(name == "train"))
+           for name in ("train", "val", "test")}
+    bs = t["batch_size"]
+    es = t["early_stopping"]
+    metric_name = (es or {}).get("metric", "val_accuracy")
+    has_val = len(src["val"]) > 0
+    bad_epochs = 0
+    if history and es and best:
+        bad_epochs = history[-1]["epoch"] - best["epoch"]
+    save_run_model(plan.graph, run_dir, "weights.npz") if not resume else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if not resume and os.path.exists(metrics_path):
+        os.unlink(metrics_path)
+    from tqdm import tqdm
+
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, t["epochs"]):
+            lr = lr_at(t, epoch)
+            t0 = time.perf_counter()
+            tot_loss, tot_correct, tot_n, step = 0.0, 0, 0, 0
+            n_train = len(src["train"])
+            bar = tqdm(total=n_train, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="img", disable=quiet,
+                       leave=False, dynamic_ncols=True)
+            for x, y, _ in src["train"].batches(epoch, bs):
+                loss, correct = trainer.step(x, y, lr, epoch * 100003 + step)
+                step += 1
+                tot_loss += loss * len(y)
+                tot_correct += correct
+                tot_n += len(y)
+                bar.update(len(y))
+                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_correct / tot_n:.3f}")
+            bar.close()
+            session.be.finish()
+            dt = time.perf_counter() - t0
+            rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tot_loss / max(tot_n, 1),
+                   "train_accuracy": tot_correct / max(tot_n, 1), "seconds": round(dt, 3),
+                   "images_per_sec": round(tot_n / dt, 1) if dt > 0 else None}
+            if has_val:
+                probs, yv, _ = predict_source(trainer, src["val"], bs)
+                rec["val_loss"] = _cross_entropy(probs, yv)
+                rec["val_accuracy"] = float(np.mean(np.argmax(probs, 1) == yv)) if len(yv) else float("nan")
+            history.append(rec)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            improved = False
+            if has_val:
+                v = rec[metric_name]
+                improved = best is None or (v > best["value"] if metric_name == "val_accuracy" else v < best["value"])
+            if improved:
+                best = {"epoch": epoch + 1, "value": rec[metric_name], "metric": metric_name}
+                bad_epochs = 0
+                session.be.sync_params_to_host(trainer.graph)
+                save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
+            else:
+                bad_epochs += 1
+            _save_checkpoint(run_dir, trainer, epoch, history, best)
+            if not quiet:
+                msg = (f"epoch {epoch + 1:>3}/{t['epochs']}  loss {rec['train_loss']:.4f}  acc "
+                       f"{rec['train_accuracy']:.4f}")
+                if has_val:
+                    msg += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
+                log(msg + f"  {rec['images_per_sec']} img/s")
+            if es and has_val and bad_epochs >= es["patience"]:
+                log(f"early stopping: no {metric_name} improvement for {es['patience']} epochs")
+                break
+    except KeyboardInterrupt:
+        raise TclError(f"Interrupted during epoch {epoch + 1}. The checkpoint of the last finished epoch is in "
+                       f"{run_dir}.", "Continue with `tcl finetune RECIPE --resume`.") from None
+    finally:
+        for so in src.values():
+            if so.loader is not None:
+                so.loader.close()
+    session.be.sync_params_to_host(trainer.graph)
+    save_run_model(plan.graph, run_dir, "weights.npz")
+    if best is None:
+        # No validation split: the final weights are the best we know.
+        save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
+        eval_weights = "final"
+    else:
+        _load_params_into(plan.graph, load_npz(os.path.join(run_dir, "best.npz")))
+        session.be.forget_params()
+        trainer = Trainer(session, quiet=quiet)
+        eval_weights = f"best (epoch {best['epoch']}, {best['metric']} {best['value']:.4f})"
+    split = "test" if len(src["test"]) else ("val" if has_val else "train")
+    t0 = time.perf_counter()
+    probs, yt, paths = predict_source(trainer, src[split], bs)
+    dt = time.perf_counter() - t0
+    metrics = compute_metrics(yt, np.argmax(probs, 1) if len(yt) else yt, probs, session.classes, paths=paths)
+    meta = {"model": recipe["model"], "run_dir": os.path.abspath(run_dir), "split": split, "weights": eval_weights,
+            "device": session.be.rt.info.name if hasattr(session.be, "rt") else "numpy",
+            "images_per_sec": round(len(yt) / dt, 1) if dt > 0 else None, "epochs": len(history),
+            "train_seconds": round(time.perf_counter() - t_start, 1), "cache": cache_info,
+            "bad_images": [{"path": p, "reason": r} for p, r in _dedup(session.bad_images)]}
+    write_report(run_dir, metrics, meta, history=history)
+    log(format_table(metrics))
+    log(f"run directory: {os.path.abspath(run_dir)}")
+    return {"run_dir": run_dir, "metrics": metrics, "meta": meta, "history": history}
+
+
+def _dedup(pairs):
+    seen, out = set(), []
+    for p, r in pairs:
+        if p not in seen:
+            seen.add(p)
+            out.append((p, r))
+    return out
