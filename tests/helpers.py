@@ -117,3 +117,46 @@ def check_op(npbe, clbe, node, inputs, training=False, fwd_tol=1e-4, grad_tol=1e
         assert k in gp_cl, f"{node.op}: OpenCL gave no gradient for {k}"
         assert_close(gp_cl[k], e, grad_tol, f"{node.op} d/d{k}")
     return y_cl
+
+
+def tiny_mobilenet(rng=None, size=9, classes=4):
+    """A small MobileNet-V1-shaped graph with Keras-style names (conv1, conv1_bn, conv1_relu, conv_dw_1, ...,
+    conv_pw_2_relu, global_average_pooling2d, predictions) and random weights, for plan/train tests."""
+    from transfercl_cli.graph import Graph, Node
+
+    rng = rng or np.random.default_rng(0)
+    nodes = []
+    t = "input"
+
+    def bn(name, c, x):
+        nodes.append(Node(name, "batchnorm", [x], [name], {"eps": 1e-3, "momentum": 0.99},
+                          {"gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
+                           "beta": rng.normal(0, 0.1, c).astype(np.float32),
+                           "mean": rng.normal(0, 0.1, c).astype(np.float32),
+                           "var": rng.uniform(0.5, 1.5, c).astype(np.float32)}, "BatchNormalization"))
+        return name
+
+    def act(name, x):
+        nodes.append(Node(name, "relu6", [x], [name], {}, {}, "ReLU"))
+        return name
+
+    def conv(name, x, k, cin, cout, stride=1, groups=1, pads=None):
+        pads = pads or ((0, 0, 1, 1) if stride == 2 else (k // 2,) * 4)
+        w = rng.normal(0, np.sqrt(2.0 / (k * k * cin / groups)), (k, k, cin // groups, cout)).astype(np.float32)
+        nodes.append(Node(name, "conv2d", [x], [name], {"kernel": (k, k), "strides": (stride, stride),
+                                                          "dilations": (1, 1), "pads": pads, "groups": groups},
+                          {"weight": w}, "DepthwiseConv2D" if groups > 1 else "Conv2D"))
+        return name
+
+    t = act("conv1_relu", bn("conv1_bn", 8, conv("conv1", t, 3, 3, 8, stride=2)))
+    t = act("conv_dw_1_relu", bn("conv_dw_1_bn", 8, conv("conv_dw_1", t, 3, 8, 8, groups=8)))
+    t = act("conv_pw_1_relu", bn("conv_pw_1_bn", 16, conv("conv_pw_1", t, 1, 8, 16)))
+    t = act("conv_dw_2_relu", bn("conv_dw_2_bn", 16, conv("conv_dw_2", t, 3, 16, 16, stride=2, groups=16)))
+    t = act("conv_pw_2_relu", bn("conv_pw_2_bn", 24, conv("conv_pw_2", t, 1, 16, 24)))
+    nodes.append(Node("global_average_pooling2d", "global_avgpool", [t], ["gap"], {"keepdims": False}))
+    nodes.append(Node("predictions_dense", "dense", ["gap"], ["logits"], {},
+                      {"weight": rng.normal(0, 0.2, (24, classes)).astype(np.float32),
+                       "bias": np.zeros(classes, np.float32)}, "Dense"))
+    nodes.append(Node("predictions", "softmax", ["logits"], ["probs"], {"axis": -1}))
+    return Graph(nodes, {"input": (size, size, 3)}, ["probs"], "tiny_mobilenet",
+                 {"preprocess": {"size": [size, size], "scale": 1 / 127.5, "offset": -1.0}})

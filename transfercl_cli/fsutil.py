@@ -13,6 +13,10 @@ def atomic_path(path):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
+    # mkstemp creates 0600 files; outputs get the usual umask-based permissions instead.
+    um = os.umask(0)
+    os.umask(um)
+    os.chmod(tmp, 0o666 & ~um)
     try:
         yield tmp
         os.replace(tmp, path)

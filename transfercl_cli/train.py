@@ -356,12 +356,13 @@ def _cross_entropy(probs, y):
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
 
 
-def _save_checkpoint(run_dir, trainer, epoch, history, best):
+def _save_checkpoint(run_dir, trainer, epoch, history, best, initial=None):
     s = trainer.s
     s.be.sync_params_to_host(trainer.graph)
     save_npz(os.path.join(run_dir, "checkpoint.npz"), s.plan.graph.params())
     save_npz(os.path.join(run_dir, "optimizer.npz"), trainer.opt.state_arrays())
     write_json(os.path.join(run_dir, "checkpoint.json"), {"epoch": epoch, "history": history, "best": best,
+                                                          "initial_accuracy": initial,
                                                           "recipe": _recipe_digest(s.recipe)})
 
 
@@ -398,7 +399,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
     os.makedirs(run_dir, exist_ok=True)
     t = recipe["train"]
     ckpt_json = os.path.join(run_dir, "checkpoint.json")
-    start_epoch, history, best = 0, [], None
+    start_epoch, history, best, resumed_initial = 0, [], None, None
     if resume:
         if not os.path.exists(ckpt_json):
             raise TclError(f"--resume: the run directory '{run_dir}' has no checkpoint.",
@@ -411,6 +412,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
         _load_params_into(session.plan.graph, load_npz(os.path.join(run_dir, "checkpoint.npz")))
         # Folded copies were made from the original parameters; only trainable layers changed, and those are shared.
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck.get("best")
+        resumed_initial = ck.get("initial_accuracy")
     elif os.path.exists(ckpt_json):
         log(f"note: '{run_dir}' already holds a run; starting over (use --resume to continue it).")
     write_text(os.path.join(run_dir, "recipe.resolved.yaml"),
@@ -444,6 +446,14 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
            for name in ("train", "val", "test")}
     bs = t["batch_size"]
     es = t["early_stopping"]
+    eval_split = "test" if len(src["test"]) else ("val" if len(src["val"]) else "train")
+    initial = resumed_initial if resume else None
+    if not resume:
+        # Accuracy of the untrained head, so the report shows what fine-tuning changed.
+        probs0, y0, _ = predict_source(trainer, src[eval_split], bs)
+        if len(y0):
+            initial = float(np.mean(np.argmax(probs0, 1) == y0))
+            log(f"before     {eval_split} accuracy {initial:.4f} with the new head untrained")
     metric_name = (es or {}).get("metric", "val_accuracy")
     has_val = len(src["val"]) > 0
     bad_epochs = 0
@@ -496,7 +506,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
                 save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
             else:
                 bad_epochs += 1
-            _save_checkpoint(run_dir, trainer, epoch, history, best)
+            _save_checkpoint(run_dir, trainer, epoch, history, best, initial)
             if not quiet:
                 msg = (f"epoch {epoch + 1:>3}/{t['epochs']}  loss {rec['train_loss']:.4f}  acc "
                        f"{rec['train_accuracy']:.4f}")
@@ -524,7 +534,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
         session.be.forget_params()
         trainer = Trainer(session, quiet=quiet)
         eval_weights = f"best (epoch {best['epoch']}, {best['metric']} {best['value']:.4f})"
-    split = "test" if len(src["test"]) else ("val" if has_val else "train")
+    split = eval_split
     t0 = time.perf_counter()
     probs, yt, paths = predict_source(trainer, src[split], bs)
     dt = time.perf_counter() - t0
@@ -533,9 +543,13 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
             "device": session.be.rt.info.name if hasattr(session.be, "rt") else "numpy",
             "images_per_sec": round(len(yt) / dt, 1) if dt > 0 else None, "epochs": len(history),
             "train_seconds": round(time.perf_counter() - t_start, 1), "cache": cache_info,
+            "initial_accuracy": initial,
             "bad_images": [{"path": p, "reason": r} for p, r in _dedup(session.bad_images)]}
     write_report(run_dir, metrics, meta, history=history)
     log(format_table(metrics))
+    if initial is not None:
+        log(f"{split} accuracy {initial:.4f} before fine-tuning -> {metrics['accuracy']:.4f} after "
+            f"({len(history)} epochs, {meta['train_seconds']} s)")
     log(f"run directory: {os.path.abspath(run_dir)}")
     return {"run_dir": run_dir, "metrics": metrics, "meta": meta, "history": history}
 

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from transfercl_cli.backends import NumpyBackend
+from transfercl_cli.errors import RecipeError
+from transfercl_cli.executor import run_forward
+from transfercl_cli.plan import add_head, build_plan, cut_after, fold_frozen, resolve_freeze, split_prefix
+from transfercl_cli.recipe import recipe_from_dict
+
+from .conftest import shared_path
+from .helpers import assert_close, tiny_mobilenet
+
+
+def test_cut_after_drops_the_classifier():
+    g = cut_after(tiny_mobilenet(), "conv_pw_2_relu")
+    assert g.names()[-1] == "conv_pw_2_relu" and "predictions" not in g.names()
+    with pytest.raises(RecipeError, match="Did you mean 'conv_pw_2_relu'"):
+        cut_after(tiny_mobilenet(), "conv_pw_2_reluu")
+
+
+def test_head_names_and_shapes():
+    g = cut_after(tiny_mobilenet(), "conv_pw_2_relu")
+    new = add_head(g, [{"global_avg_pool": None}, {"dropout": 0.2}, {"dense": "auto"}], 3)
+    assert new == ["head_global_avg_pool", "head_dropout", "head_dense"]
+    assert g.node("head_dense").params["weight"].shape == (24, 3)
+    g2 = cut_after(tiny_mobilenet(), "conv_pw_2_relu")
+    new2 = add_head(g2, [{"dense": 5}, {"relu": None}, {"dense": "auto"}], 2)
+    assert new2[0] == "head_dense_flatten" and "head_dense_1" in new2  # dense on 3x3x24 flattens first
+
+
+def names_trainable(freeze, unfreeze=()):
+    g = cut_after(tiny_mobilenet(), "conv_pw_2_relu")
+    new = add_head(g, [{"global_avg_pool": None}, {"dense": "auto"}], 2)
+    return resolve_freeze(g, freeze, list(unfreeze), new)
+
+
+def test_freeze_resolution():
+    assert names_trainable("all") == {"head_dense"}
+    assert names_trainable("all", ["conv_pw_2*"]) == {"conv_pw_2", "conv_pw_2_bn", "head_dense"}
+    assert "conv1" in names_trainable("none")
+    assert names_trainable({"until": "conv_dw_2_relu"}) == {"conv_pw_2", "conv_pw_2_bn", "head_dense"}
+    assert names_trainable(["conv1*", "conv_dw_*", "conv_pw_1*"]) == {"conv_pw_2", "conv_pw_2_bn", "head_dense"}
+
+
+@pytest.mark.parametrize("freeze,unfreeze,needle", [
+    (["conv_pw_9*"], [], "freeze"), ("all", ["conv_pw_3"], "unfreeze"), ({"until": "conv_pw_22"}, [], "freeze.until"),
+])
+def test_freeze_errors_name_key_and_closest(freeze, unfreeze, needle):
+    with pytest.raises(RecipeError) as e:
+        names_trainable(freeze, unfreeze)
+    assert needle in str(e.value) and "Did you mean" in str(e.value)
+
+
+def test_folding_keeps_outputs():
+    g = tiny_mobilenet()
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 9, 9, 3)).astype(np.float32)
+    ref = run_forward(g, NumpyBackend(), {"input": x})["probs"]
+    folded = fold_frozen(g, set())
+    assert len(folded.nodes) < len(g.nodes)
+    assert folded.node("conv1").attrs["act"] == "relu6" and folded.node("conv1").attrs["folded"] == ["conv1_bn", "conv1_relu"]
+    # Folded weights are stored as float32, so agreement is at float32 precision.
+    assert_close(run_forward(folded, NumpyBackend(), {"input": x})["probs"], ref, 1e-6, "folded graph")
+    # Trainable nodes are shared, not copied, and not folded.
+    f2 = fold_frozen(g, {"conv_pw_2", "conv_pw_2_bn"})
+    assert f2.node("conv_pw_2") is g.node("conv_pw_2") and "conv_pw_2_bn" in f2.names()
+
+
+def test_prefix_split_reproduces_the_full_graph():
+    g = tiny_mobilenet()
+    trainable = {"conv_pw_2", "conv_pw_2_bn", "predictions_dense"}
+    eg = fold_frozen(g, trainable)
+    prefix, suffix, t, reason = split_prefix(eg, trainable)
+    assert reason is None and t == "conv_dw_2_relu"
+    x = np.random.default_rng(4).uniform(-1, 1, (2, 9, 9, 3)).astype(np.float32)
+    full = run_forward(eg, NumpyBackend(), {"input": x})["probs"]
+    feat = run_forward(prefix, NumpyBackend(), {"input": x})[t]
+    assert_close(run_forward(suffix, NumpyBackend(), {t: feat})["probs"], full, 1e-12, "prefix+suffix")
+    _, _, _, reason = split_prefix(eg, {"conv1"})
+    assert "first layer" in reason
+
+
+def test_plan_on_real_mobilenet_names(tmp_path):
+    from transfercl_cli.importers import load_model
+
+    g = load_model(shared_path("models", "mobilenet_v1_1.0_224.h5"))
+    r = recipe_from_dict({"model": "m.h5", "data": {"root": "d"}, "cut_after": "conv_pw_13_relu",
+                          "freeze": "all", "unfreeze": ["conv_pw_13*"]})
+    plan = build_plan(g, r, ["cat", "dog"])
+    assert plan.trainable == {"conv_pw_13", "conv_pw_13_bn", "head_dense"}
+    assert set(plan.cut) == {"global_average_pooling2d", "dropout", "conv_preds", "reshape_2", "predictions"}
+    assert plan.use_cache and plan.cache_tensor == plan.exec_graph.node("conv_dw_13").outputs[0]
+    assert plan.suffix.inputs[plan.cache_tensor] == (7, 7, 1024)
+    r2 = recipe_from_dict({"model": "m.h5", "data": {"root": "d"}, "cut_after": "conv_pw_13_relu",
+                           "freeze": {"until": "conv_pw_12_relu"}, "augment": {"hflip": True}})
+    p2 = build_plan(g, r2, ["a", "b", "c"])
+    assert {"conv_dw_13", "conv_dw_13_bn", "conv_pw_13", "conv_pw_13_bn", "head_dense"} == p2.trainable
+    assert not p2.use_cache and "augmentation" in p2.cache_reason
