@@ -206,5 +206,24 @@ def export_weights(run_dir, fmt, output, int8, force, weights, device):
                    f"({q['accuracy_change']:+.4f}); details in {q['report']}")
 
 
+@main.command()
+@click.option("--device", type=str, help=DEVICE_HELP + " (default: check every device)")
+@click.option("--json", "as_json", is_flag=True)
+def doctor(device, as_json):
+    """Check Python packages, OpenCL libraries, devices, kernel builds and the cache; explain any fix."""
+    from .doctor import run_checks
+
+    checks = run_checks(device)
+    ok = checks[-1].ok
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for c in checks:
+            click.echo(f"[{'ok' if c.ok else '!!'}] {c.name}: {c.detail}")
+            if c.fix and not c.ok:
+                click.echo(f"     fix: {c.fix}")
+    sys.exit(0 if ok else 2)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

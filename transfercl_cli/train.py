@@ -247,7 +247,6 @@ class Trainer:
         self.output = self.graph.outputs[0]
         self.ex = Executor(self.graph, self.be, p.trainable)
         self.opt = Optimizer(self.be, session.recipe["train"])
-        self.dropouts = [n for n in self.graph.nodes if n.op == "dropout"]
 
     def params(self):
         return {(n.name, k): self.be.param(n, k) for n in self.graph.nodes if n.name in self.s.plan.trainable
@@ -255,9 +254,8 @@ class Trainer:
 
     def step(self, x, y, lr, step_id):
         be, t = self.be, self.s.recipe["train"]
-        seed = int(t["seed"])
-        for i, n in enumerate(self.dropouts):
-            n.attrs["seed"] = (seed * 1000003 + step_id * 7919 + i) % (2**31 - 1)
+        # Dropout masks are a function of (node seed, step): a resumed run draws the same masks.
+        be.step = step_id
         out = self.ex.forward({self.input: x}, training=True)[self.output]
         labels = be.asarray(np.asarray(y, np.int32))
         loss, glogits = be.fn("softmax_xent")(be, out, labels, label_smoothing=t["label_smoothing"],

@@ -1,0 +1,195 @@
+// Per-channel kernels over an (M, C) view of a channels-last tensor: BatchNorm statistics, the per-channel affine
+// apply (BatchNorm, per-channel `scale`), and the per-channel gradient sums.
+//
+// Reductions run in two passes without atomics: pass 1 gives each (channel, chunk of rows) work-item a partial
+// result, pass 2 merges the chunks per channel. Statistics use a shift (the chunk's first value) and Chan's merge of
+// (count, mean, M2), so a large mean does not cancel the variance in float32.
+typedef float8 F8U __attribute__((aligned(4)));
+
+// Pass 1 of the batch statistics: the work-item (channel block of 8, chunk k) reads its rows with contiguous float8
+// loads. Grid (ceil(C / 8), nchunks); part_mean/part_m2 are (nchunks, C).
+#define STATS_CHUNK(T, LOAD, STORE)                                                                               \
+    {                                                                                                             \
+        const T shift = LOAD(x + (size_t)r0 * C + c);                                                             \
+        T s1 = (T)(0.0f), s2 = (T)(0.0f);                                                                         \
+        for (int r = r0; r < r1; ++r) {                                                                           \
+            const T d = LOAD(x + (size_t)r * C + c) - shift;                                                      \
+            s1 += d;                                                                                              \
+            s2 += d * d;                                                                                          \
+        }                                                                                                         \
+        STORE(part_mean + (size_t)k * C + c, shift + s1 / n);                                                     \
+        STORE(part_m2 + (size_t)k * C + c, fmax(s2 - s1 * s1 / n, (T)(0.0f)));                                    \
+    }
+#define LD8(p) (*(__global const F8U*)(p))
+#define ST8(p, v) (*(__global F8U*)(p) = (v))
+#define LD1(p) (*(p))
+#define ST1(p, v) (*(p) = (v))
+
+__kernel void bn_stats_partial(__global const float* x, const int M, const int C, const int rows,
+                               const int nchunks, __global float* part_mean, __global float* part_m2) {
+    const int c0 = get_global_id(0) * 8;
+    const int k = get_global_id(1);
+    if (c0 >= C || k >= nchunks) return;  // padding of the work-group
+    const int r0 = k * rows;
+    const int r1 = min(r0 + rows, M);
+    const float n = (float)(r1 - r0);
+    if (c0 + 8 <= C) {
+        const int c = c0;
+        STATS_CHUNK(float8, LD8, ST8)
+    } else {
+        for (int c = c0; c < C; ++c) STATS_CHUNK(float, LD1, ST1)
+    }
+}
+
+// Pass 2: merge the chunks; write the batch mean and 1/sqrt(var + eps) (kept for the backward), the affine
+// coefficients a = gamma * istd, b = beta - mean * a, and update the running statistics in place (Keras:
+// new = momentum * old + (1 - momentum) * batch, with the unbiased batch variance).
+__kernel void bn_stats_final(__global const float* part_mean, __global const float* part_m2, const int nchunks,
+                             const int rows, const int M, const int C, const float eps, const float momentum,
+                             __global const float* gamma, __global const float* beta, const int has_gamma,
+                             const int has_beta, __global float* run_mean, __global float* run_var,
+                             __global float* mean_out, __global float* istd_out, __global float* a_out,
+                             __global float* b_out) {
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int k = 0; k < nchunks; ++k) {
+        const float nb = (float)(min(rows, M - k * rows));
+        if (nb <= 0.0f) break;
+        const float mb = part_mean[(size_t)k * C + c];
+        const float delta = mb - mean;
+        const float nn = n + nb;
+        mean += delta * (nb / nn);
+        m2 += part_m2[(size_t)k * C + c] + delta * delta * (n * nb / nn);
+        n = nn;
+    }
+    const float var = m2 / (float)M;
+    const float istd = 1.0f / sqrt(var + eps);
+    const float a = (has_gamma ? gamma[c] : 1.0f) * istd;
+    mean_out[c] = mean;
+    istd_out[c] = istd;
+    a_out[c] = a;
+    b_out[c] = (has_beta ? beta[c] : 0.0f) - mean * a;
+    const float unbiased = m2 / (float)max(M - 1, 1);
+    run_mean[c] = momentum * run_mean[c] + (1.0f - momentum) * mean;
+    run_var[c] = momentum * run_var[c] + (1.0f - momentum) * unbiased;
+}
+
+// Inference coefficients from the moving statistics.
+__kernel void bn_infer_coeffs(__global const float* gamma, __global const float* beta, __global const float* mean,
+                              __global const float* var, const int has_gamma, const int has_beta, const int C,
+                              const float eps, __global float* istd_out, __global float* a_out,
+                              __global float* b_out) {
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const float istd = 1.0f / sqrt(var[c] + eps);
+    const float a = (has_gamma ? gamma[c] : 1.0f) * istd;
+    istd_out[c] = istd;
+    a_out[c] = a;
+    b_out[c] = (has_beta ? beta[c] : 0.0f) - mean[c] * a;
+}
+
+// y = x * a[c] + b[c] over (M, C); grid (ceil(C / 8), M). has_b = 0 skips b (a per-channel multiply).
+__kernel void chan_affine(__global const float* x, __global float* y, __global const float* a,
+                          __global const float* b, const int has_b, const int M, const int C) {
+    const int c0 = get_global_id(0) * 8;
+    const int m = get_global_id(1);
+    if (m >= M || c0 >= C) return;
+    const size_t o = (size_t)m * C + c0;
+    if (c0 + 8 <= C) {
+        const float8 va = *(__global const F8U*)(a + c0);
+        const float8 vb = has_b ? *(__global const F8U*)(b + c0) : (float8)(0.0f);
+        *(__global F8U*)(y + o) = *(__global const F8U*)(x + o) * va + vb;
+    } else {
+        for (int c = c0; c < C; ++c) y[o + c - c0] = x[o + c - c0] * a[c] + (has_b ? b[c] : 0.0f);
+    }
+}
+
+// Gradient sums, pass 1: per (channel block, chunk) sum of g and of g * (x - mean[c]) * istd[c] (centered = 0: of
+// g * x, the gradient of a per-channel scale). Grid (ceil(C / 8), nchunks).
+#define GSUM_CHUNK(T, LOAD, STORE)                                                                                \
+    {                                                                                                             \
+        const T mu = centered ? LOAD(mean + c) : (T)(0.0f);                                                       \
+        T sg = (T)(0.0f), sgx = (T)(0.0f);                                                                        \
+        for (int r = r0; r < r1; ++r) {                                                                           \
+            const size_t o = (size_t)r * C + c;                                                                   \
+            const T gv = LOAD(g + o);                                                                             \
+            sg += gv;                                                                                             \
+            sgx += gv * (LOAD(x + o) - mu);                                                                       \
+        }                                                                                                         \
+        STORE(part_g + (size_t)k * C + c, sg);                                                                    \
+        STORE(part_gx + (size_t)k * C + c, centered ? sgx * LOAD(istd + c) : sgx);                                \
+    }
+
+__kernel void chan_gsum_partial(__global const float* x, __global const float* g, __global const float* mean,
+                                __global const float* istd, const int centered, const int M, const int C,
+                                const int rows, const int nchunks, __global float* part_g,
+                                __global float* part_gx) {
+    const int c0 = get_global_id(0) * 8;
+    const int k = get_global_id(1);
+    if (c0 >= C || k >= nchunks) return;
+    const int r0 = k * rows;
+    const int r1 = min(r0 + rows, M);
+    if (c0 + 8 <= C) {
+        const int c = c0;
+        GSUM_CHUNK(float8, LD8, ST8)
+    } else {
+        for (int c = c0; c < C; ++c) GSUM_CHUNK(float, LD1, ST1)
+    }
+}
+
+// Pass 2: sum_g[c], sum_gx[c].
+__kernel void chan_gsum_final(__global const float* part_g, __global const float* part_gx, const int nchunks,
+                              const int C, __global float* sum_g, __global float* sum_gx) {
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    float sg = 0.0f, sgx = 0.0f;
+    for (int k = 0; k < nchunks; ++k) {
+        sg += part_g[(size_t)k * C + c];
+        sgx += part_gx[(size_t)k * C + c];
+    }
+    sum_g[c] = sg;
+    sum_gx[c] = sgx;
+}
+
+// Training-mode input gradient as an affine map per channel: with xhat = (x - mean) * istd and k = gamma * istd,
+// dx = k * (g - sum_g / M - xhat * sum_gxhat / M) = k1 * g + k2 * (x - mean) + k3 (centred: no cancellation when
+// the mean is large).
+__kernel void bn_bwd_coeffs(__global const float* sum_g, __global const float* sum_gxhat,
+                            __global const float* gamma, const int has_gamma, __global const float* istd,
+                            const int M, const int C, __global float* k1, __global float* k2, __global float* k3) {
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const float invm = 1.0f / (float)M;
+    const float k = (has_gamma ? gamma[c] : 1.0f) * istd[c];
+    const float q = k * istd[c] * sum_gxhat[c] * invm;
+    k1[c] = k;
+    k2[c] = -q;
+    k3[c] = -k * sum_g[c] * invm;
+}
+
+// dx = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]; grid (ceil(C / 8), M). has_x = 0: dx = k1[c] * g (inference).
+__kernel void chan_bwd_apply(__global const float* x, __global const float* g, __global float* dx,
+                             __global const float* k1, __global const float* k2, __global const float* k3,
+                             __global const float* mean, const int has_x, const int M, const int C) {
+    const int c0 = get_global_id(0) * 8;
+    const int m = get_global_id(1);
+    if (m >= M || c0 >= C) return;
+    const size_t o = (size_t)m * C + c0;
+    if (!has_x) {
+        if (c0 + 8 <= C) {
+            *(__global F8U*)(dx + o) = *(__global const F8U*)(g + o) * *(__global const F8U*)(k1 + c0);
+        } else {
+            for (int c = c0; c < C; ++c) dx[o + c - c0] = g[o + c - c0] * k1[c];
+        }
+    } else if (c0 + 8 <= C) {
+        const float8 a = *(__global const F8U*)(k1 + c0);
+        const float8 b = *(__global const F8U*)(k2 + c0);
+        const float8 d = *(__global const F8U*)(k3 + c0);
+        const float8 mu = *(__global const F8U*)(mean + c0);
+        *(__global F8U*)(dx + o) = *(__global const F8U*)(g + o) * a + (*(__global const F8U*)(x + o) - mu) * b + d;
+    } else {
+        for (int c = c0; c < C; ++c)
+            dx[o + c - c0] = g[o + c - c0] * k1[c] + (x[o + c - c0] - mean[c]) * k2[c] + k3[c];
+    }
+}

@@ -1,0 +1,183 @@
+"""Fine-tuning end to end: a real pretrained model on real photos, and the run mechanics (cache, resume, corrupt
+images, divergence) on a tiny model so they stay fast."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from transfercl_cli.cli import main
+from transfercl_cli.errors import TclError
+from transfercl_cli.recipe import load_recipe
+from transfercl_cli.runfile import save_run_model
+from transfercl_cli.train import finetune
+
+from .helpers import tiny_mobilenet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "sample_data")
+
+
+def make_subset(dst, per_class, offset=0):
+    for c in ("cat", "dog"):
+        os.makedirs(os.path.join(dst, c), exist_ok=True)
+        files = sorted(os.listdir(os.path.join(SAMPLE, "dogs-cats", c)))[offset:offset + per_class]
+        for f in files:
+            shutil.copy(os.path.join(SAMPLE, "dogs-cats", c, f), os.path.join(dst, c, f))
+    return dst
+
+
+def write_recipe(path, **kw):
+    with open(path, "w") as f:
+        yaml.safe_dump(kw, f)
+    return str(path)
+
+
+@pytest.fixture
+def feature_cache(tmp_path, monkeypatch):
+    d = tmp_path / "featcache"
+    monkeypatch.setenv("TCL_FEATURE_CACHE", str(d))
+    return d
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, feature_cache, rt):
+    model_dir = tmp_path / "tiny_model"
+    os.makedirs(model_dir)
+    g = tiny_mobilenet(size=16)
+    g.meta["classes"] = ["a", "b", "c", "d"]
+    save_run_model(g, str(model_dir))
+    data = make_subset(str(tmp_path / "data"), 12)
+    base = dict(model=str(model_dir), cut_after="conv_pw_2_relu", freeze="all", unfreeze=["conv_pw_2*"],
+                head=["global_avg_pool", {"dropout": 0.2}, {"dense": "auto"}],
+                data={"root": data, "test": 0.25, "val": 0.25}, input={"size": 16},
+                train={"epochs": 4, "batch_size": 5, "optimizer": "momentum", "lr": 0.05, "seed": 3}, device="cpu")
+    return tmp_path, base
+
+
+def run_recipe(tmp_path, base, name, resume=False, **changes):
+    cfg = json.loads(json.dumps(base))
+    for k, v in changes.items():
+        cfg[k] = v
+    cfg.setdefault("output", str(tmp_path / name))
+    r = load_recipe(write_recipe(tmp_path / f"{name}.yaml", **cfg))
+    return finetune(r, resume=resume, quiet=True, log=lambda *a: None)
+
+
+def test_real_mobilenet_finetune_beats_chance(tmp_path, feature_cache, rt):
+    """The README's job in small: ImageNet MobileNet V1 from the shipped .h5, conv_pw_13 + a new head trained on
+    real dog/cat photos with the project's OpenCL kernels."""
+    pytest.importorskip("h5py")
+    data = make_subset(str(tmp_path / "data"), 50)
+    rec = write_recipe(tmp_path / "r.yaml", model=os.path.join(SAMPLE, "models", "mobilenet_v1_1.0_224.h5"),
+                       cut_after="conv_pw_13_relu", freeze="all", unfreeze=["conv_pw_13"],
+                       data={"root": data, "test": 0.3}, train={"epochs": 12, "batch_size": 16, "lr": 0.003},
+                       device="cpu", output=str(tmp_path / "run"))
+    res = CliRunner().invoke(main, ["finetune", rec, "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    for f in ("model.json", "weights.npz", "best.npz", "metrics.jsonl", "report.json", "report.md",
+              "confusion_matrix.png", "training_curves.png", "classes.json", "recipe.resolved.yaml"):
+        assert (run / f).exists(), f
+    rep = json.loads((run / "report.json").read_text())
+    acc = rep["metrics"]["accuracy"] if "metrics" in rep else rep["accuracy"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    hist = [json.loads(x) for x in lines]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert acc >= 0.7, f"test accuracy {acc} after fine-tuning"
+
+
+def test_cache_hit_miss_and_invalidation(tiny_setup):
+    tmp_path, base = tiny_setup
+    r1 = run_recipe(tmp_path, base, "c1", train=dict(base["train"], epochs=1))
+    assert r1["meta"]["cache"]["misses"] == 24 and r1["meta"]["cache"]["hits"] == 0
+    r2 = run_recipe(tmp_path, base, "c2", train=dict(base["train"], epochs=1))
+    assert r2["meta"]["cache"]["hits"] == 24 and r2["meta"]["cache"]["misses"] == 0
+    # A changed image (same name, new content) is recomputed; the others are reused.
+    d = os.path.join(base["data"]["root"], "cat")
+    first = sorted(os.listdir(d))[0]
+    shutil.copy(os.path.join(SAMPLE, "dogs-cats", "cat", sorted(os.listdir(os.path.join(SAMPLE, "dogs-cats", "cat")))[-1]),
+                os.path.join(d, first))
+    r3 = run_recipe(tmp_path, base, "c3", train=dict(base["train"], epochs=1))
+    assert r3["meta"]["cache"]["misses"] == 1 and r3["meta"]["cache"]["hits"] == 23
+    # Different preprocessing (another cut tensor shape would too) -> another cache.
+    r4 = run_recipe(tmp_path, base, "c4", input={"size": 16, "resize": "stretch"}, train=dict(base["train"], epochs=1))
+    assert r4["meta"]["cache"]["misses"] == 24
+    # Augmentation turns the cache off, and the plan says why.
+    r5 = run_recipe(tmp_path, base, "c5", augment={"hflip": True}, train=dict(base["train"], epochs=1))
+    assert r5["meta"]["cache"] is None
+
+
+def test_same_seed_same_result_and_resume_equivalence(tiny_setup):
+    tmp_path, base = tiny_setup
+    full = run_recipe(tmp_path, base, "full")
+    again = run_recipe(tmp_path, base, "again")
+    w_full = np.load(tmp_path / "full" / "weights.npz", allow_pickle=False)
+    w_again = np.load(tmp_path / "again" / "weights.npz", allow_pickle=False)
+    for k in w_full.files:
+        np.testing.assert_array_equal(w_full[k], w_again[k])
+    run_recipe(tmp_path, base, "part", train=dict(base["train"], epochs=2), output=str(tmp_path / "resumed"))
+    run_recipe(tmp_path, base, "part", resume=True, output=str(tmp_path / "resumed"))
+    w_res = np.load(tmp_path / "resumed" / "weights.npz", allow_pickle=False)
+    for k in w_full.files:
+        np.testing.assert_allclose(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    hist = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert full["history"][-1]["train_loss"] == pytest.approx(hist[-1]["train_loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_different_recipe(tiny_setup):
+    tmp_path, base = tiny_setup
+    run_recipe(tmp_path, base, "x", train=dict(base["train"], epochs=1), output=str(tmp_path / "rx"))
+    with pytest.raises(TclError, match="recipe differs"):
+        run_recipe(tmp_path, base, "y", resume=True, output=str(tmp_path / "rx"), train=dict(base["train"], lr=0.5))
+
+
+def test_corrupt_image_is_skipped_and_listed(tiny_setup):
+    tmp_path, base = tiny_setup
+    bad = os.path.join(base["data"]["root"], "dog", "zz_corrupt.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not really a png")
+    for cache in ("auto", "off"):
+        res = run_recipe(tmp_path, base, f"bad_{cache}", train=dict(base["train"], epochs=1, cache=cache))
+        listed = [b["path"] for b in res["meta"]["bad_images"]]
+        assert os.path.abspath(bad) in [os.path.abspath(p) for p in listed], cache
+        md = (tmp_path / f"bad_{cache}" / "report.md").read_text()
+        assert "zz_corrupt.png" in md
+
+
+def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tiny_setup):
+    tmp_path, base = tiny_setup
+    run_recipe(tmp_path, base, "div", train=dict(base["train"], epochs=1), output=str(tmp_path / "div"))
+    before = (tmp_path / "div" / "checkpoint.npz").read_bytes()
+    cfg = dict(base, train=dict(base["train"], lr=1e30, optimizer="sgd", epochs=3), output=str(tmp_path / "div"))
+    rec = write_recipe(tmp_path / "div.yaml", **cfg)
+    res = CliRunner().invoke(main, ["finetune", rec, "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "loss became" in res.output and "Traceback" not in res.output
+    # The run started over (no --resume) and diverged in its first epoch: the old checkpoint is untouched.
+    assert (tmp_path / "div" / "checkpoint.npz").read_bytes() == before
+
+
+def test_dry_run_prints_plan_and_trains_nothing(tiny_setup):
+    tmp_path, base = tiny_setup
+    rec = write_recipe(tmp_path / "dry.yaml", **dict(base, output=str(tmp_path / "dry")))
+    res = CliRunner().invoke(main, ["finetune", rec, "--dry-run"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for word in ("trainable", "conv_pw_2", "head_dense", "cache      on", "memory", "cut"):
+        assert word in res.output
+    assert not (tmp_path / "dry").exists()
+
+
+def test_missing_data_folder_and_bad_layer_fail_before_work(tiny_setup):
+    tmp_path, base = tiny_setup
+    rec = write_recipe(tmp_path / "m.yaml", **dict(base, data={"root": str(tmp_path / "nope")}))
+    res = CliRunner().invoke(main, ["finetune", rec])
+    assert res.exit_code == 2 and "nope" in res.output
+    rec = write_recipe(tmp_path / "m2.yaml", **dict(base, unfreeze=["conv_pw_22*"]))
+    res = CliRunner().invoke(main, ["finetune", rec])
+    assert res.exit_code == 2 and "unfreeze" in res.output and "Did you mean" in res.output
