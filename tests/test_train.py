@@ -150,17 +150,27 @@ def test_corrupt_image_is_skipped_and_listed(tiny_setup):
         assert "zz_corrupt.png" in md
 
 
-def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tiny_setup):
+def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tiny_setup, monkeypatch):
+    from transfercl_cli import ops
+
     tmp_path, base = tiny_setup
-    run_recipe(tmp_path, base, "div", train=dict(base["train"], epochs=1), output=str(tmp_path / "div"))
-    before = (tmp_path / "div" / "checkpoint.npz").read_bytes()
-    cfg = dict(base, train=dict(base["train"], lr=1e30, optimizer="sgd", epochs=3), output=str(tmp_path / "div"))
-    rec = write_recipe(tmp_path / "div.yaml", **cfg)
+    real = ops.lookup("opencl", "softmax_xent", "fn")
+    calls = {"n": 0}
+
+    def nan_after_epoch_one(be, logits, labels, **kw):
+        loss, g = real(be, logits, labels, **kw)
+        calls["n"] += 1
+        # 12 training images in batches of 5: 3 steps per epoch; the loss "explodes" in epoch 2.
+        return (float("nan") if calls["n"] > 3 else loss), g
+
+    monkeypatch.setitem(ops._REGISTRY, ("opencl", "softmax_xent", "fn"), nan_after_epoch_one)
+    rec = write_recipe(tmp_path / "div.yaml", **dict(base, output=str(tmp_path / "div")))
     res = CliRunner().invoke(main, ["finetune", rec, "--quiet"])
     assert res.exit_code == 2, res.output
-    assert "loss became" in res.output and "Traceback" not in res.output
-    # The run started over (no --resume) and diverged in its first epoch: the old checkpoint is untouched.
-    assert (tmp_path / "div" / "checkpoint.npz").read_bytes() == before
+    assert "loss became nan" in res.output and "checkpoint" in res.output and "Traceback" not in res.output
+    ck = json.loads((tmp_path / "div" / "checkpoint.json").read_text())
+    assert ck["epoch"] == 0  # the last good epoch (0-based) is kept
+    assert (tmp_path / "div" / "checkpoint.npz").exists()
 
 
 def test_dry_run_prints_plan_and_trains_nothing(tiny_setup):
@@ -181,3 +191,31 @@ def test_missing_data_folder_and_bad_layer_fail_before_work(tiny_setup):
     rec = write_recipe(tmp_path / "m2.yaml", **dict(base, unfreeze=["conv_pw_22*"]))
     res = CliRunner().invoke(main, ["finetune", rec])
     assert res.exit_code == 2 and "unfreeze" in res.output and "Did you mean" in res.output
+
+
+def test_micro_batches_give_the_full_batch_result(tiny_setup):
+    from transfercl_cli.plan import estimate_memory
+    from transfercl_cli.train import Session
+
+    tmp_path, base = tiny_setup
+    cfg = dict(base, unfreeze=["conv_pw_2"], head=["global_avg_pool", {"dense": "auto"}],
+               train=dict(base["train"], epochs=2, batch_size=6))
+    full = run_recipe(tmp_path, cfg, "mb_full")
+    s = Session(load_recipe(write_recipe(tmp_path / "mb_probe.yaml", **dict(cfg, output=str(tmp_path / "p")))),
+                log=lambda *a: None)
+    assert s.micro_batch is None
+    budget_mb = (estimate_memory(s.plan, 2)["total"] + 16) / 2**20
+    cfg_mb = dict(cfg, train=dict(cfg["train"], max_memory_mb=budget_mb))
+    s2 = Session(load_recipe(write_recipe(tmp_path / "mb_probe2.yaml", **dict(cfg_mb, output=str(tmp_path / "p")))),
+                 log=lambda *a: None)
+    assert s2.micro_batch == 2
+    micro = run_recipe(tmp_path, cfg_mb, "mb_micro")
+    a = np.load(tmp_path / "mb_full" / "weights.npz", allow_pickle=False)
+    b = np.load(tmp_path / "mb_micro" / "weights.npz", allow_pickle=False)
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert micro["history"][-1]["train_loss"] == pytest.approx(full["history"][-1]["train_loss"], rel=1e-4)
+    # Not even one image fits: a clear error before any work.
+    cfg_tiny = dict(cfg, train=dict(cfg["train"], max_memory_mb=1e-6))
+    with pytest.raises(TclError, match="one image"):
+        run_recipe(tmp_path, cfg_tiny, "mb_none")

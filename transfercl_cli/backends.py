@@ -36,12 +36,19 @@ class Backend:
 
     # parameters ---------------------------------------------------------------------------------------------------
     def param(self, node, key):
-        """The node's parameter as a backend tensor (uploaded once, then updated in place by optimizers)."""
+        """The node's parameter as a backend tensor (uploaded once, then updated in place by optimizers).
+
+        The cache remembers which host array it uploaded: a node whose array was replaced (another graph with the
+        same layer names, weights loaded from a checkpoint) gets a fresh upload."""
         k = (node.name, key)
-        t = self._params.get(k)
-        if t is None:
-            t = self.asarray(node.params[key])
-            self._params[k] = t
+        host = node.params[key]
+        hit = self._params.get(k)
+        if hit is not None and hit[0] is host:
+            return hit[1]
+        if hit is not None:
+            self.release(hit[1])
+        t = self.asarray(host)
+        self._params[k] = (host, t)
         return t
 
     def has_param(self, node, key):
@@ -49,19 +56,18 @@ class Backend:
 
     def forget_params(self, node=None):
         """Drop device copies (all, or one node's) after host-side parameters changed."""
-        if node is None:
-            self._params.clear()
-        else:
-            for k in [k for k in self._params if k[0] == node.name]:
-                del self._params[k]
+        for k in [k for k in self._params if node is None or k[0] == node.name]:
+            self.release(self._params.pop(k)[1])
 
     def sync_params_to_host(self, graph):
         """Copy device parameters back into graph.node.params (float32)."""
         for n in graph.nodes:
             for key in list(n.params):
-                t = self._params.get((n.name, key))
-                if t is not None:
-                    n.params[key] = np.asarray(self.to_host(t), dtype=np.float32).reshape(n.params[key].shape)
+                hit = self._params.get((n.name, key))
+                if hit is not None and hit[0] is n.params[key]:
+                    arr = np.asarray(self.to_host(hit[1]), dtype=np.float32).reshape(n.params[key].shape)
+                    n.params[key] = arr
+                    self._params[(n.name, key)] = (arr, hit[1])
 
     # ops ----------------------------------------------------------------------------------------------------------
     def forward_fn(self, op):

@@ -55,6 +55,7 @@ SCHEMA = {
         "clip_grad_norm": ("number_or_null", None),
         "seed": ("int", 0),
         "cache": ("choice:auto,off", "auto"),
+        "max_memory_mb": ("number_or_null", None),
     },
     "device": ("str_or_null", None),
     "output": ("path", "runs/{recipe}"),

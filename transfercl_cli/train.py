@@ -107,6 +107,44 @@ class Optimizer:
             self.state.setdefault((node, key), {})[sk] = self.be.asarray(v) if v.ndim else v.item()
 
 
+def memory_budget(max_memory_mb, be):
+    """Bytes a training step may use: the recipe's train.max_memory_mb, else a safe share of the device's global
+    memory and of the host's free RAM (PoCL's device memory is host memory)."""
+    if max_memory_mb:
+        return int(max_memory_mb * 2**20)
+    from .doctor import host_free_memory
+
+    free = host_free_memory() or 2**31
+    budget = int(0.5 * free)
+    if hasattr(be, "rt"):
+        budget = min(budget, int(0.8 * be.rt.info.global_mem), int(be.rt.info.global_mem))
+    return budget
+
+
+def choose_micro_batch(plan, batch, budget):
+    """None when the whole batch fits the budget, else the largest micro-batch that does; fails early when even
+    one image does not fit."""
+    from .plan import estimate_memory
+
+    if estimate_memory(plan, batch)["total"] <= budget:
+        return None
+    need1 = estimate_memory(plan, 1)["total"]
+    if need1 > budget:
+        raise TclError(
+            f"A training step needs about {need1 / 2**20:.0f} MiB even with one image per micro-batch, but the "
+            f"memory budget is {budget / 2**20:.0f} MiB.",
+            "Freeze more layers (a later `unfreeze`), cut earlier, use a smaller input.size, or raise "
+            "train.max_memory_mb if the device really has more memory.")
+    lo, hi = 1, batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_memory(plan, mid)["total"] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def class_weight_vector(spec, classes, train_items):
     if spec is None:
         return None
@@ -152,6 +190,8 @@ class Session:
         self.plan.graph.meta.update(classes=self.classes, preprocess=self.pre.to_dict())
         self.class_weights = class_weight_vector(recipe["train"]["class_weights"], self.classes, self.splits["train"])
         self.be = make_backend(recipe["device"])
+        self.budget = memory_budget(recipe["train"]["max_memory_mb"], self.be)
+        self.micro_batch = choose_micro_batch(self.plan, recipe["train"]["batch_size"], self.budget)
 
     def describe(self):
         """The resolved plan as text (for --dry-run and the top of the log)."""
@@ -189,6 +229,9 @@ class Session:
                      f"{mem['optimizer_and_grads'] / 2**20:.0f}, activations {mem['activations'] / 2**20:.0f})")
         be = self.be
         dev = be.rt.info.name if hasattr(be, "rt") else "numpy reference (slow fallback)"
+        if self.micro_batch:
+            lines.append(f"micro      batch {r['train']['batch_size']} does not fit the {self.budget / 2**20:.0f} MiB "
+                         f"budget: micro-batches of {self.micro_batch} with gradient accumulation")
         lines.append(f"device     {dev}")
         lines.append(f"output     {r['output']}")
         return "\n".join(lines)
@@ -247,32 +290,56 @@ class Trainer:
         self.output = self.graph.outputs[0]
         self.ex = Executor(self.graph, self.be, p.trainable)
         self.opt = Optimizer(self.be, session.recipe["train"])
+        self.micro_batch = session.micro_batch
 
     def params(self):
         return {(n.name, k): self.be.param(n, k) for n in self.graph.nodes if n.name in self.s.plan.trainable
                 for k in n.params if k in PARAM_TRAINED}
 
     def step(self, x, y, lr, step_id):
+        """One optimizer step on a batch, as micro-batches with gradient accumulation when the batch does not fit
+        the memory budget (same result as the full batch unless a BatchNorm trains, whose statistics are then
+        per micro-batch)."""
         be, t = self.be, self.s.recipe["train"]
-        # Dropout masks are a function of (node seed, step): a resumed run draws the same masks.
-        be.step = step_id
-        out = self.ex.forward({self.input: x}, training=True)[self.output]
-        labels = be.asarray(np.asarray(y, np.int32))
-        loss, glogits = be.fn("softmax_xent")(be, out, labels, label_smoothing=t["label_smoothing"],
-                                             class_weights=self.s.class_weights)
-        preds = np.argmax(be.to_host(out), axis=1)
-        be.release(out)
-        be.release(labels)
-        if not math.isfinite(loss):
-            self.ex.end_step()
+        n = len(y)
+        mb = self.micro_batch or n
+        cw = self.s.class_weights
+        # Each micro-batch's mean loss is weighted by its share of the batch's total (class) weight.
+        w_all = float(np.sum(cw[np.asarray(y)])) if cw is not None else float(n)
+        total_loss, correct, grads = 0.0, 0, None
+        for s0 in range(0, n, mb):
+            xs, ys = x[s0:s0 + mb], np.asarray(y[s0:s0 + mb], np.int32)
+            share = (float(np.sum(cw[ys])) if cw is not None else float(len(ys))) / w_all
+            # Dropout masks are a function of (node seed, step, micro-batch): a resumed run draws the same masks.
+            be.step = step_id * 1024 + s0 // mb
+            out = self.ex.forward({self.input: xs}, training=True)[self.output]
+            labels = be.asarray(ys)
+            loss, glogits = be.fn("softmax_xent")(be, out, labels, label_smoothing=t["label_smoothing"],
+                                                 class_weights=cw)
+            correct += int(np.sum(np.argmax(be.to_host(out), axis=1) == ys))
+            be.release(out)
+            be.release(labels)
+            if not math.isfinite(loss):
+                self.ex.end_step()
+                be.release(glogits)
+                for g in (grads or {}).values():
+                    be.release(g)
+                raise TrainingDiverged(
+                    f"The training loss became {loss} at step {step_id}.",
+                    "The last good checkpoint is kept in the run directory. Lower train.lr (e.g. by 10x), enable "
+                    "train.clip_grad_norm, or check the input scaling (input.scale/offset or mean/std).")
+            total_loss += loss * share
+            if share != 1.0:
+                be.fn("scale_inplace")(be, glogits, share)
+            g = self.ex.backward({self.output: glogits})
             be.release(glogits)
-            raise TrainingDiverged(
-                f"The training loss became {loss} at step {step_id}.",
-                "The last good checkpoint is kept in the run directory. Lower train.lr (e.g. by 10x), enable "
-                "train.clip_grad_norm, or check the input scaling (input.scale/offset or mean/std).")
-        grads = self.ex.backward({self.output: glogits})
-        be.release(glogits)
-        grads = {k: g for k, g in grads.items() if k[1] in PARAM_TRAINED}
+            g = {k: v for k, v in g.items() if k[1] in PARAM_TRAINED}
+            if grads is None:
+                grads = g
+            else:
+                for k, v in g.items():
+                    be.fn("add_inplace")(be, grads[k], v)
+                    be.release(v)
         if t["clip_grad_norm"]:
             norm = math.sqrt(be.fn("grad_norm_sq")(be, list(grads.values())))
             if norm > t["clip_grad_norm"]:
@@ -281,7 +348,7 @@ class Trainer:
         self.opt.step(self.params(), grads, lr)
         for g in grads.values():
             be.release(g)
-        return loss, int(np.sum(preds == np.asarray(y)))
+        return total_loss, correct
 
     def predict(self, x):
         out = self.ex.forward({self.input: x}, training=False)[self.output]

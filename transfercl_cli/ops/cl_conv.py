@@ -1,0 +1,510 @@
+"""OpenCL convolution and spatial ops (NHWC activations, HWIO weights), forward and backward.
+
+Strategy (kernels/conv.cl, kernels/pool.cl):
+- 1x1, stride 1, no padding, groups 1: the NHWC tensor is an (N*H*W, Cin) matrix: one GEMM (cl_gemm.gemm) with the
+  bias and activation fused; dW = X^T dY, dX = dY W^T.
+- depthwise (groups == Cin, any multiplier): a dedicated NHWC kernel, VW channels per work-item (float16 on CPUs,
+  float4 elsewhere, then float4 and scalar variants for the remaining channels) and PIX output pixels per work-item,
+  bias and activation fused. Backward: dX by a gather kernel, dW and db as per-chunk partial sums then a column
+  reduction (deterministic, no atomics).
+- everything else (k x k, strides, dilations, groups): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
+  matrix, then GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same
+  scratch, then a col2im gather kernel.
+- pooling, global average pooling and padding: gather kernels, one work-item per element; maxpool backward
+  recomputes each window's argmax (first maximum in window order, as the reference) in a small int32 scratch.
+
+Fused activations are an inference epilogue; the backward still masks the incoming gradient by the output.
+"""
+import numpy as np
+
+from ..runtime import DeviceArray
+from . import register
+from .ref_conv import conv_geometry, pool_geometry
+
+i32 = np.int32
+_ACT = {None: 0, "": 0, "linear": 0, "none": 0, "relu": 1, "relu6": 2}
+
+# Vector registers the dW partial kernel may plan for (of AVX-512's 32).
+BUDGET_DW = 30
+
+# None: depthwise kernels in the CPU style (float16, single work-items) on CPU devices and the portable style
+# (float4, the driver's work-group size) elsewhere; True/False forces one (tests run both on PoCL).
+PORTABLE = None
+
+# Work-items of the depthwise dW partial-sum kernel (times the channel blocks): sets the row-chunk length.
+DW_ITEMS = 8192
+
+# Scratch bound for the im2col matrix of one chunk of images.
+COL_BYTES = 64 << 20
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _view(arr, shape):
+    """A non-owning view of the first prod(shape) elements of arr's buffer."""
+    shape = tuple(int(s) for s in shape)
+    assert int(np.prod(shape)) <= arr.size
+    return DeviceArray(arr.rt, arr.buf, shape, arr.dtype, pooled=False)
+
+
+def _act_code(act):
+    if act not in _ACT:
+        raise ValueError(f"unsupported fused activation {act!r}")
+    return _ACT[act]
+
+
+def _masked_grad(rt, gy, y, act):
+    """(gradient, temporary or None): gy masked by the fused activation's derivative (from its output)."""
+    mode = _act_code(act)
+    if not mode:
+        return gy, None
+    out = rt.empty(gy.shape)
+    rt.launch(rt.kernel("conv", "act_mask"), (gy.size,), None, gy, y, out, i32(gy.size), i32(mode))
+    return out, out
+
+
+def _copy2d(rt, src, sld, sr0, sc0, dst, dld, dr0, dc0, rows, cols):
+    rt.launch(rt.kernel("conv", "copy2d"), (cols, rows), None, src, i32(sld), i32(sr0), i32(sc0),
+              dst, i32(dld), i32(dr0), i32(dc0), i32(rows), i32(cols))
+
+
+def colsum(rt, a2, out1, split=None, out2=None):
+    """Column sums of a (rows, ncols) matrix in two deterministic stages; columns >= split go to out2."""
+    rows, ncols = a2.shape
+    split = ncols if split is None else split
+    out2 = out1 if out2 is None else out2
+    target = 256 if rt.is_cpu else 8192  # partial sums in flight: enough work-items for the device
+    R = max(1, min(rows, _cdiv(target * 16, max(ncols, 1)), 1024))
+    rows_per = _cdiv(rows, R)
+    R = _cdiv(rows, rows_per)
+    if R > 1:
+        part = rt.empty((R, ncols))
+        rt.launch(rt.kernel("conv", "colsum_partial"), (ncols, R), None, a2, part, i32(rows), i32(ncols),
+                  i32(rows_per))
+        src, nrows = part, R
+    else:
+        part, src, nrows = None, a2, rows
+    rt.launch(rt.kernel("conv", "colsum_split"), (ncols,), None, src, i32(nrows), i32(ncols), out1, i32(split),
+              out2)
+    if part is not None:
+        part.release()  # in-order queue: later reuse runs after the reduction
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# depthwise
+
+
+def _cpu_style(rt):
+    return rt.is_cpu if PORTABLE is None else not PORTABLE
+
+
+def _dw_blocks(rt, nch, mult):
+    """(vector width, first channel, number of blocks) launches covering nch channels."""
+    widths = ([16, 4, 1] if _cpu_style(rt) else [4, 1]) if mult == 1 else [1]
+    out, c = [], 0
+    for vw in widths:
+        nb = (nch - c) // vw
+        if nb:
+            out.append((vw, c, nb))
+            c += nb * vw
+    return out
+
+
+def _pix(n, most=8):
+    """Pixels per work-item along a row of n, from a few sizes (each is a separate build): a work-item costs about
+    PIX + 2 (its row segment is longer than PIX by the kernel width), so minimise blocks * (PIX + 2)."""
+    cands = [p for p in (8, 7, 6, 4, 3, 2, 1) if p <= most] or [1]
+    return min(cands, key=lambda p: (_cdiv(n, p) * (p + 2), -p))
+
+
+def _pix_dw(geom, n):
+    """Pixels per work-item of the dW partial kernel: its KH*KW + 1 accumulators, PIX gradient vectors and the
+    input row segment should fit in the 32 vector registers of AVX-512 (with room for addresses and temporaries)."""
+    kh, kw, sh, sw, dh, dw = geom[:6]
+    p = 8
+    while p > 1 and kh * kw + 1 + p + (p - 1) * sw + (kw - 1) * dw + 1 > BUDGET_DW:
+        p -= 1
+    return _pix(n, p)
+
+
+def _dw_local(rt, ndim):
+    """Work-group size of the depthwise kernels: single work-items on CPUs (PoCL's work-group loops around a
+    kernel that already works on float16 vectors spill its registers), the driver's choice elsewhere."""
+    return (1,) * ndim if _cpu_style(rt) else None
+
+
+def _dw_defines(rt, geom, mult, vw, pix):
+    kh, kw, sh, sw, dh, dw = geom[:6]
+    return {"DEPTHWISE": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "MULT": mult, "VW": vw,
+            "PIX": pix, "MINVEC": int(bool(rt.is_pocl))}
+
+
+def depthwise_forward(rt, x, w, b, geom, act, y):
+    N, H, W, C = x.shape
+    Cout = w.shape[3]
+    mult = Cout // C
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    pix = _pix(OW)
+    for vw, c0, nb in _dw_blocks(rt, Cout, mult):
+        k = rt.kernel("conv", "dw_fwd", _dw_defines(rt, geom, mult, vw, pix))
+        rt.launch(k, (nb, _cdiv(OW, pix), N * OH), _dw_local(rt, 3), x, w, b if b is not None else w, y,
+                  i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb),
+                  i32(b is not None), i32(_act_code(act)))
+    return y
+
+
+def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
+    N, H, W, C = x.shape
+    Cout = w.shape[3]
+    mult = Cout // C
+    kh, kw = geom[0], geom[1]
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    dx = dW = db = None
+    if need_x:
+        dx = rt.empty(x.shape)
+        pix = _pix(W)
+        for vw, c0, nb in _dw_blocks(rt, C, mult):
+            k = rt.kernel("conv", "dw_bwd_dx", _dw_defines(rt, geom, mult, vw, pix))
+            rt.launch(k, (nb, _cdiv(W, pix), N * H), _dw_local(rt, 3), gy, w, dx,
+                      i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb))
+    if need_w:
+        T = kh * kw
+        blocks = _dw_blocks(rt, Cout, mult)
+        nbt = sum(nb for _, _, nb in blocks)
+        Q = N * OH
+        # Many short chunks: concurrently running work-items then walk the same rows (their pages and cache lines
+        # stay warm), and uneven load balances out; the partial sums grow with R but stay small next to x.
+        R = max(1, min(Q, _cdiv(DW_ITEMS if _cpu_style(rt) else 8 * DW_ITEMS, nbt)))
+        rows_per = _cdiv(Q, R)
+        R = _cdiv(Q, rows_per)
+        part = rt.empty((R, (T + 1) * Cout))
+        pixw = _pix_dw(geom, OW)
+        for vw, c0, nb in blocks:
+            k = rt.kernel("conv", "dw_bwd_dw_partial", _dw_defines(rt, geom, mult, vw, pixw))
+            rt.launch(k, (nb, R), _dw_local(rt, 2), x, gy, part, i32(N), i32(H), i32(W), i32(C), i32(OH), i32(OW),
+                      i32(pt), i32(pl), i32(c0), i32(nb), i32(rows_per))
+        dW = rt.empty(w.shape)
+        db = rt.empty((Cout,))
+        rt.launch(rt.kernel("conv", "colsum_split"), ((T + 1) * Cout,), None, part, i32(R), i32((T + 1) * Cout),
+                  dW, i32(T * Cout), db)
+        part.release()
+        if not has_bias:
+            db.release()
+            db = None
+    return dx, dW, db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# general convolution: im2col + GEMM
+
+
+
+def _is_pointwise(geom, groups):
+    kh, kw, sh, sw, dh, dw, pt, pl, pb, pr = geom[:10]
+    return groups == 1 and kh == kw == sh == sw == 1 and pt == pl == pb == pr == 0
+
+
+def _chunk_images(rt, N, OH, OW, K):
+    per = max(OH * OW * K * 4, 1)
+    limit = min(COL_BYTES, int(getattr(rt.info, "max_alloc", COL_BYTES)) // 2)
+    return max(1, min(N, limit // per))
+
+
+def _im2col(rt, x, col, geom, Cg, c0, n0, nimg):
+    N, H, W, C = x.shape
+    kh, kw = geom[0], geom[1]
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    rt.launch(rt.kernel("conv", "im2col"), (kh * kw * Cg, OW, nimg * OH), None, x, col,
+              i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
+              *[i32(v) for v in geom[:6]])
+
+
+def _col2im(rt, dcol, dx, geom, Cg, c0, n0, nimg):
+    N, H, W, C = dx.shape
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    rt.launch(rt.kernel("conv", "col2im"), (Cg, W, nimg * H), None, dcol, dx,
+              i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
+              *[i32(v) for v in geom[:6]])
+
+
+def conv_forward(rt, x, w, b, geom, groups, act, y):
+    """General convolution into y (N, OH, OW, Cout)."""
+    from .cl_gemm import gemm
+
+    N, H, W, C = x.shape
+    kh, kw, cg, Cout = w.shape
+    G = groups
+    cog = Cout // G
+    OH, OW = geom[10], geom[11]
+    if _is_pointwise(geom, G):
+        gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act)
+        return y
+    K = kh * kw * cg
+    P = OH * OW
+    nimg = _chunk_images(rt, N, OH, OW, K)
+    direct = G == 1 and nimg == N  # the GEMM writes y itself
+    col = rt.empty((nimg * P, K))
+    yt = None if direct else rt.empty((nimg * P, cog))
+    w2 = w.reshape(kh * kw * cg, Cout)
+    wg, bg = w2, b
+    if G > 1:
+        # One group's weights (and bias) at a time; the in-order queue lets the next group reuse the buffers.
+        wg = rt.empty((K, cog))
+        bg = rt.empty((cog,)) if b is not None else None
+    for g in range(G):
+        if G > 1:
+            _copy2d(rt, w2, Cout, 0, g * cog, wg, cog, 0, 0, K, cog)
+            if b is not None:
+                _copy2d(rt, b, Cout, 0, g * cog, bg, cog, 0, 0, 1, cog)
+        for n0 in range(0, N, nimg):
+            nb = min(nimg, N - n0)
+            _im2col(rt, x, col, geom, cg, g * cg, n0, nb)
+            if direct:
+                gemm(rt, col, wg, y.reshape(N * P, Cout), bias=bg, act=act)
+            else:
+                ytv = _view(yt, (nb * P, cog))
+                gemm(rt, _view(col, (nb * P, K)), wg, ytv, bias=bg, act=act)
+                _copy2d(rt, ytv, cog, 0, 0, y, Cout, n0 * P, g * cog, nb * P, cog)
+    for t in (col, yt) + ((wg, bg) if G > 1 else ()):
+        if t is not None:
+            t.release()
+    return y
+
+
+def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
+    """(dx, dW, db) of a general convolution; gy already masked by the activation."""
+    from .cl_gemm import gemm
+
+    N, H, W, C = x.shape
+    kh, kw, cg, Cout = w.shape
+    G = groups
+    cog = Cout // G
+    OH, OW = geom[10], geom[11]
+    P = OH * OW
+    gy2 = gy.reshape(N * P, Cout)
+    dx = rt.empty(x.shape) if need_x else None
+    dW = rt.empty(w.shape) if need_w else None
+    db = None
+    if need_w and has_bias:
+        db = rt.empty((Cout,))
+        colsum(rt, gy2, db)
+    if _is_pointwise(geom, G):
+        if need_x:
+            gemm(rt, gy2, w.reshape(C, Cout), dx.reshape(N * H * W, C), trans_b=True)
+        if need_w:
+            gemm(rt, x.reshape(N * H * W, C), gy2, dW.reshape(C, Cout), trans_a=True)
+        return dx, dW, db
+    K = kh * kw * cg
+    nimg = _chunk_images(rt, N, OH, OW, K)
+    whole = nimg == N
+    col = rt.empty((nimg * P, K))
+    w2 = w.reshape(K, Cout)
+    dW2 = dW.reshape(K, Cout) if need_w else None
+    tmp = []
+    gyt = None
+    if not (G == 1 and whole):
+        gyt = rt.empty((nimg * P, cog))
+        tmp.append(gyt)
+    wg, dWg = w2, dW2
+    if G > 1:
+        wg = rt.empty((K, cog))
+        tmp.append(wg)
+        if need_w:
+            dWg = rt.empty((K, cog))
+            tmp.append(dWg)
+    for g in range(G):
+        if G > 1:
+            _copy2d(rt, w2, Cout, 0, g * cog, wg, cog, 0, 0, K, cog)
+        for ci, n0 in enumerate(range(0, N, nimg)):
+            nb = min(nimg, N - n0)
+            M = nb * P
+            colv = _view(col, (M, K))
+            if gyt is None:
+                gyg = gy2
+            else:
+                gyg = _view(gyt, (M, cog))
+                _copy2d(rt, gy2, Cout, n0 * P, g * cog, gyg, cog, 0, 0, M, cog)
+            if need_w:
+                _im2col(rt, x, col, geom, cg, g * cg, n0, nb)
+                gemm(rt, colv, gyg, dWg, trans_a=True, accumulate=ci > 0)
+            if need_x:
+                # dcol reuses the im2col scratch: the in-order queue runs the dW GEMM first.
+                gemm(rt, gyg, wg, colv, trans_b=True)
+                _col2im(rt, col, dx, geom, cg, g * cg, n0, nb)
+        if G > 1 and need_w:
+            _copy2d(rt, dWg, cog, 0, 0, dW2, Cout, 0, g * cog, K, cog)
+    col.release()
+    for t in tmp:
+        t.release()
+    return dx, dW, db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv2d op
+
+
+def _is_depthwise(x_shape, w_shape, groups):
+    C = x_shape[3]
+    return groups > 1 and groups == C and w_shape[2] == 1
+
+
+@register("opencl", "conv2d")
+def conv2d_fwd(be, node, xs, training):
+    rt = be.rt
+    x = xs[0]
+    w = be.param(node, "weight")
+    b = be.param(node, "bias") if be.has_param(node, "bias") else None
+    G = int(node.attrs.get("groups", 1))
+    geom = conv_geometry(node, x.shape)
+    if min(geom[6:10]) < 0:
+        raise ValueError(f"conv2d {node.name}: negative pads are not supported")
+    N = x.shape[0]
+    y = rt.empty((N, geom[10], geom[11], w.shape[3]))
+    act = node.attrs.get("act")
+    if _is_depthwise(x.shape, w.shape, G):
+        depthwise_forward(rt, x, w, b, geom, act, y)
+    else:
+        conv_forward(rt, x, w, b, geom, G, act, y)
+    return [y], (x, y)
+
+
+@register("opencl", "conv2d", "backward")
+def conv2d_bwd(be, node, saved, gys, need):
+    rt = be.rt
+    x, y = saved
+    w = be.param(node, "weight")
+    G = int(node.attrs.get("groups", 1))
+    geom = conv_geometry(node, x.shape)
+    has_bias = be.has_param(node, "bias")
+    gy, tmp = _masked_grad(rt, gys[0], y, node.attrs.get("act"))
+    need_x = bool(need.inputs[0])
+    if _is_depthwise(x.shape, w.shape, G):
+        dx, dW, db = depthwise_backward(rt, x, w, gy, geom, need_x, need.params, has_bias)
+    else:
+        dx, dW, db = conv_backward(rt, x, w, gy, geom, G, need_x, need.params, has_bias)
+    if tmp is not None:
+        tmp.release()
+    grads = {}
+    if need.params:
+        grads["weight"] = dW
+        if has_bias:
+            grads["bias"] = db
+    return [dx], grads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pooling
+
+
+def _pool_args(x_shape, geom):
+    N, H, W, C = x_shape
+    kh, kw, sh, sw, pt, pl, pb, pr, OH, OW = geom
+    return [i32(v) for v in (H, W, C, OH, OW, kh, kw, sh, sw, pt, pl)]
+
+
+@register("opencl", "maxpool")
+def maxpool_fwd(be, node, xs, training):
+    rt = be.rt
+    x = xs[0]
+    geom = pool_geometry(node, x.shape)
+    N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
+    y = rt.empty((N, OH, OW, C))
+    rt.launch(rt.kernel("pool", "maxpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom))
+    return [y], (x,)
+
+
+@register("opencl", "maxpool", "backward")
+def maxpool_bwd(be, node, saved, gys, need):
+    rt = be.rt
+    (x,) = saved
+    geom = pool_geometry(node, x.shape)
+    N, H, W, C = x.shape
+    OH, OW = geom[8], geom[9]
+    args = _pool_args(x.shape, geom)
+    idx = rt.empty((N, OH, OW, C), np.int32)
+    rt.launch(rt.kernel("pool", "maxpool_argmax"), (C, OW, N * OH), None, x, idx, *args)
+    dx = rt.empty(x.shape)
+    rt.launch(rt.kernel("pool", "maxpool_bwd"), (C, W, N * H), None, gys[0], idx, dx, *args)
+    idx.release()
+    return [dx], {}
+
+
+@register("opencl", "avgpool")
+def avgpool_fwd(be, node, xs, training):
+    rt = be.rt
+    x = xs[0]
+    geom = pool_geometry(node, x.shape)
+    N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
+    y = rt.empty((N, OH, OW, C))
+    inc = int(bool(node.attrs.get("count_include_pad", True)))
+    rt.launch(rt.kernel("pool", "avgpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom),
+              i32(geom[6]), i32(geom[7]), i32(inc))
+    return [y], (x.shape,)
+
+
+@register("opencl", "avgpool", "backward")
+def avgpool_bwd(be, node, saved, gys, need):
+    rt = be.rt
+    (shape,) = saved
+    geom = pool_geometry(node, shape)
+    N, H, W, C = shape
+    dx = rt.empty(shape)
+    inc = int(bool(node.attrs.get("count_include_pad", True)))
+    rt.launch(rt.kernel("pool", "avgpool_bwd"), (C, W, N * H), None, gys[0], dx, *_pool_args(shape, geom),
+              i32(geom[6]), i32(geom[7]), i32(inc))
+    return [dx], {}
+
+
+@register("opencl", "global_avgpool")
+def global_avgpool_fwd(be, node, xs, training):
+    rt = be.rt
+    x = xs[0]
+    N, H, W, C = x.shape
+    shape = (N, 1, 1, C) if node.attrs.get("keepdims", False) else (N, C)
+    y = rt.empty(shape)
+    rt.launch(rt.kernel("pool", "global_avgpool_fwd"), (C, N), None, x, y, i32(H * W), i32(C))
+    return [y], (x.shape,)
+
+
+@register("opencl", "global_avgpool", "backward")
+def global_avgpool_bwd(be, node, saved, gys, need):
+    rt = be.rt
+    (shape,) = saved
+    N, H, W, C = shape
+    dx = rt.empty(shape)
+    rt.launch(rt.kernel("pool", "global_avgpool_bwd"), (C, H * W, N), None, gys[0], dx, i32(H * W), i32(C))
+    return [dx], {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pad
+
+
+def _pad_shift(rt, src, dst, pt, pl, value):
+    N, H, W, C = src.shape
+    OH, OW = dst.shape[1], dst.shape[2]
+    rt.launch(rt.kernel("pool", "pad_shift"), (C, OW, N * OH), None, src, dst, i32(H), i32(W), i32(C), i32(OH),
+              i32(OW), i32(pt), i32(pl), np.float32(value))
+
+
+@register("opencl", "pad")
+def pad_fwd(be, node, xs, training):
+    rt = be.rt
+    x = xs[0]
+    pt, pl, pb, pr = (int(v) for v in node.attrs.get("pads", (0, 0, 0, 0)))
+    N, H, W, C = x.shape
+    y = rt.empty((N, H + pt + pb, W + pl + pr, C))
+    _pad_shift(rt, x, y, pt, pl, float(node.attrs.get("value", 0.0)))
+    return [y], (x.shape,)
+
+
+@register("opencl", "pad", "backward")
+def pad_bwd(be, node, saved, gys, need):
+    rt = be.rt
+    (shape,) = saved
+    pt, pl, _, _ = (int(v) for v in node.attrs.get("pads", (0, 0, 0, 0)))
+    dx = rt.empty(shape)
+    _pad_shift(rt, gys[0], dx, -pt, -pl, 0.0)
+    return [dx], {}

@@ -1,0 +1,412 @@
+"""The GEMM every matrix-shaped op runs on (1x1 convolutions, Dense, im2col convolutions and their gradients).
+
+    gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, alpha=1.0, bias=None, act=None)
+        out[M, N] = [out +] alpha * op(a) @ op(b) [+ bias[N]], then act (None, 'relu', 'relu6'); float32.
+
+Also the `dense` op of the opencl backend.
+"""
+import numpy as np
+
+from . import register
+
+_ACT = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
+
+
+def _as2d(x):
+    """Leading dims fold into rows: an NHWC activation (N,H,W,C) is an (N*H*W, C) matrix (a free view)."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 1:
+        return x.reshape(1, x.shape[0])
+    return x.reshape(-1, x.shape[-1])
+
+
+def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, alpha=1.0, bias=None, act=None,
+         variant=None):
+    """out = [out +] alpha * op(a) @ op(b) [+ bias] then act; returns out (allocated (M, N) when not given).
+
+    `variant` forces an implementation (tests); by default the per-device autotuned one runs.
+    """
+    a2, b2 = _as2d(a), _as2d(b)
+    M, Ka = (a2.shape[1], a2.shape[0]) if trans_a else a2.shape
+    Kb, N = (b2.shape[1], b2.shape[0]) if trans_b else b2.shape
+    if Ka != Kb:
+        raise ValueError(f"gemm: inner dimensions differ: op(a) is {M}x{Ka}, op(b) is {Kb}x{N}")
+    K = Ka
+    if act not in _ACT:
+        raise ValueError(f"gemm: unknown activation {act!r}")
+    if out is None:
+        if accumulate:
+            raise ValueError("gemm: accumulate=True needs an existing out")
+        out = rt.empty((M, N))
+    elif out.size != M * N:
+        raise ValueError(f"gemm: out has shape {out.shape}, expected {M}x{N} elements")
+    if bias is not None and bias.size != N:
+        raise ValueError(f"gemm: bias has {bias.size} elements, expected {N}")
+    if M == 0 or N == 0:
+        return out
+    cfg = _resolve(rt, variant)
+    if cfg["kind"] == "naive":
+        _gemm_naive(rt, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
+        return out
+    if cfg["kind"] == "gpu":
+        _gemm_gpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
+        return out
+    _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
+    return out
+
+
+# Implementations and their tile parameters. "cpu*": packed-panel float16 register blocks (MR rows x 16*NV columns
+# per work-item) for CPU OpenCL; "gpu": local-memory tiles for real GPUs; "naive": one item per output (reference).
+VARIANTS = {
+    "naive": dict(kind="naive"),
+    "cpu8x32": dict(kind="cpu", MR=8, NV=2),
+    "cpu14x32": dict(kind="cpu", MR=14, NV=2),
+    "cpu6x64": dict(kind="cpu", MR=6, NV=4),
+    "gpu": dict(kind="gpu", LS=16, WPT=4),
+}
+AUTOTUNE_ENV = "TCL_NO_AUTOTUNE"
+_TUNE_SHAPE = (2048, 256, 256)  # (M, K, N): a mid-size pointwise convolution
+_TUNE_BUDGET_S = 3.0
+_PLAN_VERSION = 1  # bump when the Python side of a variant changes what the cached choice means
+_TUNED = {}  # device id -> variant name, for this process
+
+
+def default_variant(rt):
+    """The choice without timing (TCL_NO_AUTOTUNE=1, or when tuning fails)."""
+    return "cpu14x32" if getattr(rt, "is_cpu", False) else "gpu"
+
+
+def _source_hash():
+    import hashlib
+
+    from ..runtime import kernel_source
+
+    return hashlib.sha256((kernel_source("gemm") + f"|plan{_PLAN_VERSION}").encode()).hexdigest()[:16]
+
+
+def tuned_variant(rt):
+    """The variant for this device: cached per device+driver+kernel source, else timed once (well under 5 s)."""
+    dev = rt.info.id
+    name = _TUNED.get(dev)
+    if name is not None:
+        return name
+    import os
+
+    from .. import tuning
+
+    if os.environ.get(AUTOTUNE_ENV, "") not in ("", "0"):
+        return default_variant(rt)  # not remembered: the variable may be unset later in this process
+    else:
+        key = tuning.device_key(rt, "gemm", _source_hash())
+        got = tuning.get(rt, key)
+        if isinstance(got, dict) and got.get("variant") in VARIANTS and got.get("complete", True):
+            name = got["variant"]
+        else:
+            name, times = _autotune(rt)
+            # Cold kernel builds can eat the time budget before every candidate ran: then the choice is kept for
+            # this process only and the next process (its builds now cached by the driver) tunes again.
+            complete = all(n in times for n in _candidates(rt))
+            tuning.put(rt, key, {"variant": name, "seconds": times, "shape": list(_TUNE_SHAPE),
+                                 "complete": complete})
+    _TUNED[dev] = name
+    return name
+
+
+def _candidates(rt):
+    """Variants worth timing on this device, the untimed default first (its build is needed anyway)."""
+    first = default_variant(rt)
+    kind = "cpu" if getattr(rt, "is_cpu", False) else "gpu"
+    return [first] + [n for n, c in VARIANTS.items() if c["kind"] == kind and n != first]
+
+
+def _autotune(rt):
+    """Time the candidates on the tuning shape: build and warm each, then alternate them for a few rounds (so
+    load from other processes hits all alike) and keep each one's best time. Stops early at the time budget."""
+    import time
+
+    t_start = time.perf_counter()
+    cands = _candidates(rt)
+    M, K, N = _TUNE_SHAPE
+    rng = np.random.default_rng(0)
+    a = rt.to_device(rng.standard_normal((M, K), dtype=np.float32))
+    b = rt.to_device(rng.standard_normal((K, N), dtype=np.float32))
+    out = rt.empty((M, N))
+    times = {}
+    try:
+        for _ in range(4):
+            for name in cands:
+                if name in times and times[name] == float("inf"):
+                    continue
+                if name not in times and times and time.perf_counter() - t_start > _TUNE_BUDGET_S:
+                    continue  # out of time before trying it: not a candidate this time
+                try:
+                    t = float(_time_variant(rt, name, a, b, out))
+                except Exception:  # a variant that does not build or run here is simply not chosen
+                    t = float("inf")
+                times[name] = min(times.get(name, t), t)
+            if time.perf_counter() - t_start > _TUNE_BUDGET_S:
+                break
+    finally:
+        for t in (a, b, out):
+            t.release()
+    finite = {k: v for k, v in times.items() if v != float("inf")}
+    best = min(finite, key=finite.get) if finite else cands[0]
+    return best, {k: (round(v, 6) if v != float("inf") else None) for k, v in times.items()}
+
+
+def _time_variant(rt, name, a, b, out):
+    """One timed run (seconds) of a variant on the tuning operands, after a first call that builds and warms it."""
+    import time
+
+    key = (rt.info.id, name)
+    if key not in _WARM:
+        gemm(rt, a, b, out, variant=name)
+        rt.finish()
+        _WARM.add(key)
+    t0 = time.perf_counter()
+    gemm(rt, a, b, out, variant=name)
+    rt.finish()
+    return time.perf_counter() - t0
+
+
+_WARM = set()
+
+
+def _resolve(rt, variant):
+    if isinstance(variant, dict):
+        return variant
+    if variant is None:
+        variant = tuned_variant(rt)
+    if isinstance(variant, str) and variant.startswith("{"):
+        import ast
+
+        return ast.literal_eval(variant)
+    try:
+        return VARIANTS[variant]
+    except KeyError:
+        raise ValueError(f"gemm: unknown variant {variant!r}; known: {', '.join(VARIANTS)}") from None
+
+
+_PK = 64  # k values per work-item of the packing kernels (PK in gemm.cl)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
+    i32 = np.int32
+    MR, NV = int(cfg["MR"]), int(cfg["NV"])
+    NR = 16 * NV
+    nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
+    plan = _cpu_plan(cfg, M, N, K, trans_a, trans_b)
+    apack = plan["apack"]
+    # Packed panels are read like a transposed A (k-major), so they share that program.
+    defs = {"MR": MR, "NV": NV, "TRANS_A": int(bool(trans_a or apack))}
+    kern = lambda name: rt.kernel("gemm", name, defs)  # noqa: E731  (one program per configuration)
+    scratch = []
+    if apack:
+        ap = rt.empty((nbi * K * MR,))
+        scratch.append(ap)
+        sai, sak = (1, M) if trans_a else (K, 1)
+        rt.launch(kern("gemm_pack_a"), (nbi, _cdiv(K, _PK)), (1, 1), i32(M), i32(K), a, i32(sai), i32(sak), ap)
+        a, lda, a_bs = ap, MR, K * MR
+    else:
+        lda = a.shape[1]
+        a_bs = MR if trans_a else MR * lda
+    nb_direct = plan["nb_direct"]
+    npk = nbj - nb_direct
+    bp = b
+    if npk:
+        bp = rt.empty((npk * K * NR,))
+        scratch.append(bp)
+        sbk, sbj = (1, K) if trans_b else (N, 1)
+        rt.launch(kern("gemm_pack_b"), (npk, _cdiv(K, _PK)), (1, 1), i32(N - nb_direct * NR), i32(K), b, i32(sbj),
+                  i32(sbk), bp, i32(nb_direct))
+    kc, kb, gi = plan["kc"], plan["kb"], plan["gi"]
+    nsplit = _cdiv(K, kc)
+    nwi = _cdiv(nbi, gi) * nbj
+    target = out
+    if nsplit > 1:
+        target = rt.empty((nbi * nbj * nsplit * MR * NR,))
+        scratch.append(target)
+    sc = out
+    if kc > kb:  # running sums between k chunks
+        sc = rt.empty((nwi * nsplit * gi * MR * NR,))
+        scratch.append(sc)
+    bias_arg = bias if bias is not None else out
+    rt.launch(kern("gemm_cpu"), (nwi, nsplit), (1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(lda),
+              np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), i32(int(accumulate)),
+              bias_arg, i32(bias is not None), i32(act), i32(nsplit > 1), i32(gi), sc)
+    if nsplit > 1:
+        rt.launch(kern("gemm_reduce"), (nbj, nbi), (1, 1), i32(M), i32(N), i32(nsplit), target, out,
+                  np.float32(alpha), i32(int(accumulate)), bias_arg, i32(bias is not None), i32(act))
+    for t in scratch:
+        t.release()  # later commands on the in-order queue run after this GEMM: reusing the buffers is safe
+
+
+_AUX = {"GEMM_GPU_ONLY": 1}  # the small kernels build without the CPU variant's code
+_GPU_LS = {}  # (device, LS, WPT) -> work-group edge that the built kernel accepts
+
+
+def _gemm_gpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
+    i32 = np.int32
+    wpt = int(cfg.get("WPT", 4))
+    want = int(cfg.get("LS", 16))
+    ck = (rt.info.id, want, wpt)
+    ls = _GPU_LS.get(ck)
+    if ls is None:
+        # Work-group of ls x ls items within the device's and the built kernel's limits.
+        ls = want
+        while ls > 1 and ls * ls > rt.max_work_group_size:
+            ls //= 2
+        while ls > 1:
+            kern = rt.kernel("gemm", "gemm_gpu", {"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt})
+            if rt.local_size(ls * ls, kern) >= ls * ls and min(rt.info.max_work_item_sizes[:2]) >= ls:
+                break
+            ls //= 2
+        _GPU_LS[ck] = ls
+    kern = rt.kernel("gemm", "gemm_gpu", {"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt})
+    ts = ls * wpt
+    sai, sak = (1, M) if trans_a else (K, 1)
+    sbk, sbj = (1, K) if trans_b else (N, 1)
+    rt.launch(kern, (_cdiv(N, ts) * ls, _cdiv(M, ts) * ls), (ls, ls), i32(M), i32(N), i32(K), a, i32(sai), i32(sak),
+              b, i32(sbk), i32(sbj), out, np.float32(alpha), i32(int(accumulate)),
+              bias if bias is not None else out, i32(bias is not None), i32(act))
+
+
+def cpu_test_configs():
+    """CPU-variant configurations that together take every code path (tests): packed and in-place A and B,
+    K split into chunks, work orders, register blocks whose width exceeds small N."""
+    return [
+        dict(kind="cpu", MR=8, NV=2, apack=1, pack="all", kc=64, gi=3),
+        dict(kind="cpu", MR=8, NV=2, apack=0, pack="none", kc=100, gi=1000),
+        dict(kind="cpu", MR=6, NV=4, apack=0, pack="auto", kc=0, gi=1),
+        dict(kind="cpu", MR=6, NV=4, apack=1, pack="none", kc=33, gi=2),
+    ]
+
+
+def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
+    """Shape-dependent choices for the CPU variant (entries of cfg override them):
+    apack   pack A into panels, else read it in place;
+    nb      column blocks of B read in place (the rest from packed panels);
+    kb      k chunk within a work-item: a KB x NR piece of B stays in L1 while the work-item's row blocks use it;
+    gi      row blocks per work-item (their A rows, GI x MR x K floats, stay in L2 for the neighbouring items);
+    kc      K split across work-items (partials summed by gemm_reduce): for parallelism, and so that a long K
+            does not push a work-item's A rows out of L2."""
+    MR, NR = int(cfg["MR"]), 16 * int(cfg["NV"])
+    L1, L2 = 24 << 10, 256 << 10  # bytes of the per-core L1 (48 KiB) and L2 (2 MiB) a working set should take
+    nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
+    apack = cfg.get("apack")
+    if apack is None:
+        apack = 0
+    pack = cfg.get("pack", "auto")
+    if trans_b or pack == "all":
+        nb = 0
+    elif pack == "none":
+        nb = N // NR
+    else:  # packing B pays when many row blocks reuse it
+        nb = N // NR if M < 512 else 0
+    kb = int(cfg.get("kb") or max(16, L1 // (4 * NR)))
+    gi, kc = cfg.get("gi"), cfg.get("kc")
+    if gi is None or kc is None:
+        gmin = min(nbi, 4)
+        if kc is None:
+            kc = K if gmin * MR * K * 4 <= L2 else max(kb, L2 // (gmin * MR * 4) // kb * kb)
+        kc = max(1, min(int(kc) or K, K))
+        if gi is None:
+            gi = min(nbi, 64, max(gmin, L2 // (MR * kc * 4)))
+            while gi > 1 and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 16:  # enough work-items for all cores
+                gi = max(1, gi // 2)
+        if cfg.get("kc") is None and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 8 and K >= 4 * kb:
+            kc = max(kb, _cdiv(_cdiv(K, 8), kb) * kb)
+    kc = max(1, min(int(kc) or K, K))
+    return {"apack": int(apack), "nb_direct": int(nb), "kc": kc, "kb": max(1, kb), "gi": max(1, int(gi))}
+
+
+def _gemm_naive(rt, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
+    k = rt.kernel("gemm", "gemm_naive", _AUX)
+    sai, sak = (1, M) if trans_a else (K, 1)
+    sbk, sbj = (1, K) if trans_b else (N, 1)
+    i32 = np.int32
+    ls = rt.local_size(16, k)
+    rt.launch(k, (N, M), (ls, 1), i32(M), i32(N), i32(K), a, i32(sai), i32(sak), b, i32(sbk), i32(sbj), out,
+              np.float32(alpha), i32(1 if accumulate else 0), bias if bias is not None else out,
+              i32(0 if bias is None else 1), i32(act))
+
+
+def colsum(rt, g, out=None, accumulate=False):
+    """out[N] = [out +] sum over rows of g (leading dims folded into rows)."""
+    g2 = _as2d(g)
+    M, N = g2.shape
+    if out is None:
+        if accumulate:
+            raise ValueError("colsum: accumulate=True needs an existing out")
+        out = rt.empty((N,))
+    i32 = np.int32
+    k = rt.kernel("gemm", "colsum", _AUX)
+    ls = rt.local_size(16, k)
+    # Long columns are cut into row chunks so that enough work-items run (and read neighbouring addresses).
+    nparts = max(1, min(_cdiv(M, 256), _cdiv(4096, max(N, 1))))
+    rows = _cdiv(M, nparts)
+    nparts = _cdiv(M, rows)
+    if nparts == 1:
+        rt.launch(k, (N, 1), (ls, 1), i32(M), i32(N), i32(rows), g2, out, i32(int(accumulate)))
+        return out
+    part = rt.empty((nparts, N))
+    rt.launch(k, (N, nparts), (ls, 1), i32(M), i32(N), i32(rows), g2, part, i32(0))
+    k2 = rt.kernel("gemm", "colsum_parts", _AUX)
+    rt.launch(k2, (N,), (rt.local_size(16, k2),), i32(N), i32(nparts), part, out, i32(int(accumulate)))
+    part.release()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense: y = x @ W + b, then act
+
+
+@register("opencl", "dense")
+def dense_fwd(be, node, xs, training):
+    x = xs[0]
+    rt = be.rt
+    w = be.param(node, "weight")
+    bias = be.param(node, "bias") if be.has_param(node, "bias") else None
+    act = node.attrs.get("act")
+    y = gemm(rt, x, w, rt.empty(tuple(x.shape[:-1]) + (w.shape[1],)), bias=bias, act=act)
+    # x and y stay alive for the backward (the executor keeps a trainable node's inputs and outputs).
+    return [y], (x, y)
+
+
+@register("opencl", "dense", "backward")
+def dense_bwd(be, node, saved, gys, need):
+    x, y = saved
+    rt = be.rt
+    gy = gys[0]
+    act = node.attrs.get("act")
+    w = be.param(node, "weight")
+    g = gy
+    tmp = None
+    if _ACT.get(act, 0):
+        tmp = g = act_grad(rt, gy, y, act)
+    gx = None
+    if need.inputs and need.inputs[0]:
+        gx = rt.empty(x.shape)
+        gemm(rt, g.reshape(-1, g.shape[-1]), w, gx, trans_b=True)
+    grads = {}
+    if need.params:
+        grads["weight"] = gemm(rt, x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), rt.empty(w.shape),
+                               trans_a=True)
+        if be.has_param(node, "bias"):
+            grads["bias"] = colsum(rt, g)
+    if tmp is not None:
+        tmp.release()  # queued release is safe: the in-order queue finishes readers before the buffer is reused
+    return [gx], grads
+
+
+def act_grad(rt, gy, y, act):
+    """gy masked by the activation's derivative, computed from its output y."""
+    out = rt.empty(gy.shape)
+    k = rt.kernel("gemm", "act_grad", _AUX)
+    rt.launch(k, (gy.size,), (rt.local_size(64, k),), np.int32(gy.size), gy, y, out, np.int32(_ACT[act]))
+    return out
