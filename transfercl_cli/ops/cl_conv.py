@@ -3,10 +3,10 @@
 Strategy (kernels/conv.cl, kernels/pool.cl):
 - 1x1, stride 1, no padding, groups 1: the NHWC tensor is an (N*H*W, Cin) matrix: one GEMM (cl_gemm.gemm) with the
   bias and activation fused; dW = X^T dY, dX = dY W^T.
-- depthwise (groups == Cin, any multiplier): a dedicated NHWC kernel, VW channels per work-item (float16 on CPUs,
-  float4 elsewhere, then float4 and scalar variants for the remaining channels) and PIX output pixels per work-item,
-  bias and activation fused. Backward: dX by a gather kernel, dW and db as per-chunk partial sums then a column
-  reduction (deterministic, no atomics).
+- depthwise (groups == Cin, any multiplier): a dedicated NHWC kernel, VW channels per vector (float16 on CPUs,
+  float4 elsewhere, then float4 and scalar variants for the remaining channels), PIX output pixels per work-item
+  and, on CPUs, several channel blocks per work-item; bias and activation fused. Backward: dX by a gather kernel,
+  dW and db as per-row-chunk partial sums then a column reduction (deterministic, no atomics).
 - everything else (k x k, strides, dilations, groups): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
   matrix, then GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same
   scratch, then a col2im gather kernel.
@@ -31,8 +31,10 @@ BUDGET_DW = 30
 # (float4, the driver's work-group size) elsewhere; True/False forces one (tests run both on PoCL).
 PORTABLE = None
 
-# Work-items of the depthwise dW partial-sum kernel (times the channel blocks): sets the row-chunk length.
-DW_ITEMS = 8192
+# CPU style: work-items per compute unit the depthwise kernels keep (more channel blocks per work-item above that),
+# and the row chunks of the dW partial sums.
+DW_ITEMS_PER_CU = 32
+DW_CHUNKS = 128
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -135,6 +137,16 @@ def _dw_local(rt, ndim):
     return (1,) * ndim if _cpu_style(rt) else None
 
 
+def _bpi(rt, nb, others):
+    """Channel blocks per work-item: on CPUs a work-item sweeps several blocks of the same pixels (contiguous
+    reads, fewer work-groups to schedule) while DW_ITEMS_PER_CU work-items per compute unit remain; one block per
+    work-item elsewhere. `others`: the work-items along the other dimensions."""
+    if not _cpu_style(rt):
+        return 1
+    cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
+    return max(1, min(nb, (nb * others) // (DW_ITEMS_PER_CU * cu)))
+
+
 def _dw_defines(rt, geom, mult, vw, pix):
     kh, kw, sh, sw, dh, dw = geom[:6]
     return {"DEPTHWISE": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "MULT": mult, "VW": vw,
@@ -149,9 +161,10 @@ def depthwise_forward(rt, x, w, b, geom, act, y):
     pix = _pix(OW)
     for vw, c0, nb in _dw_blocks(rt, Cout, mult):
         k = rt.kernel("conv", "dw_fwd", _dw_defines(rt, geom, mult, vw, pix))
-        rt.launch(k, (nb, _cdiv(OW, pix), N * OH), _dw_local(rt, 3), x, w, b if b is not None else w, y,
-                  i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb),
-                  i32(b is not None), i32(_act_code(act)))
+        bpi = _bpi(rt, nb, _cdiv(OW, pix) * N * OH)
+        rt.launch(k, (_cdiv(nb, bpi), _cdiv(OW, pix), N * OH), _dw_local(rt, 3), x, w, b if b is not None else w,
+                  y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb),
+                  i32(b is not None), i32(_act_code(act)), i32(bpi))
     return y
 
 
@@ -167,24 +180,29 @@ def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
         pix = _pix(W)
         for vw, c0, nb in _dw_blocks(rt, C, mult):
             k = rt.kernel("conv", "dw_bwd_dx", _dw_defines(rt, geom, mult, vw, pix))
-            rt.launch(k, (nb, _cdiv(W, pix), N * H), _dw_local(rt, 3), gy, w, dx,
-                      i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb))
+            bpi = _bpi(rt, nb, _cdiv(W, pix) * N * H)
+            rt.launch(k, (_cdiv(nb, bpi), _cdiv(W, pix), N * H), _dw_local(rt, 3), gy, w, dx,
+                      i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb), i32(bpi))
     if need_w:
         T = kh * kw
         blocks = _dw_blocks(rt, Cout, mult)
-        nbt = sum(nb for _, _, nb in blocks)
         Q = N * OH
-        # Many short chunks: concurrently running work-items then walk the same rows (their pages and cache lines
-        # stay warm), and uneven load balances out; the partial sums grow with R but stay small next to x.
-        R = max(1, min(Q, _cdiv(DW_ITEMS if _cpu_style(rt) else 8 * DW_ITEMS, nbt)))
+        if _cpu_style(rt):
+            # DW_CHUNKS row chunks balance the threads; each work-item walks its rows across many channel blocks
+            # (_bpi) in memory order.
+            R = max(1, min(Q, DW_CHUNKS))
+        else:
+            R = max(1, min(Q, _cdiv(8192, sum(nb for _, _, nb in blocks))))
         rows_per = _cdiv(Q, R)
         R = _cdiv(Q, rows_per)
         part = rt.empty((R, (T + 1) * Cout))
         pixw = _pix_dw(geom, OW)
+        kname = "dw_bwd_dw_rows" if _cpu_style(rt) else "dw_bwd_dw_partial"
         for vw, c0, nb in blocks:
-            k = rt.kernel("conv", "dw_bwd_dw_partial", _dw_defines(rt, geom, mult, vw, pixw))
-            rt.launch(k, (nb, R), _dw_local(rt, 2), x, gy, part, i32(N), i32(H), i32(W), i32(C), i32(OH), i32(OW),
-                      i32(pt), i32(pl), i32(c0), i32(nb), i32(rows_per))
+            k = rt.kernel("conv", kname, _dw_defines(rt, geom, mult, vw, pixw))
+            bpi = _bpi(rt, nb, R)
+            rt.launch(k, (_cdiv(nb, bpi), R), _dw_local(rt, 2), x, gy, part, i32(N), i32(H), i32(W), i32(C), i32(OH),
+                      i32(OW), i32(pt), i32(pl), i32(c0), i32(nb), i32(rows_per), i32(bpi))
         dW = rt.empty(w.shape)
         db = rt.empty((Cout,))
         rt.launch(rt.kernel("conv", "colsum_split"), ((T + 1) * Cout,), None, part, i32(R), i32((T + 1) * Cout),

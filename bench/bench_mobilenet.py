@@ -1,0 +1,314 @@
+"""Whole-network speed: tcl vs PyTorch CPU on MobileNet V1 1.0/224, batch 32, measured side by side.
+
+    python bench/bench_mobilenet.py [--model sample_data/models/mobilenet_v1_1.0_224.h5] [--batch 32] [--repeats 5]
+                                    [--work forward train_all train_pw13] [--layers]
+
+Each (framework, work) pair runs in its own process so that peak RSS is its own. Work:
+  forward     inference of the whole network (tcl: frozen BN folded, fused epilogues)
+  train_all   a training step with every layer trainable (SGD), BatchNorm in training mode
+  train_pw13  frozen backbone + conv_pw_13/BN/ReLU6 + a new dense head, no feature cache
+PyTorch runs with 2 threads, channels_last and NCHW (`pip install torch==2.13.0`). Prints img/s (median of the
+repeats after a warm-up), peak RSS and the ratio tcl / PyTorch channels_last. `--layers` also prints tcl's per-layer
+forward time and GFLOP/s so the next bottleneck is visible.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DEFAULT_MODEL = os.path.join(ROOT, "sample_data", "models", "mobilenet_v1_1.0_224.h5")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def plan_for(model, work, classes=2):
+    from transfercl_cli.plan import build_plan
+    from transfercl_cli.recipe import recipe_from_dict
+    from transfercl_cli.runfile import load_any_model
+
+    g = load_any_model(model)
+    if work == "forward":
+        return g, None
+    freeze = {"freeze": "none"} if work == "train_all" else {"freeze": "all", "unfreeze": ["conv_pw_13*"]}
+    r = recipe_from_dict(dict({"model": model, "data": {"root": "."}, "cut_after": "conv_pw_13_relu",
+                               "train": {"cache": "off", "lr": 0.001}}, **freeze))
+    return g, (build_plan(g, r, [str(i) for i in range(classes)]), r)
+
+
+def run_tcl(model, work, batch, repeats, layers=False):
+    from transfercl_cli.backends import make_backend
+    from transfercl_cli.executor import Executor
+    from transfercl_cli.plan import fold_frozen
+    from transfercl_cli.train import Optimizer, PARAM_TRAINED
+
+    be = make_backend(os.environ.get("TCL_DEVICE", "cpu"))
+    g, pr = plan_for(model, work)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
+    times = []
+    if work == "forward":
+        eg = fold_frozen(g, set())
+        ex = Executor(eg, be)
+        inp = next(iter(eg.inputs))
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = ex.forward({inp: x})
+            be.to_host(out[eg.outputs[0]])
+            be.release(out[eg.outputs[0]])
+            times.append(time.perf_counter() - t0)
+        if layers:
+            layer_times(eg, be, x)
+    else:
+        plan, r = pr
+        eg = plan.exec_graph
+        ex = Executor(eg, be, plan.trainable)
+        opt = Optimizer(be, r["train"])
+        inp, outn = next(iter(eg.inputs)), eg.outputs[0]
+        y = be.asarray(np.arange(batch, dtype=np.int32) % 2)
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = ex.forward({inp: x}, training=True)[outn]
+            loss, gl = be.fn("softmax_xent")(be, out, y)
+            be.release(out)
+            grads = ex.backward({outn: gl})
+            be.release(gl)
+            grads = {k: v for k, v in grads.items() if k[1] in PARAM_TRAINED}
+            params = {k: be.param(eg.node(k[0]), k[1]) for k in grads}
+            opt.step(params, grads, 0.001)
+            for v in grads.values():
+                be.release(v)
+            be.finish()
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb()}
+
+
+def layer_times(eg, be, x, reps=3):
+    """Per-layer forward time (each node run alone after finish) and GFLOP/s."""
+    from transfercl_cli.ops.shapes import infer_shapes, macs
+
+    shapes = infer_shapes(eg)
+    env = {next(iter(eg.inputs)): be.asarray(x)}
+    rows = []
+    for n in eg.nodes:
+        fwd = be.forward_fn(n.op)
+        xs = [env[t] for t in n.inputs]
+        best = float("inf")
+        for _ in range(reps):
+            be.finish()
+            t0 = time.perf_counter()
+            ys, _ = fwd(be, n, xs, False)
+            be.finish()
+            best = min(best, time.perf_counter() - t0)
+            if _ < reps - 1:
+                for yv in ys:
+                    be.release(yv)
+        for t, yv in zip(n.outputs, ys):
+            env[t] = yv
+        m = macs(n, [shapes[t] for t in n.inputs], shapes[n.outputs[0]]) * len(x)
+        rows.append((n.name, n.op, best * 1e3, 2 * m / best / 1e9 if best > 0 else 0))
+    total = sum(r[2] for r in rows)
+    print(f"{'layer':<22} {'op':<15} {'ms':>8} {'GFLOP/s':>8} {'share':>6}", file=sys.stderr)
+    for name, op, ms, gf in rows:
+        print(f"{name:<22} {op:<15} {ms:8.2f} {gf:8.1f} {ms / total:6.1%}", file=sys.stderr)
+    print(f"{'total':<22} {'':<15} {total:8.2f}", file=sys.stderr)
+
+
+def torch_model(torch, g, work):
+    """An nn.Module for the graph (a chain of conv/bn/relu6/pad/gap/dense), from our imported weights."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from transfercl_cli.plan import add_head, cut_after
+
+    if work != "forward":
+        g = cut_after(g, "conv_pw_13_relu")
+        add_head(g, [{"global_avg_pool": None}, {"dense": "auto"}], 2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+            self.mods = nn.ModuleDict()
+            for n in g.nodes:
+                key = n.name.replace(".", "_").replace("/", "_")
+                if n.op == "conv2d":
+                    kh, kw = n.attrs["kernel"]
+                    cin = n.params["weight"].shape[2] * n.attrs["groups"]
+                    m = nn.Conv2d(cin, n.params["weight"].shape[3], (kh, kw), stride=tuple(n.attrs["strides"]),
+                                  groups=n.attrs["groups"], bias="bias" in n.params)
+                    m.weight.data = torch.from_numpy(n.params["weight"].transpose(3, 2, 0, 1).copy())
+                    if "bias" in n.params:
+                        m.bias.data = torch.from_numpy(n.params["bias"].copy())
+                    self.mods[key] = m
+                    self.steps.append(("conv", key, tuple(n.attrs["pads"])))
+                elif n.op == "batchnorm":
+                    m = nn.BatchNorm2d(len(n.params["gamma"]), eps=n.attrs["eps"], momentum=1 - n.attrs["momentum"])
+                    m.weight.data = torch.from_numpy(n.params["gamma"].copy())
+                    m.bias.data = torch.from_numpy(n.params["beta"].copy())
+                    m.running_mean.data = torch.from_numpy(n.params["mean"].copy())
+                    m.running_var.data = torch.from_numpy(n.params["var"].copy())
+                    self.mods[key] = m
+                    self.steps.append(("mod", key, None))
+                elif n.op in ("relu6", "relu"):
+                    self.steps.append((n.op, None, None))
+                elif n.op == "pad":
+                    self.steps.append(("pad", None, tuple(n.attrs["pads"])))
+                elif n.op == "global_avgpool":
+                    self.steps.append(("gap", None, n.attrs.get("keepdims", False)))
+                elif n.op == "dropout" or n.op == "identity":
+                    continue
+                elif n.op == "dense":
+                    m = nn.Linear(*n.params["weight"].shape)
+                    m.weight.data = torch.from_numpy(n.params["weight"].T.copy())
+                    m.bias.data = torch.from_numpy(n.params["bias"].copy())
+                    self.mods[key] = m
+                    self.steps.append(("mod", key, None))
+                elif n.op in ("reshape", "flatten"):
+                    self.steps.append(("flatten", None, None))
+                elif n.op == "softmax":
+                    self.steps.append(("softmax", None, None))
+                else:
+                    raise SystemExit(f"torch model: op {n.op} not handled")
+
+        def forward(self, x):
+            for kind, key, arg in self.steps:
+                if kind == "conv":
+                    t, l, b, r = arg
+                    if any(arg):
+                        x = F.pad(x, (l, r, t, b))
+                    x = self.mods[key](x)
+                elif kind == "mod":
+                    x = self.mods[key](x)
+                elif kind == "relu6":
+                    x = F.relu6(x)
+                elif kind == "relu":
+                    x = F.relu(x)
+                elif kind == "pad":
+                    t, l, b, r = arg
+                    x = F.pad(x, (l, r, t, b))
+                elif kind == "gap":
+                    x = x.mean((2, 3), keepdim=bool(arg))
+                elif kind == "flatten":
+                    x = x.reshape(x.shape[0], -1)
+                elif kind == "softmax":
+                    x = torch.softmax(x, 1)
+            return x
+
+    net = Net()
+    if work == "train_pw13":
+        for name, p in net.named_parameters():
+            p.requires_grad = name.startswith("mods.conv_pw_13") or name.startswith("mods.head_dense")
+    return net
+
+
+def run_torch(model, work, batch, repeats, layout):
+    import torch
+
+    from transfercl_cli.runfile import load_any_model
+
+    torch.set_num_threads(2)
+    g = load_any_model(model)
+    net = torch_model(torch, g, work)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, 224, 224)).astype(np.float32))
+    x = x.contiguous(memory_format=fmt)
+    times = []
+    if work == "forward":
+        net.eval()
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                net(x)
+                times.append(time.perf_counter() - t0)
+    else:
+        y = torch.arange(batch) % 2
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.001)
+        net.train()
+        if work == "train_pw13":
+            # Frozen layers run in inference mode (their BatchNorm uses moving statistics), as in tcl.
+            for name, m in net.mods.items():
+                if not (name.startswith("conv_pw_13") or name.startswith("head")):
+                    m.eval()
+        lossf = torch.nn.CrossEntropyLoss()
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = lossf(net(x), y)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb()}
+
+
+def one(args):
+    if args.one[0] == "tcl":
+        res = run_tcl(args.model, args.one[1], args.batch, args.repeats, args.layers)
+    else:
+        res = run_torch(args.model, args.one[1], args.batch, args.repeats, args.one[0].split(":")[1])
+    print(json.dumps(res))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--work", nargs="+", default=["forward", "train_all", "train_pw13"])
+    ap.add_argument("--layers", action="store_true", help="per-layer forward times for tcl")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+    try:
+        import torch  # noqa: F401
+
+        have_torch = not args.no_torch
+    except ImportError:
+        have_torch = False
+        print("torch is not installed: printing tcl alone (pip install torch==2.13.0 for the comparison)")
+    fws = ["tcl"] + (["torch:channels_last", "torch:nchw"] if have_torch else [])
+    results = {}
+    for work in args.work:
+        for fw in fws:
+            cmd = [sys.executable, __file__, "--one", fw, work, "--model", args.model, "--batch", str(args.batch),
+                   "--repeats", str(args.repeats)] + (["--layers"] if args.layers and fw == "tcl" else [])
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(p.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{fw} {work} failed")
+            if args.layers and fw == "tcl" and work == "forward":
+                print(p.stderr)
+            results[(fw, work)] = json.loads(p.stdout.strip().splitlines()[-1])
+    import platform
+
+    print(f"MobileNet V1 1.0/224, batch {args.batch}, median of {args.repeats} after a warm-up; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    hdr = f"{'work':<12} {'framework':<22} {'img/s':>8} {'peak RSS MB':>12} {'tcl ratio':>10}"
+    print(hdr)
+    print("-" * len(hdr))
+    for work in args.work:
+        base = results.get(("torch:channels_last", work))
+        for fw in fws:
+            r = results[(fw, work)]
+            ratio = f"{results[('tcl', work)]['img_s'] / r['img_s']:.2f}x" if fw != "tcl" else ""
+            print(f"{work:<12} {fw:<22} {r['img_s']:8.1f} {r['peak_rss_mb']:12.0f} {ratio:>10}")
+        if base:
+            print(f"{'':<12} tcl / torch channels_last: {results[('tcl', work)]['img_s'] / base['img_s']:.2f}x speed, "
+                  f"{results[('tcl', work)]['peak_rss_mb'] / base['peak_rss_mb']:.2f}x memory")
+
+
+if __name__ == "__main__":
+    main()

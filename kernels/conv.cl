@@ -1,0 +1,364 @@
+// Convolution kernels, NHWC activations and HWIO weights (see transfercl_cli/ops/cl_conv.py).
+//
+// Two sections, so that each build compiles only what it needs:
+// - with -DDEPTHWISE=1: the depthwise kernels, specialised at compile time on the geometry (KH, KW, SH, SW, DH, DW),
+//   the depth multiplier MULT, the channel vector width VW and the pixels per work-item PIX (loops unroll and the
+//   accumulators stay in registers). VW channels per work-item (16 on CPUs, 4 elsewhere; the host runs narrower
+//   variants, down to VW = 1, on the remaining channels and for multipliers > 1). Vector loads dereference a
+//   pointer cast to an aligned(4) vector type: on PoCL vloadN/vstoreN become function calls and spill
+//   (docs/pocl-performance.md). MINVEC=1 (PoCL) keeps float16 in single 512-bit registers.
+// - without it: the generic helpers (im2col, col2im, column sums, strided copies, activation masks) with all
+//   geometry as runtime arguments: one build per process serves every convolution.
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#if defined(DEPTHWISE) && DEPTHWISE
+
+#ifndef VW
+#define VW 1
+#endif
+#ifndef PIX
+#define PIX 1
+#endif
+#ifndef MULT
+#define MULT 1
+#endif
+
+#if defined(MINVEC) && MINVEC
+#define KATTR __attribute__((min_vector_width(512)))
+#else
+#define KATTR
+#endif
+
+#if VW == 1
+typedef float vec;
+#define LD(p) (*(p))
+#define ST(p, v) (*(p) = (v))
+#else
+typedef CAT(float, VW) vec_t;
+typedef vec_t vec __attribute__((aligned(4)));
+#define LD(p) (*(const __global vec*)(p))
+#define ST(p, v) (*(__global vec*)(p) = (v))
+#endif
+
+// y[n, oh, ow, c*MULT + m] = act(sum_ij x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c] * w[i, j, 0, c*MULT + m] + b)
+// act: 0 none, 1 relu, 2 relu6; has_bias 0/1 (runtime: uniform branches cost nothing next to the taps).
+// Work-item: bpi blocks of VW output channels from co0 (VW > 1 needs MULT == 1), one after the other, PIX output
+// pixels of one row. Global size: (ceil(blocks / bpi), ceil(OW / PIX), N * OH).
+// Each input row segment the PIX pixels need (SPAN vectors) is loaded once into registers, zero outside the
+// image, then every tap is a register multiply-add: no bounds checks in the arithmetic.
+#define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
+__kernel KATTR void dw_fwd(const __global float* restrict x, const __global float* restrict w,
+                           const __global float* restrict b, __global float* restrict y,
+                           int H, int W, int Cin, int OH, int OW, int pt, int pl, int co0, int nblocks,
+                           int has_bias, int act, int bpi)
+{
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
+    const int owb = get_global_id(1) * PIX;
+    const int noh = get_global_id(2);
+    const int n = noh / OH, oh = noh - n * OH;
+    if (owb >= OW) return;
+    const int Cout = Cin * MULT;
+    for (int cb = cb0; cb < cb1; cb++) {
+        const int co = co0 + cb * VW;
+        const int ci = co / MULT;
+        vec acc[PIX];
+        const vec bv = has_bias ? LD(b + co) : (vec)0.0f;
+        _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[p] = bv;
+        const int iw0 = owb * SW - pl;
+        _Pragma("unroll") for (int i = 0; i < KH; i++) {
+            const int ih = oh * SH - pt + i * DH;
+            if (ih < 0 || ih >= H) continue;
+            const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
+            vec xs[SPAN];
+            _Pragma("unroll") for (int q = 0; q < SPAN; q++) {
+                const int iw = iw0 + q;
+                xs[q] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
+            }
+            _Pragma("unroll") for (int j = 0; j < KW; j++) {
+                const vec wv = LD(w + (i * KW + j) * Cout + co);
+                _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[p] = xs[p * SW + j * DW] * wv + acc[p];
+            }
+        }
+        __global float* yr = y + ((size_t)noh * OW + owb) * Cout + co;
+        _Pragma("unroll") for (int p = 0; p < PIX; p++) {
+            vec v = acc[p];
+            if (act == 1) v = fmax(v, (vec)0.0f);
+            else if (act == 2) v = fmin(fmax(v, (vec)0.0f), (vec)6.0f);
+            if (owb + p < OW) ST(yr + (size_t)p * Cout, v);
+        }
+    }
+}
+
+// dx[n, ih, iw, c] = sum_m sum_ij gy[n, oh, ow, c*MULT + m] * w[i, j, 0, c*MULT + m]
+//   where ih = oh*SH - pt + i*DH, iw = ow*SW - pl + j*DW  (a gather: no atomics).
+// Work-item: bpi blocks of VW input channels from ci0, PIX input pixels of one row.
+// Global size: (ceil(blocks / bpi), ceil(W / PIX), N * H).
+// With SW == 1 the gy row segment is loaded once into registers (GSPAN vectors, zero outside); other strides
+// test each (pixel, tap) pair.
+#define GSPAN (PIX + (KW - 1) * DW)
+__kernel KATTR void dw_bwd_dx(const __global float* restrict gy, const __global float* restrict w,
+                              __global float* restrict dx,
+                              int H, int W, int Cin, int OH, int OW, int pt, int pl, int ci0, int nblocks,
+                              int bpi)
+{
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
+    const int iwb = get_global_id(1) * PIX;
+    const int nh = get_global_id(2);
+    const int n = nh / H, ih = nh - n * H;
+    if (iwb >= W) return;
+    const int Cout = Cin * MULT;
+    for (int cb = cb0; cb < cb1; cb++) {
+        const int ci = ci0 + cb * VW;
+        vec acc[PIX];
+        _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[p] = (vec)0.0f;
+        _Pragma("unroll") for (int i = 0; i < KH; i++) {
+            const int th = ih + pt - i * DH;
+            if (th < 0 || th % SH) continue;
+            const int oh = th / SH;
+            if (oh >= OH) continue;
+            const __global float* gr = gy + ((size_t)(n * OH + oh) * OW) * Cout;
+            _Pragma("unroll") for (int m = 0; m < MULT; m++) {
+                const int co = ci * MULT + m;
+    #if SW == 1
+                // gs[q] = gy[ow0 + q], ow0 = iwb + pl - (KW - 1) * DW; pixel p, tap j reads q = p + (KW - 1 - j) * DW
+                const int ow0 = iwb + pl - (KW - 1) * DW;
+                vec gs[GSPAN];
+                _Pragma("unroll") for (int q = 0; q < GSPAN; q++) {
+                    const int ow = ow0 + q;
+                    gs[q] = (ow >= 0 && ow < OW) ? LD(gr + (size_t)ow * Cout + co) : (vec)0.0f;
+                }
+                _Pragma("unroll") for (int j = 0; j < KW; j++) {
+                    const vec wv = LD(w + (i * KW + j) * Cout + co);
+                    _Pragma("unroll") for (int p = 0; p < PIX; p++)
+                        acc[p] = gs[p + (KW - 1 - j) * DW] * wv + acc[p];
+                }
+    #else
+                _Pragma("unroll") for (int j = 0; j < KW; j++) {
+                    const vec wv = LD(w + (i * KW + j) * Cout + co);
+                    _Pragma("unroll") for (int p = 0; p < PIX; p++) {
+                        const int tw = iwb + p + pl - j * DW;
+                        if (tw >= 0 && tw % SW == 0 && tw / SW < OW)
+                            acc[p] = LD(gr + (size_t)(tw / SW) * Cout + co) * wv + acc[p];
+                    }
+                }
+    #endif
+            }
+        }
+        __global float* dr = dx + ((size_t)nh * W + iwb) * Cin + ci;
+        _Pragma("unroll") for (int p = 0; p < PIX; p++)
+            if (iwb + p < W) ST(dr + (size_t)p * Cin, acc[p]);
+    }
+}
+
+// Partial sums for dW and db over a chunk of output rows (no atomics; colsum_split adds the chunks):
+//   part[r, t, co] = sum over rows q in chunk r, ow: gy[q, ow, co] * x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, ci]
+//   part[r, KH*KW, co] = sum gy[q, ow, co]            (t = i*KW + j, q = n*OH + oh, ci = co / MULT)
+// Work-item: bpi blocks of VW output channels from co0 (one after the other), one chunk; each row is walked PIX
+// output pixels at a time with the gy vectors and the input row segments in registers.
+// Global size: (ceil(blocks / bpi), R).
+__kernel KATTR void dw_bwd_dw_partial(const __global float* restrict x, const __global float* restrict gy,
+                                      __global float* restrict part,
+                                      int N, int H, int W, int Cin, int OH, int OW, int pt, int pl,
+                                      int co0, int nblocks, int rows_per, int bpi)
+{
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
+    const int r = get_global_id(1);
+    const int Cout = Cin * MULT;
+    for (int cb = cb0; cb < cb1; cb++) {
+        const int co = co0 + cb * VW;
+        const int ci = co / MULT;
+        const int q0 = r * rows_per;
+        const int q1 = min(q0 + rows_per, N * OH);
+        vec acc[KH * KW];
+        vec accb = (vec)0.0f;
+        _Pragma("unroll") for (int t = 0; t < KH * KW; t++) acc[t] = (vec)0.0f;
+        for (int q = q0; q < q1; q++) {
+            const int n = q / OH, oh = q - n * OH;
+            const __global float* gr = gy + (size_t)q * OW * Cout + co;
+            for (int owb = 0; owb < OW; owb += PIX) {
+                vec g[PIX];
+                _Pragma("unroll") for (int p = 0; p < PIX; p++) {
+                    g[p] = owb + p < OW ? LD(gr + (size_t)(owb + p) * Cout) : (vec)0.0f;
+                    accb += g[p];
+                }
+                const int iw0 = owb * SW - pl;
+                _Pragma("unroll") for (int i = 0; i < KH; i++) {
+                    const int ih = oh * SH - pt + i * DH;
+                    if (ih < 0 || ih >= H) continue;
+                    const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
+                    vec xs[SPAN];
+                    _Pragma("unroll") for (int s = 0; s < SPAN; s++) {
+                        const int iw = iw0 + s;
+                        xs[s] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
+                    }
+                    _Pragma("unroll") for (int j = 0; j < KW; j++)
+                        _Pragma("unroll") for (int p = 0; p < PIX; p++)
+                            acc[i * KW + j] = xs[p * SW + j * DW] * g[p] + acc[i * KW + j];
+                }
+            }
+        }
+        __global float* pr = part + (size_t)r * (KH * KW + 1) * Cout + co;
+        _Pragma("unroll") for (int t = 0; t < KH * KW; t++) ST(pr + (size_t)t * Cout, acc[t]);
+        ST(pr + (size_t)(KH * KW) * Cout, accb);
+    }
+}
+
+// The same partial sums, CPU style: rows outermost, then PIX-pixel steps, then the bpi channel blocks, so that a
+// work-item reads each pixel's channels contiguously (the hardware prefetcher follows; a block-outer walk strides
+// through memory C floats at a time). The accumulators live in the work-item's own slice of `part` (read-modify-
+// write, cache-resident), zeroed first. Global size: (ceil(blocks / bpi), R).
+__kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __global float* restrict gy,
+                                   __global float* restrict part,
+                                   int N, int H, int W, int Cin, int OH, int OW, int pt, int pl,
+                                   int co0, int nblocks, int rows_per, int bpi)
+{
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
+    const int r = get_global_id(1);
+    const int Cout = Cin * MULT;
+    const int q0 = r * rows_per;
+    const int q1 = min(q0 + rows_per, N * OH);
+    __global float* pr = part + (size_t)r * (KH * KW + 1) * Cout + co0;
+    for (int cb = cb0; cb < cb1; cb++)
+        _Pragma("unroll") for (int t = 0; t <= KH * KW; t++) ST(pr + (size_t)t * Cout + cb * VW, (vec)0.0f);
+    for (int q = q0; q < q1; q++) {
+        const int n = q / OH, oh = q - n * OH;
+        for (int owb = 0; owb < OW; owb += PIX) {
+            const int iw0 = owb * SW - pl;
+            for (int cb = cb0; cb < cb1; cb++) {
+                const int co = co0 + cb * VW;
+                const int ci = co / MULT;
+                __global float* pc = pr + cb * VW;
+                const __global float* gr = gy + ((size_t)q * OW + owb) * Cout + co;
+                vec g[PIX];
+                vec accb = LD(pc + (size_t)(KH * KW) * Cout);
+                _Pragma("unroll") for (int p = 0; p < PIX; p++) {
+                    g[p] = owb + p < OW ? LD(gr + (size_t)p * Cout) : (vec)0.0f;
+                    accb += g[p];
+                }
+                ST(pc + (size_t)(KH * KW) * Cout, accb);
+                _Pragma("unroll") for (int i = 0; i < KH; i++) {
+                    const int ih = oh * SH - pt + i * DH;
+                    if (ih < 0 || ih >= H) continue;
+                    const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
+                    vec xs[SPAN];
+                    _Pragma("unroll") for (int s = 0; s < SPAN; s++) {
+                        const int iw = iw0 + s;
+                        xs[s] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
+                    }
+                    _Pragma("unroll") for (int j = 0; j < KW; j++) {
+                        vec a = LD(pc + (size_t)(i * KW + j) * Cout);
+                        _Pragma("unroll") for (int p = 0; p < PIX; p++) a = xs[p * SW + j * DW] * g[p] + a;
+                        ST(pc + (size_t)(i * KW + j) * Cout, a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#else  // generic helpers
+
+// Column sums of a (rows, ncols) matrix in two stages, without atomics.
+// colsum_partial: part[r, c] = sum of rows [r*rows_per, (r+1)*rows_per) of column c. Global size (ncols, R).
+__kernel void colsum_partial(const __global float* restrict a, __global float* restrict part,
+                             int rows, int ncols, int rows_per)
+{
+    const int c = get_global_id(0);
+    const int r = get_global_id(1);
+    if (c >= ncols) return;
+    const int q1 = min((r + 1) * rows_per, rows);
+    float s = 0.0f;
+    for (int q = r * rows_per; q < q1; q++) s += a[(size_t)q * ncols + c];
+    part[(size_t)r * ncols + c] = s;
+}
+
+// colsum_split: column c of the (rows, ncols) matrix summed; c < split goes to out1[c], else out2[c - split]
+// (dW and db of the depthwise partials in one launch). Global size (ncols).
+__kernel void colsum_split(const __global float* restrict a, int rows, int ncols,
+                           __global float* restrict out1, int split, __global float* restrict out2)
+{
+    const int c = get_global_id(0);
+    if (c >= ncols) return;
+    float s = 0.0f;
+    for (int q = 0; q < rows; q++) s += a[(size_t)q * ncols + c];
+    if (c < split) out1[c] = s;
+    else out2[c - split] = s;
+}
+
+// im2col for one group and a chunk of images [n0, n0 + nimg):
+//   col[(n - n0)*OH*OW + oh*OW + ow, (i*KW + j)*Cg + c] = x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c0 + c] or 0
+// Global size (KH*KW*Cg, OW, nimg*OH).
+__kernel void im2col(const __global float* restrict x, __global float* restrict col,
+                     int H, int W, int C, int OH, int OW, int pt, int pl, int Cg, int c0, int n0,
+                     int KH, int KW, int SH, int SW, int DH, int DW)
+{
+    const int k = get_global_id(0);
+    const int K = KH * KW * Cg;
+    if (k >= K) return;
+    const int ow = get_global_id(1);
+    const int qoh = get_global_id(2);  // (n - n0) * OH + oh
+    const int nl = qoh / OH, oh = qoh - nl * OH;
+    const int t = k / Cg, c = k - t * Cg;
+    const int i = t / KW, j = t - i * KW;
+    const int ih = oh * SH - pt + i * DH, iw = ow * SW - pl + j * DW;
+    float v = 0.0f;
+    if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[((size_t)((n0 + nl) * H + ih) * W + iw) * C + c0 + c];
+    col[((size_t)qoh * OW + ow) * K + k] = v;
+}
+
+// col2im (gather, no atomics) for one group and a chunk of images:
+//   dx[n, h, w, c0 + c] = sum_ij dcol[(n - n0)*OH*OW + oh*OW + ow, (i*KW + j)*Cg + c]
+//   over (i, j) with h = oh*SH - pt + i*DH, w = ow*SW - pl + j*DW inside the output. Global size (Cg, W, nimg*H).
+__kernel void col2im(const __global float* restrict dcol, __global float* restrict dx,
+                     int H, int W, int C, int OH, int OW, int pt, int pl, int Cg, int c0, int n0,
+                     int KH, int KW, int SH, int SW, int DH, int DW)
+{
+    const int c = get_global_id(0);
+    if (c >= Cg) return;
+    const int w = get_global_id(1);
+    const int qh = get_global_id(2);  // (n - n0) * H + h
+    const int nl = qh / H, h = qh - nl * H;
+    const int K = KH * KW * Cg;
+    float s = 0.0f;
+    for (int i = 0; i < KH; i++) {
+        const int th = h + pt - i * DH;
+        if (th < 0 || th % SH) continue;
+        const int oh = th / SH;
+        if (oh >= OH) continue;
+        for (int j = 0; j < KW; j++) {
+            const int tw = w + pl - j * DW;
+            if (tw < 0 || tw % SW) continue;
+            const int ow = tw / SW;
+            if (ow >= OW) continue;
+            s += dcol[((size_t)(nl * OH + oh) * OW + ow) * K + (i * KW + j) * Cg + c];
+        }
+    }
+    dx[((size_t)(n0 * H + qh) * W + w) * C + c0 + c] = s;
+}
+
+// Strided 2-D copy of a (rows, cols) block: dst[(dr0 + r)*dld + dc0 + c] = src[(sr0 + r)*sld + sc0 + c].
+// Global size (cols, rows).
+__kernel void copy2d(const __global float* restrict src, int sld, int sr0, int sc0,
+                     __global float* restrict dst, int dld, int dr0, int dc0, int rows, int cols)
+{
+    const int c = get_global_id(0);
+    const int r = get_global_id(1);
+    if (c >= cols || r >= rows) return;
+    dst[(size_t)(dr0 + r) * dld + dc0 + c] = src[(size_t)(sr0 + r) * sld + sc0 + c];
+}
+
+// Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where
+// 0 < y < 6. MODE 1 relu, 2 relu6 (runtime argument).
+__kernel void act_mask(const __global float* restrict gy, const __global float* restrict y,
+                       __global float* restrict out, int n, int mode)
+{
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const float v = y[i];
+    const bool pass = mode == 2 ? (v > 0.0f && v < 6.0f) : (v > 0.0f);
+    out[i] = pass ? gy[i] : 0.0f;
+}
+
+#endif  // DEPTHWISE

@@ -1,0 +1,164 @@
+// Pooling and padding on NHWC tensors (see transfercl_cli/ops/cl_conv.py). One work-item per output (forward) or
+// per input element (backward, a gather over the windows that cover it: no atomics); channels are the fastest
+// global dimension so neighbouring work-items touch neighbouring addresses.
+// Window of output (oh, ow): rows oh*sh - pt ... + kh - 1, columns ow*sw - pl ... + kw - 1.
+
+// First output row/column whose window covers input index h (windows of size k, stride s, leading pad p).
+inline int first_cover(int h, int k, int s, int p)
+{
+    const int t = h + p - k + 1;
+    return t <= 0 ? 0 : (t + s - 1) / s;
+}
+
+// Window divisor of average pooling: the padded window clipped to the bottom/right pads (count_include_pad), or
+// the number of real elements.
+inline float avg_div(int oh, int ow, int H, int W, int kh, int kw, int sh, int sw, int pt, int pl, int pb, int pr,
+                     int include_pad)
+{
+    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    int ch, cw;
+    if (include_pad) {
+        ch = min(hs + kh, H + pb) - hs;
+        cw = min(ws + kw, W + pr) - ws;
+    } else {
+        ch = min(hs + kh, H) - max(hs, 0);
+        cw = min(ws + kw, W) - max(ws, 0);
+    }
+    return (float)(max(ch, 1) * max(cw, 1));
+}
+
+// Global size (C, OW, N*OH).
+__kernel void maxpool_fwd(const __global float* restrict x, __global float* restrict y,
+                          int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int ow = get_global_id(1);
+    const int noh = get_global_id(2);
+    const int n = noh / OH, oh = noh - n * OH;
+    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    float m = -INFINITY;
+    for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
+        for (int iw = max(ws, 0); iw < min(ws + kw, W); iw++)
+            m = fmax(m, x[((size_t)(n * H + ih) * W + iw) * C + c]);
+    y[((size_t)noh * OW + ow) * C + c] = m;
+}
+
+// Index ih*W + iw of the first maximum of each window in row-major window order (-1 for an empty window).
+__kernel void maxpool_argmax(const __global float* restrict x, __global int* restrict idx,
+                             int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int ow = get_global_id(1);
+    const int noh = get_global_id(2);
+    const int n = noh / OH, oh = noh - n * OH;
+    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    float m = -INFINITY;
+    int best = -1;
+    for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
+        for (int iw = max(ws, 0); iw < min(ws + kw, W); iw++) {
+            const float v = x[((size_t)(n * H + ih) * W + iw) * C + c];
+            if (v > m || best < 0) {
+                m = v;
+                best = ih * W + iw;
+            }
+        }
+    idx[((size_t)noh * OW + ow) * C + c] = best;
+}
+
+// dx[n, h, w, c] = sum of gy over the windows whose argmax is (h, w). Global size (C, W, N*H).
+__kernel void maxpool_bwd(const __global float* restrict gy, const __global int* restrict idx,
+                          __global float* restrict dx,
+                          int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int w = get_global_id(1);
+    const int nh = get_global_id(2);
+    const int n = nh / H, h = nh - n * H;
+    const int me = h * W + w;
+    float s = 0.0f;
+    const int oh1 = min(OH - 1, (h + pt) / sh), ow1 = min(OW - 1, (w + pl) / sw);
+    for (int oh = first_cover(h, kh, sh, pt); oh <= oh1; oh++)
+        for (int ow = first_cover(w, kw, sw, pl); ow <= ow1; ow++) {
+            const size_t o = ((size_t)(n * OH + oh) * OW + ow) * C + c;
+            if (idx[o] == me) s += gy[o];
+        }
+    dx[((size_t)nh * W + w) * C + c] = s;
+}
+
+// Global size (C, OW, N*OH).
+__kernel void avgpool_fwd(const __global float* restrict x, __global float* restrict y,
+                          int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl,
+                          int pb, int pr, int include_pad)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int ow = get_global_id(1);
+    const int noh = get_global_id(2);
+    const int n = noh / OH, oh = noh - n * OH;
+    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    float s = 0.0f;
+    for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
+        for (int iw = max(ws, 0); iw < min(ws + kw, W); iw++)
+            s += x[((size_t)(n * H + ih) * W + iw) * C + c];
+    y[((size_t)noh * OW + ow) * C + c] = s / avg_div(oh, ow, H, W, kh, kw, sh, sw, pt, pl, pb, pr, include_pad);
+}
+
+// Global size (C, W, N*H).
+__kernel void avgpool_bwd(const __global float* restrict gy, __global float* restrict dx,
+                          int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl,
+                          int pb, int pr, int include_pad)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int w = get_global_id(1);
+    const int nh = get_global_id(2);
+    const int n = nh / H, h = nh - n * H;
+    float s = 0.0f;
+    const int oh1 = min(OH - 1, (h + pt) / sh), ow1 = min(OW - 1, (w + pl) / sw);
+    for (int oh = first_cover(h, kh, sh, pt); oh <= oh1; oh++)
+        for (int ow = first_cover(w, kw, sw, pl); ow <= ow1; ow++)
+            s += gy[((size_t)(n * OH + oh) * OW + ow) * C + c] /
+                 avg_div(oh, ow, H, W, kh, kw, sh, sw, pt, pl, pb, pr, include_pad);
+    dx[((size_t)nh * W + w) * C + c] = s;
+}
+
+// y[n, c] = mean over H*W of x[n, :, :, c]. Global size (C, N).
+__kernel void global_avgpool_fwd(const __global float* restrict x, __global float* restrict y, int HW, int C)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int n = get_global_id(1);
+    const __global float* xp = x + (size_t)n * HW * C + c;
+    float s = 0.0f;
+    for (int i = 0; i < HW; i++) s += xp[(size_t)i * C];
+    y[(size_t)n * C + c] = s / (float)HW;
+}
+
+// dx[n, p, c] = gy[n, c] / HW. Global size (C, HW, N).
+__kernel void global_avgpool_bwd(const __global float* restrict gy, __global float* restrict dx, int HW, int C)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int p = get_global_id(1);
+    const int n = get_global_id(2);
+    dx[((size_t)n * HW + p) * C + c] = gy[(size_t)n * C + c] / (float)HW;
+}
+
+// Constant padding (negative pads crop): y[n, oh, ow, c] = x[n, oh - pt, ow - pl, c] or value.
+// The same kernel gives the backward (dx = gy shifted by -pt, -pl, value 0). Global size (C, OW, N*OH).
+__kernel void pad_shift(const __global float* restrict x, __global float* restrict y,
+                        int H, int W, int C, int OH, int OW, int pt, int pl, float value)
+{
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    const int ow = get_global_id(1);
+    const int noh = get_global_id(2);
+    const int n = noh / OH, oh = noh - n * OH;
+    const int ih = oh - pt, iw = ow - pl;
+    float v = value;
+    if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[((size_t)(n * H + ih) * W + iw) * C + c];
+    y[((size_t)noh * OW + ow) * C + c] = v;
+}

@@ -1,0 +1,224 @@
+"""conv2d, dense, pooling, global average pooling and pad: the float64 reference against a direct loop and finite
+differences, and the OpenCL kernels against the reference (forward and all gradients)."""
+import numpy as np
+import pytest
+
+from tests.helpers import check_op, check_reference_grads, make_node, run_node
+
+
+@pytest.fixture(autouse=True)
+def _no_gemm_autotune(monkeypatch):
+    # The GEMM's one-off autotuning (cl_gemm) is not under test here and would dominate a cold run of this file.
+    monkeypatch.setenv("TCL_NO_AUTOTUNE", "1")
+
+
+def conv_node(cin, cout, k=(3, 3), s=(1, 1), d=(1, 1), pads=(1, 1, 1, 1), groups=1, bias=True, act=None, seed=0):
+    rng = np.random.default_rng(seed)
+    kh, kw = k
+    params = {"weight": rng.standard_normal((kh, kw, cin // groups, cout)) / np.sqrt(kh * kw * cin / groups)}
+    if bias:
+        params["bias"] = rng.standard_normal(cout) * 0.5
+    return make_node("conv2d", attrs=dict(kernel=k, strides=s, dilations=d, pads=pads, groups=groups, act=act),
+                     params=params)
+
+
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def naive_conv(x, w, b, s, d, pads, groups):
+    """Direct loop over every output element (the definition)."""
+    N, H, W, C = x.shape
+    kh, kw, cg, cout = w.shape
+    pt, pl, pb, pr = pads
+    OH = (H + pt + pb - d[0] * (kh - 1) - 1) // s[0] + 1
+    OW = (W + pl + pr - d[1] * (kw - 1) - 1) // s[1] + 1
+    cog = cout // groups
+    y = np.zeros((N, OH, OW, cout))
+    for n in range(N):
+        for oh in range(OH):
+            for ow in range(OW):
+                for o in range(cout):
+                    g = o // cog
+                    acc = 0.0 if b is None else float(b[o])
+                    for i in range(kh):
+                        for j in range(kw):
+                            ih, iw = oh * s[0] - pt + i * d[0], ow * s[1] - pl + j * d[1]
+                            if 0 <= ih < H and 0 <= iw < W:
+                                for c in range(cg):
+                                    acc += float(x[n, ih, iw, g * cg + c]) * float(w[i, j, c, o])
+                    y[n, oh, ow, o] = acc
+    return y
+
+
+# (N, H, W, Cin, Cout, kernel, strides, dilations, pads, groups, bias, act)
+CONV_CASES = [
+    (1, 5, 7, 3, 5, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, None),         # batch 1, odd sizes
+    (2, 7, 9, 5, 17, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, True, "relu6"),     # TF-SAME stride 2
+    (2, 8, 7, 3, 4, (3, 2), (1, 2), (2, 1), (2, 0, 1, 1), 1, False, None),        # dilation 2, asymmetric
+    (1, 6, 5, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, "relu"),        # groups 2
+    (2, 4, 5, 17, 33, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1, True, None),       # pointwise GEMM path
+    (1, 5, 5, 1, 3, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0), 1, False, None),        # 1x1 stride 2, 1 channel
+    (2, 7, 7, 17, 17, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 17, True, "relu6"),   # depthwise, 16 + 1 channels
+    (1, 9, 6, 33, 33, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 33, False, None),     # depthwise stride 2 TF-SAME
+    (2, 5, 7, 3, 6, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 3, True, None),         # depth multiplier 2
+    (1, 9, 8, 5, 5, (3, 3), (2, 1), (2, 2), (2, 1, 2, 3), 5, True, "relu"),       # depthwise dilated asym
+    (1, 6, 6, 20, 20, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 20, True, None),      # 5x5 depthwise, 16+4
+]
+
+
+def _conv_case(case, seed=0):
+    N, H, W, cin, cout, k, s, d, pads, groups, bias, act = case
+    node = conv_node(cin, cout, k, s, d, pads, groups, bias, act, seed=seed)
+    x = rand((N, H, W, cin), seed + 1)
+    return node, x
+
+
+def test_reference_conv_matches_naive_loop(npbe):
+    for case in (CONV_CASES[1], CONV_CASES[2], CONV_CASES[3], CONV_CASES[8]):
+        node, x = _conv_case(case)
+        node.attrs["act"] = None
+        npbe.forget_params()  # parameters are cached by node name
+        y, _, _ = run_node(npbe, node, [x])
+        b = node.params.get("bias")
+        ref = naive_conv(x, node.params["weight"], b, node.attrs["strides"], node.attrs["dilations"],
+                         node.attrs["pads"], node.attrs["groups"])
+        np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}"
+                                                              f"d{c[7][0]}g{c[9]}")
+def test_conv2d_opencl(npbe, clbe, case):
+    node, x = _conv_case(case)
+    if node.attrs["act"] == "relu6":
+        x = x * 6  # outputs on both sides of 0 and of 6: both edges of the relu6 mask are exercised
+        y = run_node(npbe, node, [x])[0]
+        assert (y == 6).mean() > 0.02 and (y == 0).mean() > 0.1
+    check_op(npbe, clbe, node, [x])
+
+
+def test_conv2d_opencl_chunked(npbe, clbe, monkeypatch):
+    """A scratch bound smaller than one batch: the im2col path runs image chunks (forward, dW accumulation)."""
+    from transfercl_cli.ops import cl_conv
+
+    # One image's im2col matrix is 5*5*27 floats (groups 1) or 5*5*18 (groups 2): chunks of 1 and 2 images of 3.
+    monkeypatch.setattr(cl_conv, "COL_BYTES", 3700)
+    for case, per in [((3, 5, 5, 3, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, "relu"), 1),
+                      ((3, 5, 5, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, None), 2)]:
+        node, x = _conv_case(case, seed=3)
+        K = 9 * case[3] // case[9]
+        assert cl_conv._chunk_images(clbe.rt, 3, 5, 5, K) == per
+        check_op(npbe, clbe, node, [x * 1.5])
+
+
+def test_depthwise_portable_variant(npbe, clbe, monkeypatch):
+    """The GPU-style depthwise kernels (float4 + scalar tail, driver-chosen work-groups) on PoCL too."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", True)
+    for case in (CONV_CASES[6], CONV_CASES[7]):
+        node, x = _conv_case(case, seed=4)
+        check_op(npbe, clbe, node, [x * 1.5])
+
+
+def test_depthwise_blocks_per_item(npbe, clbe, monkeypatch):
+    """CPU style with work-items that sweep several channel blocks (2 per item over 3 blocks: one item has a
+    partial group) and dW partial sums over a few row chunks."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    monkeypatch.setattr(cl_conv, "_bpi", lambda rt, nb, others: min(nb, 2))
+    monkeypatch.setattr(cl_conv, "DW_CHUNKS", 3)
+    for case in [(2, 6, 7, 53, 53, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 53, True, "relu6"),
+                 (1, 7, 6, 53, 53, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 53, False, None)]:
+        node, x = _conv_case(case, seed=6)
+        check_op(npbe, clbe, node, [x * 6])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[3], CONV_CASES[6], CONV_CASES[8],
+                                  CONV_CASES[9]], ids=lambda c: f"g{c[9]}s{c[6][0]}d{c[7][0]}")
+def test_conv2d_reference_grads(npbe, case):
+    N, H, W, cin, cout, k, s, d, pads, groups, bias, act = case
+    # Small versions of the cases (finite differences are one forward per element).
+    node = conv_node(cin, cout, k, s, d, pads, groups, bias, act, seed=2)
+    x = rand((1, min(H, 6), min(W, 6), cin), 5) * 1.5
+    check_reference_grads(npbe, node, [x])
+
+
+def test_dense(npbe, clbe):
+    rng = np.random.default_rng(0)
+    for cin, cout, bias, act in [(5, 3, True, None), (17, 33, False, "relu"), (8, 4, True, "relu6")]:
+        params = {"weight": rng.standard_normal((cin, cout))}
+        if bias:
+            params["bias"] = rng.standard_normal(cout)
+        node = make_node("dense", attrs={"act": act}, params=params)
+        x = rand((3, cin), 7) * 2
+        check_reference_grads(npbe, node, [x])
+        check_op(npbe, clbe, node, [x])
+
+
+# (op, attrs, input shape)
+POOL_CASES = [
+    ("maxpool", dict(kernel=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0)), (1, 6, 6, 3)),
+    ("maxpool", dict(kernel=(3, 3), strides=(2, 2), pads=(0, 0, 1, 1)), (2, 7, 8, 5)),
+    ("maxpool", dict(kernel=(3, 2), strides=(2, 1), pads=(1, 0, 1, 1), ceil_mode=True), (1, 8, 5, 17)),
+    ("maxpool", dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), ceil_mode=True), (2, 6, 6, 1)),
+    ("avgpool", dict(kernel=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0), count_include_pad=True), (1, 6, 6, 3)),
+    ("avgpool", dict(kernel=(3, 3), strides=(2, 2), pads=(0, 0, 1, 1), count_include_pad=False), (2, 7, 8, 5)),
+    ("avgpool", dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 0, 1), count_include_pad=True), (2, 7, 8, 5)),
+    ("avgpool", dict(kernel=(3, 2), strides=(2, 1), pads=(1, 0, 1, 1), count_include_pad=True, ceil_mode=True),
+     (1, 8, 5, 17)),
+    ("avgpool", dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), count_include_pad=False, ceil_mode=True),
+     (2, 6, 6, 1)),
+    ("global_avgpool", dict(keepdims=True), (2, 5, 3, 17)),
+    ("global_avgpool", dict(keepdims=False), (1, 7, 7, 3)),
+    ("pad", dict(pads=(0, 0, 1, 1), value=0.0), (2, 5, 7, 3)),
+    ("pad", dict(pads=(2, 1, 0, 3), value=-1.5), (1, 4, 3, 17)),
+]
+
+
+def _pool_id(c):
+    return f"{c[0]}-{'x'.join(map(str, c[2]))}-" + "-".join(f"{k}{v}" for k, v in c[1].items() if k != "kernel")
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+def test_pool_opencl(npbe, clbe, case):
+    op, attrs, shape = case
+    node = make_node(op, attrs=attrs)
+    check_op(npbe, clbe, node, [rand(shape, 11)])
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+def test_pool_reference_grads(npbe, case):
+    op, attrs, shape = case
+    node = make_node(op, attrs=attrs)
+    check_reference_grads(npbe, node, [rand(shape, 12)])
+
+
+def test_maxpool_ties(npbe, clbe):
+    """Equal values in a window: the gradient goes to the first maximum in window order on both backends."""
+    x = np.random.default_rng(3).integers(0, 3, (2, 7, 6, 5)).astype(np.float32)
+    for pads, ceil in [((0, 0, 0, 0), False), ((1, 1, 1, 1), True)]:
+        node = make_node("maxpool", attrs=dict(kernel=(3, 3), strides=(2, 1), pads=pads, ceil_mode=ceil))
+        check_op(npbe, clbe, node, [x])
+
+
+def test_pool_shapes(npbe):
+    """Output sizes: floor, ceil with the last-window rule, and the avgpool divisors at the borders."""
+    x = np.ones((1, 6, 6, 1), np.float32)
+    node = make_node("maxpool", attrs=dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), ceil_mode=True))
+    # ceil((6 + 2 - 3) / 2) + 1 = 4; the 4th window starts at row 3*2 - 1 = 5, inside the input: kept
+    assert run_node(npbe, node, [x])[0].shape == (1, 4, 4, 1)
+    # ceil((5 + 2 - 2) / 3) + 1 = 3, but the 3rd window would start at row 2*3 - 1 = 5, in the bottom padding: dropped
+    node = make_node("maxpool", attrs=dict(kernel=(2, 2), strides=(3, 3), pads=(1, 1, 1, 1), ceil_mode=True))
+    assert run_node(npbe, node, [np.ones((1, 5, 5, 1), np.float32)])[0].shape == (1, 2, 2, 1)
+    node = make_node("maxpool", attrs=dict(kernel=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0), ceil_mode=True))
+    assert run_node(npbe, node, [np.ones((1, 5, 5, 1), np.float32)])[0].shape == (1, 3, 3, 1)
+    node = make_node("maxpool", attrs=dict(kernel=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0)))
+    assert run_node(npbe, node, [np.ones((1, 5, 5, 1), np.float32)])[0].shape == (1, 2, 2, 1)
+    # Excluding padding, an average of ones is exactly one everywhere; including it, the corners see 4 of 9.
+    node = make_node("avgpool", attrs=dict(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), count_include_pad=False))
+    np.testing.assert_allclose(run_node(npbe, node, [x])[0], 1.0)
+    node = make_node("avgpool", attrs=dict(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), count_include_pad=True))
+    y = run_node(npbe, node, [x])[0]
+    assert abs(y[0, 0, 0, 0] - 4 / 9) < 1e-12 and abs(y[0, 2, 2, 0] - 1) < 1e-12
