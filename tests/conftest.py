@@ -5,6 +5,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("TCL_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
+# Autotuning takes seconds per process; tests force each variant explicitly instead.
+os.environ.setdefault("TCL_NO_AUTOTUNE", "1")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

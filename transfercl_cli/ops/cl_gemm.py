@@ -56,17 +56,19 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     return out
 
 
-# Implementations and their tile parameters. "cpu*": packed-panel float16 register blocks (MR rows x 16*NV columns
-# per work-item) for CPU OpenCL; "gpu": local-memory tiles for real GPUs; "naive": one item per output (reference).
+# Implementations and their tile parameters. "cpu*": float16 register blocks of MR rows x 16*NV columns per
+# work-item over packed or in-place panels (CPU OpenCL); "gpu*": local-memory tiles of (16*WPT)^2 for real GPUs;
+# "naive": one item per output (reference). `tune`: timed by the autotuner on devices of that kind.
 VARIANTS = {
     "naive": dict(kind="naive"),
-    "cpu8x32": dict(kind="cpu", MR=8, NV=2),
-    "cpu14x32": dict(kind="cpu", MR=14, NV=2),
+    "cpu14x32": dict(kind="cpu", MR=14, NV=2, tune=True),
+    "cpu8x32": dict(kind="cpu", MR=8, NV=2, tune=True),
     "cpu6x64": dict(kind="cpu", MR=6, NV=4),
-    "gpu": dict(kind="gpu", LS=16, WPT=4),
+    "gpu": dict(kind="gpu", LS=16, WPT=4, tune=True),
+    "gpu2": dict(kind="gpu", LS=16, WPT=2, tune=True),
 }
 AUTOTUNE_ENV = "TCL_NO_AUTOTUNE"
-_TUNE_SHAPE = (2048, 256, 256)  # (M, K, N): a mid-size pointwise convolution
+_TUNE_SHAPE = (3136, 512, 256)  # (M, K, N): a mid-size pointwise convolution (0.8 GFLOP)
 _TUNE_BUDGET_S = 3.0
 _PLAN_VERSION = 1  # bump when the Python side of a variant changes what the cached choice means
 _TUNED = {}  # device id -> variant name, for this process
@@ -117,7 +119,7 @@ def _candidates(rt):
     """Variants worth timing on this device, the untimed default first (its build is needed anyway)."""
     first = default_variant(rt)
     kind = "cpu" if getattr(rt, "is_cpu", False) else "gpu"
-    return [first] + [n for n, c in VARIANTS.items() if c["kind"] == kind and n != first]
+    return [first] + [n for n, c in VARIANTS.items() if c["kind"] == kind and c.get("tune") and n != first]
 
 
 def _autotune(rt):
@@ -188,7 +190,7 @@ def _resolve(rt, variant):
         raise ValueError(f"gemm: unknown variant {variant!r}; known: {', '.join(VARIANTS)}") from None
 
 
-_PK = 64  # k values per work-item of the packing kernels (PK in gemm.cl)
+_PK = 256  # k values per work-item of the packing kernels (PK in gemm.cl)
 
 
 def _cdiv(a, b):
@@ -202,28 +204,34 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
     nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
     plan = _cpu_plan(cfg, M, N, K, trans_a, trans_b)
     apack = plan["apack"]
-    # Packed panels are read like a transposed A (k-major), so they share that program.
-    defs = {"MR": MR, "NV": NV, "TRANS_A": int(bool(trans_a or apack))}
+    defs = {"MR": MR, "NV": NV}
     kern = lambda name: rt.kernel("gemm", name, defs)  # noqa: E731  (one program per configuration)
     scratch = []
     if apack:
         ap = rt.empty((nbi * K * MR,))
         scratch.append(ap)
-        sai, sak = (1, M) if trans_a else (K, 1)
-        rt.launch(kern("gemm_pack_a"), (nbi, _cdiv(K, _PK)), (1, 1), i32(M), i32(K), a, i32(sai), i32(sak), ap)
-        a, lda, a_bs = ap, MR, K * MR
+        if trans_a:  # rows of a (= columns of A) are contiguous: stream them
+            rt.launch(kern("gemm_pack_a_rows"), (_cdiv(nbi, 16), _cdiv(K, 16)), (1, 1), i32(M), i32(K), a, i32(M),
+                      ap)
+        else:
+            rt.launch(kern("gemm_pack_a"), (nbi, _cdiv(K, _PK)), (1, 1), i32(M), i32(K), a, i32(K), i32(1), ap)
+        a, ars, aks, a_bs = ap, 1, MR, K * MR
     else:
         lda = a.shape[1]
-        a_bs = MR if trans_a else MR * lda
+        ars, aks = (1, lda) if trans_a else (lda, 1)
+        a_bs = MR * ars
     nb_direct = plan["nb_direct"]
     npk = nbj - nb_direct
     bp = b
     if npk:
         bp = rt.empty((npk * K * NR,))
         scratch.append(bp)
-        sbk, sbj = (1, K) if trans_b else (N, 1)
-        rt.launch(kern("gemm_pack_b"), (npk, _cdiv(K, _PK)), (1, 1), i32(N - nb_direct * NR), i32(K), b, i32(sbj),
-                  i32(sbk), bp, i32(nb_direct))
+        if trans_b:
+            rt.launch(kern("gemm_pack_b"), (npk, _cdiv(K, _PK)), (1, 1), i32(N - nb_direct * NR), i32(K), b, i32(K),
+                      i32(1), bp, i32(nb_direct))
+        else:
+            rt.launch(kern("gemm_pack_b_rows"), (_cdiv(npk, 16), _cdiv(K, 16)), (1, 1), i32(N - nb_direct * NR),
+                      i32(K), b, i32(N), bp, i32(nb_direct))
     kc, kb, gi = plan["kc"], plan["kb"], plan["gi"]
     nsplit = _cdiv(K, kc)
     nwi = _cdiv(nbi, gi) * nbj
@@ -236,8 +244,8 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
         sc = rt.empty((nwi * nsplit * gi * MR * NR,))
         scratch.append(sc)
     bias_arg = bias if bias is not None else out
-    rt.launch(kern("gemm_cpu"), (nwi, nsplit), (1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(lda),
-              np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), i32(int(accumulate)),
+    rt.launch(kern("gemm_cpu"), (nwi, nsplit), (1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(ars),
+              i32(aks), np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), i32(int(accumulate)),
               bias_arg, i32(bias is not None), i32(act), i32(nsplit > 1), i32(gi), sc)
     if nsplit > 1:
         rt.launch(kern("gemm_reduce"), (nbj, nbi), (1, 1), i32(M), i32(N), i32(nsplit), target, out,
@@ -296,11 +304,15 @@ def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
     kc      K split across work-items (partials summed by gemm_reduce): for parallelism, and so that a long K
             does not push a work-item's A rows out of L2."""
     MR, NR = int(cfg["MR"]), 16 * int(cfg["NV"])
-    L1, L2 = 24 << 10, 256 << 10  # bytes of the per-core L1 (48 KiB) and L2 (2 MiB) a working set should take
+    # Byte budgets (per core here: 48 KiB L1, 2 MiB L2): a B chunk in L1; a work-item's A rows in L2, to at most
+    # L2_MAX before K is split.
+    L1_B, L2_A, L2_MAX = 32 << 10, 128 << 10, 512 << 10
     nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
     apack = cfg.get("apack")
     if apack is None:
-        apack = 0
+        # In place, a transposed A is read in short pieces far apart (TLB, cache lines half used) and a row-major
+        # one as MR rows whose stride maps them all to one L1 set (a multiple of 4 KiB): pack those.
+        apack = 1 if (trans_a and M >= 256) or (not trans_a and MR > 8 and K % 1024 == 0) else 0
     pack = cfg.get("pack", "auto")
     if trans_b or pack == "all":
         nb = 0
@@ -308,20 +320,22 @@ def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
         nb = N // NR
     else:  # packing B pays when many row blocks reuse it
         nb = N // NR if M < 512 else 0
-    kb = int(cfg.get("kb") or max(16, L1 // (4 * NR)))
+    kb = int(cfg.get("kb") or max(16, L1_B // (4 * NR)))
     gi, kc = cfg.get("gi"), cfg.get("kc")
     if gi is None or kc is None:
         gmin = min(nbi, 4)
         if kc is None:
-            kc = K if gmin * MR * K * 4 <= L2 else max(kb, L2 // (gmin * MR * 4) // kb * kb)
+            kc = K if gmin * MR * K * 4 <= L2_MAX else max(kb, L2_MAX // (gmin * MR * 4) // kb * kb)
         kc = max(1, min(int(kc) or K, K))
         if gi is None:
-            gi = min(nbi, 64, max(gmin, L2 // (MR * kc * 4)))
+            gi = min(nbi, 64, max(gmin, L2_A // (MR * kc * 4)))
             while gi > 1 and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 16:  # enough work-items for all cores
                 gi = max(1, gi // 2)
         if cfg.get("kc") is None and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 8 and K >= 4 * kb:
             kc = max(kb, _cdiv(_cdiv(K, 8), kb) * kb)
     kc = max(1, min(int(kc) or K, K))
+    if cfg.get("kb") is None:  # equal chunks: a short last chunk would cost a scratch round trip for little work
+        kb = _cdiv(kc, _cdiv(kc, kb))
     return {"apack": int(apack), "nb_direct": int(nb), "kc": kc, "kb": max(1, kb), "gi": max(1, int(gi))}
 
 

@@ -1,0 +1,231 @@
+"""GEMM (every variant, forced explicitly), the dense op, and the autotune cache."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close, make_node, run_node
+from transfercl_cli.ops import cl_gemm
+
+# (M, K, N): ones, odd sizes, sizes just past the register blocks (MR up to 14, NR up to 64), a long K.
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 17), (3, 17, 1), (17, 33, 5), (33, 64, 65), (70, 3, 129), (15, 1000, 33),
+          (130, 257, 96)]
+
+
+def _op(x, t):
+    return x.T if t else x
+
+
+def _ref(a, b, ta, tb, alpha=1.0, c0=None, bias=None, act=None):
+    y = alpha * (_op(a.astype(np.float64), ta) @ _op(b.astype(np.float64), tb))
+    if c0 is not None:
+        y = y + c0
+    if bias is not None:
+        y = y + bias
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "relu6":
+        y = np.clip(y, 0, 6)
+    return y
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Calls without an explicit variant use the untimed default (the autotune has its own test)."""
+    monkeypatch.setenv("TCL_NO_AUTOTUNE", "1")
+
+
+@pytest.fixture(params=sorted(cl_gemm.VARIANTS))
+def variant(request):
+    return request.param
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_shapes_transposes(rt, variant, ta, tb):
+    rng = np.random.default_rng(hash((variant, ta, tb)) % 2**32)
+    for (M, K, N) in SHAPES:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+        out = cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), trans_a=ta, trans_b=tb, variant=variant)
+        assert out.shape == (M, N)
+        assert_close(out.get(), _ref(a, b, ta, tb), 1e-5, f"{variant} M,K,N={M},{K},{N} ta={ta} tb={tb}")
+        out.release()
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_gemm_epilogue(rt, variant, act):
+    """alpha, accumulate into out, bias and activation together; also with K split into chunks."""
+    rng = np.random.default_rng(7)
+    for (M, K, N), ta, tb in [((37, 45, 50), False, False), ((19, 300, 70), True, False), ((66, 20, 33), False, True)]:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+        c0 = rng.standard_normal((M, N)).astype(np.float32) * 3
+        bias = rng.standard_normal(N).astype(np.float32) * 3
+        out = rt.to_device(c0)
+        r = cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), out, trans_a=ta, trans_b=tb, accumulate=True,
+                         alpha=0.37, bias=rt.to_device(bias), act=act, variant=variant)
+        assert r is out
+        expect = _ref(a, b, ta, tb, 0.37, c0, bias, act)
+        assert_close(out.get(), expect, 1e-5, f"{variant} epilogue {act}")
+        if act == "relu6":  # the clamp must actually bite in this test
+            assert (expect >= 6).any() and (expect <= 0).any()
+
+
+def test_gemm_leading_dims_and_errors(rt):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)  # NHWC activation -> (30, 7)
+    w = rng.standard_normal((7, 4)).astype(np.float32)
+    y = cl_gemm.gemm(rt, rt.to_device(x), rt.to_device(w))
+    assert y.shape == (30, 4)
+    assert_close(y.get(), x.reshape(30, 7) @ w, 1e-5, "NHWC as a matrix")
+    dy = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    gw = cl_gemm.gemm(rt, rt.to_device(x), rt.to_device(dy), trans_a=True)  # dW = X^T dY over all pixels
+    assert_close(gw.get(), x.reshape(30, 7).T @ dy.reshape(30, 4), 1e-5, "weight gradient over NHWC")
+    with pytest.raises(ValueError):
+        cl_gemm.gemm(rt, rt.to_device(x), rt.to_device(w.T.copy()))
+    with pytest.raises(ValueError):
+        cl_gemm.gemm(rt, rt.to_device(x), rt.to_device(w), act="gelu")
+
+
+def test_gemm_split_k_and_packing_paths(rt):
+    """The CPU variant's K-split (partials + reduce) and B in place vs packed give the same result."""
+    rng = np.random.default_rng(11)
+    for (M, K, N), ta in [((29, 517, 64), True), ((64, 1031, 35), True), ((1, 400, 128), True), ((23, 300, 70), False)]:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((K, N)).astype(np.float32)
+        c0 = rng.standard_normal((M, N)).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        expect = _ref(a, b, ta, False, 0.5, c0, bias, "relu")
+        da, db, dbias = rt.to_device(a), rt.to_device(b), rt.to_device(bias)
+        for cfg in cl_gemm.cpu_test_configs():
+            out = rt.to_device(c0)
+            cl_gemm.gemm(rt, da, db, out, trans_a=ta, alpha=0.5, accumulate=True, bias=dbias, act="relu", variant=cfg)
+            assert_close(out.get(), expect, 1e-5, f"{cfg} M,K,N={M},{K},{N}")
+
+
+def test_scratch_buffers_are_pooled(rt):
+    """A repeated GEMM allocates nothing new: packed panels and partials go back to the pool."""
+    rng = np.random.default_rng(5)
+    a = rt.to_device(rng.standard_normal((300, 70)).astype(np.float32))
+    b = rt.to_device(rng.standard_normal((300, 33)).astype(np.float32))
+    out = rt.empty((70, 33))
+    for _ in range(2):
+        cl_gemm.gemm(rt, a, b, out, trans_a=True)
+        cl_gemm.gemm(rt, b, a, None, trans_a=True).release()
+    rt.finish()
+    before = rt.allocated_bytes
+    for _ in range(3):
+        cl_gemm.gemm(rt, a, b, out, trans_a=True)
+        cl_gemm.gemm(rt, b, a, None, trans_a=True).release()
+    rt.finish()
+    assert rt.allocated_bytes == before
+
+
+def test_colsum(rt):
+    rng = np.random.default_rng(2)
+    for (M, N) in [(1, 1), (1, 17), (333, 5), (4099, 33), (20000, 3)]:
+        g = rng.standard_normal((M, N)).astype(np.float32)
+        expect = g.astype(np.float64).sum(0)
+        assert_close(cl_gemm.colsum(rt, rt.to_device(g)).get(), expect, 1e-5, f"colsum {M}x{N}")
+        out = rt.to_device(np.ones(N, np.float32))
+        cl_gemm.colsum(rt, rt.to_device(g), out, accumulate=True)
+        assert_close(out.get(), expect + 1, 1e-5, f"colsum accumulate {M}x{N}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense
+
+
+def _dense_ref(x, w, b, act, gy):
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    y = x @ w + (b if b is not None else 0)
+    if act == "relu":
+        mask = y > 0
+    elif act == "relu6":
+        mask = (y > 0) & (y < 6)
+    else:
+        mask = np.ones_like(y, bool)
+    yo = np.clip(y, 0, 6) if act == "relu6" else np.maximum(y, 0) if act == "relu" else y
+    g = gy * mask
+    return yo, g @ w.T, x.T @ g, g.sum(0)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("n,cin,cout,bias", [(1, 3, 5, True), (7, 33, 17, True), (32, 64, 10, False)])
+def test_dense_forward_backward(clbe, act, n, cin, cout, bias):
+    rng = np.random.default_rng(n * 100 + cin)
+    x = rng.standard_normal((n, cin)).astype(np.float32)
+    params = {"weight": rng.standard_normal((cin, cout)).astype(np.float32)}
+    if bias:
+        params["bias"] = rng.standard_normal(cout).astype(np.float32)
+    node = make_node("dense", 1, {"act": act}, params)
+    gy = rng.standard_normal((n, cout))
+    y, gxs, gps = run_node(clbe, node, [x], training=True, grad_out=gy.astype(np.float32))
+    clbe.forget_params(node)
+    yr, gxr, gwr, gbr = _dense_ref(x, params["weight"], params.get("bias"), act, gy)
+    assert_close(y, yr, 1e-4, "dense forward")
+    assert_close(gxs[0], gxr, 1e-3, "dense dx")
+    assert_close(gps["weight"], gwr, 1e-3, "dense dW")
+    if bias:
+        assert_close(gps["bias"], gbr, 1e-3, "dense db")
+    else:
+        assert "bias" not in gps
+
+
+def test_dense_matches_reference_backend(npbe, clbe):
+    """Against the numpy reference op when the conv engineer's ref_conv provides dense."""
+    from transfercl_cli import ops
+
+    if ops.lookup("numpy", "dense") is None:
+        pytest.skip("numpy reference dense not available yet")
+    from tests.helpers import check_op
+
+    rng = np.random.default_rng(4)
+    node = make_node("dense", 1, {"act": None},
+                     {"weight": rng.standard_normal((17, 5)), "bias": rng.standard_normal(5)})
+    check_op(npbe, clbe, node, [rng.standard_normal((3, 17)).astype(np.float32)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning cache and autotune
+
+
+def test_tuning_cache_round_trip(rt, tmp_path, monkeypatch):
+    from transfercl_cli import tuning
+
+    monkeypatch.setenv("TCL_CACHE_DIR", str(tmp_path))
+    key = tuning.device_key(rt, "gemm", "abc123")
+    assert tuning.get(rt, key) is None
+    assert tuning.put(rt, key, {"variant": "cpu14x32", "gflops": 123.5})
+    assert tuning.get(rt, key) == {"variant": "cpu14x32", "gflops": 123.5}
+    assert tuning.get(rt, key + "x") is None
+    files = list((tmp_path / "tuning").glob("*.json"))
+    assert len(files) == 1
+    files[0].write_text('{"key": "' + key[:5])  # truncated / corrupt: ignored, not an error
+    assert tuning.get(rt, key) is None
+    files[0].write_text(json.dumps([1, 2]))
+    assert tuning.get(rt, key) is None
+    assert tuning.put(rt, key, "gpu")
+    assert tuning.get(rt, key) == "gpu"
+    assert not [p for p in os.listdir(tmp_path / "tuning") if p.endswith(".tmp")]
+
+
+def test_autotune_picks_and_caches(rt, tmp_path, monkeypatch):
+    monkeypatch.setenv("TCL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TCL_NO_AUTOTUNE", raising=False)
+    cl_gemm._TUNED.clear()
+    calls = []
+    win = cl_gemm._candidates(rt)[-1]  # not the untimed default, when there is a choice
+    monkeypatch.setattr(cl_gemm, "_time_variant", lambda rt, name, *a: calls.append(name) or
+                        (1.0 if name == win else 2.0))
+    assert cl_gemm.tuned_variant(rt) == win
+    assert win in calls and set(calls) <= set(cl_gemm.VARIANTS)
+    cl_gemm._TUNED.clear()
+    calls.clear()
+    assert cl_gemm.tuned_variant(rt) == win  # from the cache file: no timing
+    assert not calls
+    cl_gemm._TUNED.clear()
+    monkeypatch.setenv("TCL_NO_AUTOTUNE", "1")
+    assert cl_gemm.tuned_variant(rt) == cl_gemm.default_variant(rt)
+    cl_gemm._TUNED.clear()
