@@ -8,7 +8,7 @@ TCL := $(VENV)/bin/tcl
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -18,11 +18,12 @@ demo: $(VENV)/.installed
 	$(TCL) finetune configs/sample_dogs_cats.yaml
 
 test: $(VENV)/.installed
-	$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
 	$(PY) -m pytest -q
 
+# Benchmarks print ratios against numpy / PyTorch measured in the same run (PyTorch: pip install torch==2.13.0).
 bench: $(VENV)/.installed
 	$(PY) bench/bench_gemm.py
 	$(PY) bench/bench_depthwise.py
+	$(PY) bench/bench_mobilenet.py
 
 .PHONY: install demo test bench

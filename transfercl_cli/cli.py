@@ -194,11 +194,15 @@ def inspect(model, recipe, batch_size, as_json):
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--weights", type=click.Choice(["best", "final"]), default="best", show_default=True)
 @click.option("--device", type=str, help=DEVICE_HELP + " (for the int8 accuracy check)")
-def export_weights(run_dir, fmt, output, int8, force, weights, device):
+@click.option("--json", "as_json", is_flag=True)
+def export_weights(run_dir, fmt, output, int8, force, weights, device, as_json):
     """Write a fine-tuned run's weights as ONNX, Keras-layout HDF5 or npz."""
     from .export_run import export_run
 
     res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
     click.echo(f"wrote {res['path']}")
     if res.get("int8"):
         q = res["int8"]

@@ -112,12 +112,9 @@ class Executor:
                         be.release(g)
                     continue
                 if t in grads:
-                    acc = self._fwd["add"](be, None, [grads[t], g], False)[0][0] if "add" in self._fwd else None
-                    if acc is None:
-                        acc = be.forward_fn("add")(be, None, [grads[t], g], False)[0][0]
-                    be.release(grads[t])
+                    # A tensor read by several layers (residuals) sums their gradients.
+                    be.fn("add_inplace")(be, grads[t], g)
                     be.release(g)
-                    grads[t] = acc
                 else:
                     grads[t] = g
             if need.params:

@@ -44,12 +44,14 @@ def inspect_model(model, recipe=None, batch_size=32):
         else:
             out_shape = shapes[n.outputs[0]]
             m = macs(n, [shapes[t] for t in n.inputs], out_shape)
-        rows.append({"name": n.name, "type": n.source or n.op, "op": n.op,
+        trained = sum(int(np.prod(v.shape)) for k, v in n.params.items() if k not in ("mean", "var"))
+        rows.append({"name": n.name, "type": n.source or n.op, "op": n.op, "trained_params": trained,
                      "output_shape": list(out_shape) if out_shape is not None else None,
                      "params": n.num_params(), "macs": int(m), "status": marks.get(n.name, "")})
     total_params = sum(r["params"] for r in rows if r["status"] != "cut")
     total_macs = sum(r["macs"] for r in rows)
-    trainable_params = sum(r["params"] for r in rows if r["status"] in ("trainable", "new"))
+    # BatchNorm's moving statistics are parameters but not trained.
+    trainable_params = sum(r["trained_params"] for r in rows if r["status"] in ("trainable", "new"))
     # Training memory estimate: every parameter, gradients+optimizer state for the trainable ones, and activations
     # (kept for backward from the first trainable layer on).
     if plan is not None:

@@ -1,0 +1,159 @@
+"""evaluate, predict, inspect and export-weights through the CLI, on a tiny fine-tuned run (fast) and on the real
+pretrained MobileNet V1 shipped in sample_data/."""
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from transfercl_cli.cli import main
+from transfercl_cli.runfile import save_run_model
+
+from .helpers import tiny_mobilenet
+from .test_train import SAMPLE, make_subset
+
+MODEL = os.path.join(SAMPLE, "models", "mobilenet_v1_1.0_224.h5")
+LABELS = os.path.join(SAMPLE, "models", "imagenet_classes.txt")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, rt):
+    tmp = tmp_path_factory.mktemp("run")
+    os.environ["TCL_FEATURE_CACHE"] = str(tmp / "fc")
+    model_dir = tmp / "tiny_model"
+    os.makedirs(model_dir)
+    save_run_model(tiny_mobilenet(size=16), str(model_dir))
+    data = make_subset(str(tmp / "data"), 10)
+    rec = tmp / "r.yaml"
+    rec.write_text(yaml.safe_dump(dict(
+        model=str(model_dir), cut_after="conv_pw_2_relu", freeze="all", unfreeze=["conv_pw_2*"],
+        data={"root": data, "test": 0.3}, input={"size": 16}, device="cpu", output=str(tmp / "run"),
+        train={"epochs": 2, "batch_size": 4, "lr": 0.05, "optimizer": "adam"})))
+    r = invoke("finetune", rec, "--quiet")
+    assert r.exit_code == 0, r.output
+    os.environ.pop("TCL_FEATURE_CACHE")
+    return tmp / "run", data
+
+
+def test_evaluate_run_dir_writes_reports(tiny_run):
+    run, _ = tiny_run
+    os.unlink(run / "report.json")
+    r = invoke("evaluate", run)
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and "precision" in r.output
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["num_samples"] == 6 and rep["classes"] == ["cat", "dog"]
+    assert (run / "confusion_matrix.png").exists() and (run / "training_curves.png").exists()
+    r = invoke("evaluate", run, "--json", "--split", "all")
+    data = json.loads(r.output)
+    assert data["metrics"]["num_samples"] == 20 and data["meta"]["split"] == "all"
+
+
+def test_evaluate_model_on_folder_needs_known_classes(tiny_run, tmp_path):
+    run, data = tiny_run
+    out = tmp_path / "rep"
+    r = invoke("evaluate", run, "--data", data, "--split", "all", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "report.md").exists()
+    os.makedirs(tmp_path / "d2" / "horse")
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "d2" / "horse" / "h.png")
+    r = CliRunner().invoke(main, ["evaluate", str(run), "--data", str(tmp_path / "d2")])
+    assert r.exit_code == 2 and "horse" in r.output and "Traceback" not in r.output
+
+
+def test_predict_run_dir_uses_class_names(tiny_run):
+    run, data = tiny_run
+    img = os.path.join(data, "cat", sorted(os.listdir(os.path.join(data, "cat")))[0])
+    r = invoke("predict", run, img, "--json", "--top", "2")
+    res = json.loads(r.output)
+    assert {t["label"] for t in res[0]["top"]} == {"cat", "dog"}
+    assert sum(t["probability"] for t in res[0]["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_real_mobilenet_golden_images():
+    pytest.importorskip("h5py")
+    r = invoke("predict", MODEL, os.path.join(SAMPLE, "images", "chelsea.png"),
+               os.path.join(SAMPLE, "images", "coffee.png"), "--labels", LABELS, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res[0]["top"][0]["index"] == 281 and "tabby" in res[0]["top"][0]["label"]
+    assert res[1]["top"][0]["index"] == 967 and res[1]["top"][0]["label"] == "espresso"
+
+
+def test_predict_corrupt_image_is_reported_not_fatal(tmp_path):
+    pytest.importorskip("h5py")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    r = invoke("predict", MODEL, bad, "--labels", LABELS, "--device", "cpu")
+    assert r.exit_code == 0 and "unreadable" in r.output
+
+
+def test_inspect_real_model_and_recipe(tmp_path):
+    pytest.importorskip("h5py")
+    r = invoke("inspect", MODEL)
+    assert r.exit_code == 0, r.output
+    assert "conv_pw_13_bn" in r.output and "4,253,864" in r.output and "MiB" in r.output
+    rec = os.path.join(os.path.dirname(SAMPLE), "configs", "sample_dogs_cats.yaml")
+    r = invoke("inspect", MODEL, "--recipe", rec, "--json")
+    data = json.loads(r.output)
+    status = {row["name"]: row["status"] for row in data["layers"]}
+    assert status["conv_pw_13"] == "trainable" and status["conv_pw_12"] == "frozen"
+    assert status["predictions"] == "cut" and status["head_dense"] == "new"
+    assert data["total_macs"] > 5e8
+
+
+def test_export_onnx_matches_tcl(tiny_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    run, data = tiny_run
+    out = tmp_path / "m.onnx"
+    r = invoke("export-weights", run, "--format", "onnx", "-o", out)
+    assert r.exit_code == 0, r.output
+    from transfercl_cli.data import Preprocess
+    from transfercl_cli.evaluate import Predictor
+    from transfercl_cli.runfile import load_run_model
+
+    g = load_run_model(str(run))
+    pre = Preprocess.from_dict(g.meta["preprocess"])
+    imgs = [os.path.join(data, c, f) for c in ("cat", "dog") for f in sorted(os.listdir(os.path.join(data, c)))[:3]]
+    x = np.stack([pre(p) for p in imgs])
+    pr = Predictor(g, "cpu")
+    out_t = pr.ex.forward({pr.input: x})[pr.output]
+    ours = pr.be.to_host(out_t)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    theirs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.max(np.abs(theirs - ours)) <= 1e-4 * np.max(np.abs(ours))
+    r = CliRunner().invoke(main, ["export-weights", str(run), "--format", "onnx", "-o", str(out)])
+    assert r.exit_code == 2 and "--force" in r.output
+    assert invoke("export-weights", run, "--format", "onnx", "-o", out, "--force").exit_code == 0
+
+
+def test_export_h5_npz_and_int8(tiny_run, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    run, _ = tiny_run
+    r = invoke("export-weights", run, "--format", "h5", "-o", tmp_path / "w.h5")
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        assert "conv_pw_2" in names and "head_dense" in names
+    r = invoke("export-weights", run, "--format", "npz", "--json")
+    res = json.loads(r.output)
+    z = np.load(res["path"], allow_pickle=False)
+    assert "head_dense/weight" in z.files and os.path.exists(res["path"] + ".json")
+    r = invoke("export-weights", run, "--format", "npz", "--int8", "-o", tmp_path / "q.npz")
+    assert r.exit_code == 0, r.output
+    assert "int8: test accuracy" in r.output
+    q = json.loads((tmp_path / "q.npz.int8.json").read_text())
+    assert 0 <= q["accuracy_int8"] <= 1 and abs(q["accuracy_change"]) <= 1
+
+
+def test_export_missing_run_dir(tmp_path):
+    r = CliRunner().invoke(main, ["export-weights", str(tmp_path / "nope"), "--format", "npz"])
+    assert r.exit_code == 2 and "run directory" in r.output
