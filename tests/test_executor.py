@@ -86,3 +86,29 @@ def test_frozen_prefix_keeps_nothing_for_backward(clbe):
     grads = ex.backward({"logits": clbe.asarray(np.ones((1, 3), np.float32))})
     assert set(grads) == {("fc", "weight"), ("fc", "bias")}
     clbe.release(out)
+
+
+def test_training_step_allocates_nothing_after_warmup(clbe):
+    """The buffer pool serves every temporary of a repeated training step: no new device memory after step 1."""
+    from transfercl_cli.train import Optimizer
+
+    rng = np.random.default_rng(2)
+    g = residual_graph(rng)
+    trainable = {"stem", "dw", "bn", "pw", "fc"}
+    ex = Executor(g, clbe, trainable)
+    opt = Optimizer(clbe, {"optimizer": "adam", "momentum": 0.9, "weight_decay": 1e-4})
+    x = rng.uniform(-1, 1, (4, 5, 7, 3)).astype(np.float32)
+    labels = clbe.asarray(np.array([0, 1, 2, 1], np.int32))
+    sizes = []
+    for step in range(4):
+        out = ex.forward({"x": x}, training=True)["logits"]
+        loss, gl = clbe.fn("softmax_xent")(clbe, out, labels)
+        clbe.release(out)
+        grads = ex.backward({"logits": gl})
+        clbe.release(gl)
+        opt.step({k: clbe.param(g.node(k[0]), k[1]) for k in grads}, grads, 0.01)
+        for v in grads.values():
+            clbe.release(v)
+        clbe.finish()
+        sizes.append(clbe.rt.allocated_bytes)
+    assert sizes[1] == sizes[2] == sizes[3], sizes

@@ -219,3 +219,19 @@ def test_micro_batches_give_the_full_batch_result(tiny_setup):
     cfg_tiny = dict(cfg, train=dict(cfg["train"], max_memory_mb=1e-6))
     with pytest.raises(TclError, match="one image"):
         run_recipe(tmp_path, cfg_tiny, "mb_none")
+
+
+def test_fp16_feature_cache_halves_storage_and_trains_alike(tiny_setup):
+    tmp_path, base = tiny_setup
+    r32 = run_recipe(tmp_path, base, "p32", train=dict(base["train"], epochs=3))
+    r16 = run_recipe(tmp_path, base, "p16", precision="fp16", train=dict(base["train"], epochs=3))
+    d32, d16 = r32["meta"]["cache"]["dir"], r16["meta"]["cache"]["dir"]
+    assert d32 != d16
+    f32 = np.fromfile(os.path.join(d32, "features.f32"), np.float32)
+    f16 = np.fromfile(os.path.join(d16, "features.f16"), np.float16)
+    assert f16.size == f32.size
+    # Same features up to float16 rounding (relative 2^-11), so training follows the float32 run closely.
+    np.testing.assert_allclose(f16.astype(np.float32), f32, rtol=1e-3, atol=1e-3 * np.abs(f32).max())
+    l32 = [h["train_loss"] for h in r32["history"]]
+    l16 = [h["train_loss"] for h in r16["history"]]
+    np.testing.assert_allclose(l16, l32, rtol=2e-2)

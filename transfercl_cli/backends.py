@@ -163,5 +163,9 @@ def make_backend(device=None):
 
     rt = get_runtime(device)
     if rt is None:
+        import warnings
+
+        warnings.warn("Using the numpy reference implementation (--device numpy): it needs no OpenCL but is many "
+                      "times slower than an OpenCL device.", RuntimeWarning, stacklevel=2)
         return NumpyBackend(np.float32)
     return CLBackend(rt)

@@ -2,7 +2,7 @@
 
 When only the last layers train, the frozen prefix gives the same output for an image every epoch: compute it once
 and memory-map it afterwards. The cache folder is keyed by the prefix (structure and weights), the cut tensor and the
-preprocessing; each row is keyed by the image file's content hash, so a changed image or model never reuses stale
+preprocessing (and the storage precision: float32, or float16 with `precision: fp16`); each row is keyed by the image file's content hash, so a changed image or model never reuses stale
 features. Rows are appended to a raw float32 file; the index (hash -> row) is written atomically after the rows are
 on disk, so an interrupted run leaves at worst unused rows, never a wrong one.
 """
@@ -26,14 +26,16 @@ def file_digest(path):
 
 
 class FeatureCache:
-    def __init__(self, key_parts, shape, root=None):
+    def __init__(self, key_parts, shape, root=None, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        key_parts = dict(key_parts, dtype=self.dtype.name) if self.dtype != np.float32 else key_parts
         h = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
         self.key = h
         self.dir = os.path.join(root or cache_dir("features"), h)
         os.makedirs(self.dir, exist_ok=True)
         self.shape = tuple(int(s) for s in shape)
         self.row_floats = int(np.prod(self.shape))
-        self.data_path = os.path.join(self.dir, "features.f32")
+        self.data_path = os.path.join(self.dir, "features.f16" if self.dtype == np.float16 else "features.f32")
         self.index_path = os.path.join(self.dir, "index.json")
         self.index = {}
         self.seconds_per_image = None
@@ -47,7 +49,7 @@ class FeatureCache:
             except (OSError, ValueError, KeyError):
                 self.index = {}
         # Rows beyond what the index knows (an interrupted append) are simply never referenced.
-        self._rows_on_disk = os.path.getsize(self.data_path) // (4 * self.row_floats) if os.path.exists(self.data_path) else 0
+        self._rows_on_disk = os.path.getsize(self.data_path) // (self.dtype.itemsize * self.row_floats) if os.path.exists(self.data_path) else 0
         if self.index and max(self.index.values()) >= self._rows_on_disk:
             self.index = {}  # the data file is shorter than the index says: start over
         self.hits = 0
@@ -77,7 +79,7 @@ class FeatureCache:
                 rows = self._rows_on_disk
                 try:
                     for paths, feats in compute_batches([items[i] for i in missing]):
-                        feats = np.ascontiguousarray(feats, dtype=np.float32).reshape(len(paths), -1)
+                        feats = np.ascontiguousarray(feats, dtype=self.dtype).reshape(len(paths), -1)
                         for j, p in enumerate(paths):
                             f.write(feats[j].tobytes())
                             for i in by_path.get(os.path.abspath(p), []):
@@ -95,8 +97,8 @@ class FeatureCache:
                         self.seconds_per_image = self.compute_seconds / done
                     self._save_index()
         ok = np.array([d in self.index for d in digests], dtype=bool)
-        data = np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(self._rows_on_disk,) + self.shape) \
-            if self._rows_on_disk else np.zeros((0,) + self.shape, np.float32)
+        data = np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(self._rows_on_disk,) + self.shape) \
+            if self._rows_on_disk else np.zeros((0,) + self.shape, self.dtype)
         rows = np.array([self.index.get(d, 0) for d in digests], dtype=np.int64)
         return data, rows, ok
 

@@ -127,8 +127,7 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
     if not items:
         raise DataError(f"The {split} split of '{data}' has no images.", "Choose another --split, e.g. all.")
     items = [(p, int(remap[y])) for p, y in items]
-    pre = _model_preprocess(graph, rec["input"] if rec else None) if not graph.meta.get("preprocess") else \
-        _model_preprocess(graph)
+    pre = _model_preprocess(graph, rec["input"] if rec else None)
     pr = Predictor(graph, device)
     bad = []
     loader = ImageLoader(items, batch_size=batch_size, preprocess=pre, on_bad_image=lambda p, r: bad.append((p, r)))

@@ -14,8 +14,8 @@ SCHEMA = {
     "model": ("path", None),
     "input": {
         "size": ("size", None),
-        "resize": ("choice:shorter_crop,stretch", "shorter_crop"),
-        "channel_order": ("choice:RGB,BGR", "RGB"),
+        "resize": ("choice:shorter_crop,stretch", None),
+        "channel_order": ("choice:RGB,BGR", None),
         "scale": ("number", None),
         "offset": ("number", None),
         "mean": ("numbers", None),
@@ -58,6 +58,7 @@ SCHEMA = {
         "max_memory_mb": ("number_or_null", None),
     },
     "device": ("str_or_null", None),
+    "precision": ("choice:fp32,fp16", "fp32"),
     "output": ("path", "runs/{recipe}"),
 }
 

@@ -25,7 +25,8 @@ def resolve_preprocess(recipe_input, graph):
     from .data import Preprocess
 
     hint = dict(graph.meta.get("preprocess") or {})
-    d = {"resize": recipe_input.get("resize", "shorter_crop"), "channel_order": recipe_input.get("channel_order", "RGB")}
+    d = {"resize": recipe_input.get("resize") or hint.get("resize") or "shorter_crop",
+         "channel_order": recipe_input.get("channel_order") or hint.get("channel_order") or "RGB"}
     size = recipe_input.get("size") or hint.get("size")
     if not size:
         shp = next(iter(graph.inputs.values()))
@@ -214,6 +215,9 @@ class Session:
         lines.append(f"frozen     {len(p.frozen)} layers with parameters (BatchNorm in inference mode; "
                      f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} conv layers with BN/activation "
                      "folded in)")
+        if r["precision"] == "fp16":
+            lines.append("precision  fp16: cached features are stored as float16 (half the disk and memory traffic), "
+                         "computation and device activations stay float32")
         if p.use_cache:
             lines.append(f"cache      on: the frozen prefix's output '{p.cache_tensor}' "
                          f"{tuple(p.suffix.inputs[p.cache_tensor])} is computed once per image and reused")
@@ -253,7 +257,8 @@ def compute_prefix_features(session, items, quiet=False):
     p, be = session.plan, session.be
     shape = p.suffix.inputs[p.cache_tensor]
     key = {"prefix": graph_digest(p.prefix), "tensor": p.cache_tensor, "pre": session.pre.to_dict()}
-    cache = FeatureCache(key, shape, root=os.environ.get("TCL_FEATURE_CACHE"))
+    cache = FeatureCache(key, shape, root=os.environ.get("TCL_FEATURE_CACHE"),
+                         dtype=np.float16 if session.recipe["precision"] == "fp16" else np.float32)
     ex = Executor(p.prefix, be)
     inp = next(iter(p.prefix.inputs))
     bs = min(32, session.recipe["train"]["batch_size"])
@@ -434,7 +439,8 @@ def _save_checkpoint(run_dir, trainer, epoch, history, best, initial=None):
 def _recipe_digest(recipe):
     import hashlib
 
-    keep = {k: recipe[k] for k in ("model", "cut_after", "head", "freeze", "unfreeze", "data", "augment", "input")}
+    keep = {k: recipe[k] for k in ("model", "cut_after", "head", "freeze", "unfreeze", "data", "augment", "input",
+                                   "precision")}
     keep["train"] = {k: v for k, v in recipe["train"].items() if k != "epochs"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
