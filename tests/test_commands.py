@@ -157,3 +157,23 @@ def test_export_h5_npz_and_int8(tiny_run, tmp_path):
 def test_export_missing_run_dir(tmp_path):
     r = CliRunner().invoke(main, ["export-weights", str(tmp_path / "nope"), "--format", "npz"])
     assert r.exit_code == 2 and "run directory" in r.output
+
+
+def test_weights_only_h5_with_config(tmp_path):
+    """A weights-only .h5 (as `model.save_weights` writes) plus the Keras model config JSON."""
+    h5py = pytest.importorskip("h5py")
+    cfg = tmp_path / "config.json"
+    weights = tmp_path / "weights.h5"
+    with h5py.File(MODEL, "r") as src, h5py.File(weights, "w") as dst:
+        cfg.write_text(src.attrs["model_config"] if isinstance(src.attrs["model_config"], str)
+                       else src.attrs["model_config"].decode())
+        for k, v in src["model_weights"].attrs.items():
+            dst.attrs[k] = v
+        for name in src["model_weights"]:
+            src.copy(src["model_weights"][name], dst, name=name)
+    r = CliRunner().invoke(main, ["predict", str(weights), os.path.join(SAMPLE, "images", "chelsea.png")])
+    assert r.exit_code == 2 and "config" in r.output
+    r = invoke("predict", weights, os.path.join(SAMPLE, "images", "chelsea.png"), "--config", cfg,
+               "--labels", LABELS, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)[0]["top"][0]["index"] == 281

@@ -45,6 +45,15 @@ def main(verbose):
     _State.verbose = verbose
 
 
+def model_options(f):
+    """--config and --input-size, for models that need them (weights-only .h5, dynamic input size)."""
+    f = click.option("--input-size", type=int, nargs=2, metavar="H W",
+                     help="Input height and width, for models whose input size is not fixed.")(f)
+    f = click.option("--config", "model_config", type=click.Path(dir_okay=False),
+                     help="Keras model config JSON, for a weights-only .h5 file.")(f)
+    return f
+
+
 DEVICE_HELP = ("OpenCL device: an id (0:1), a type (gpu, cpu), part of a platform/device name (pocl, adreno), or "
                "'numpy' for the slow reference fallback. Default: $TCL_DEVICE, else the first GPU, else the first CPU.")
 
@@ -132,13 +141,14 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
 @click.option("--output", "-o", type=click.Path(), help="Folder for report.json/report.md/PNGs (default: the run).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_json):
+@model_options
+def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_json, model_config, input_size):
     """Measure a model or run directory on labelled images: accuracy, per-class scores, confusion matrix."""
     from .evaluate import evaluate as run
     from .report import format_table
 
     metrics, meta = run(model, data=data, recipe=recipe, split=split, device=device, labels=labels, out_dir=output,
-                        batch_size=batch_size)
+                        batch_size=batch_size, config=model_config, input_size=input_size or None)
     if as_json:
         click.echo(json.dumps({"metrics": metrics, "meta": meta}, indent=2, default=str))
     else:
@@ -153,11 +163,13 @@ def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_
 @click.option("--top", "-k", type=int, default=5, show_default=True)
 @click.option("--device", type=str, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def predict(model, images, labels, top, device, as_json):
+@model_options
+def predict(model, images, labels, top, device, as_json, model_config, input_size):
     """Top-K classes with probabilities for each image (a model file or a fine-tuned run directory)."""
     from .evaluate import predict as run
 
-    res = run(model, list(images), labels=labels, top=top, device=device)
+    res = run(model, list(images), labels=labels, top=top, device=device, config=model_config,
+              input_size=input_size or None)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -175,11 +187,13 @@ def predict(model, images, labels, top, device, as_json):
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Show which layers a recipe freezes, trains, cuts, adds.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="For the training memory estimate.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, recipe, batch_size, as_json):
+@model_options
+def inspect(model, recipe, batch_size, as_json, model_config, input_size):
     """Table of layers: name, type, output shape, parameters, multiply-adds; totals and memory estimate."""
     from .inspect_model import inspect_model
 
-    res = inspect_model(model, recipe=recipe, batch_size=batch_size)
+    res = inspect_model(model, recipe=recipe, batch_size=batch_size, config=model_config,
+                        input_size=input_size or None)
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
     else:

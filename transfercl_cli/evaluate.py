@@ -52,12 +52,12 @@ class Predictor:
         return self.be.rt.info.name if hasattr(self.be, "rt") else "numpy"
 
 
-def predict(model, images, labels=None, top=5, device=None):
+def predict(model, images, labels=None, top=5, device=None, **load_opts):
     """Top-k classes per image: [{"image", "top": [{"index", "label", "probability"}]}]."""
     from .data import BadImage
     from .runfile import load_any_model
 
-    graph = load_any_model(model)
+    graph = load_any_model(model, **load_opts)
     names = _labels_for(graph, labels)
     pre = _model_preprocess(graph)
     pr = Predictor(graph, device)
@@ -78,7 +78,7 @@ def predict(model, images, labels=None, top=5, device=None):
 
 
 def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None, out_dir=None, batch_size=32,
-             log=print):
+             log=print, **load_opts):
     """Evaluate a run directory (its own data split) or a model on a data folder; writes the report files."""
     from .data import ImageLoader, load_splits
     from .recipe import load_recipe
@@ -91,7 +91,7 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
         rec = load_recipe(recipe)
     elif is_run and os.path.exists(os.path.join(model, "recipe.resolved.yaml")):
         rec = load_recipe(os.path.join(model, "recipe.resolved.yaml"))
-    graph = load_any_model(model)
+    graph = load_any_model(model, **load_opts)
     classes = _labels_for(graph, labels)
     if data is None:
         if rec is None:

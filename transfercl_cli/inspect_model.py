@@ -8,11 +8,11 @@ def _fmt_int(n):
     return f"{n:,}"
 
 
-def inspect_model(model, recipe=None, batch_size=32):
+def inspect_model(model, recipe=None, batch_size=32, **load_opts):
     from .ops.shapes import infer_shapes, macs
     from .runfile import load_any_model
 
-    graph = load_any_model(model)
+    graph = load_any_model(model, **load_opts)
     marks = {}
     plan = None
     if recipe:

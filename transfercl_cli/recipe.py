@@ -12,12 +12,13 @@ from .errors import RecipeError, closest
 # key -> (type description, default). Nested dicts describe sub-sections.
 SCHEMA = {
     "model": ("path", None),
+    "model_config": ("path_or_null", None),
     "input": {
         "size": ("size", None),
         "resize": ("choice:shorter_crop,stretch", None),
         "channel_order": ("choice:RGB,BGR", None),
-        "scale": ("number", None),
-        "offset": ("number", None),
+        "scale": ("numbers", None),
+        "offset": ("numbers", None),
         "mean": ("numbers", None),
         "std": ("numbers", None),
     },
@@ -85,7 +86,9 @@ def _check(key, kind, v):
         if v is None:
             return v
         return str(v)
-    if kind == "path":
+    if kind == "path_or_null" and v is None:
+        return v
+    if kind in ("path", "path_or_null"):
         if not isinstance(v, str) or not v:
             raise _err(key, f"expected a file or folder path, got {v!r}.")
         return v
@@ -263,6 +266,7 @@ def recipe_from_dict(raw, base_dir=".", path=None, overrides=None):
     if r["data"]["val"] + r["data"]["test"] >= 1:
         raise _err("data", "val + test fractions must leave images for training (their sum is >= 1).")
     r["model"] = r.resolve(r["model"])
+    r["model_config"] = r.resolve(r["model_config"])
     r["data"]["root"] = r.resolve(r["data"]["root"])
     out = r["output"]
     if "{recipe}" in out:

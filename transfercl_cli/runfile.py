@@ -84,7 +84,7 @@ def load_any_model(path, **opts):
         raise ModelError(f"The model '{path}' does not exist.",
                          "Check the path (recipe paths are relative to the recipe file).")
     if os.path.isdir(path):
-        return load_run_model(path, opts.get("weights", "best"))
+        return load_run_model(path, opts.get("weights") or "best")
     from .importers import load_model
 
-    return load_model(path, **opts)
+    return load_model(path, config=opts.get("config"), input_size=opts.get("input_size"))

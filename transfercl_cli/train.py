@@ -46,6 +46,9 @@ def resolve_preprocess(recipe_input, graph):
         d["scale"], d["offset"] = hint["scale"], hint.get("offset", 0.0)
     else:
         d["scale"], d["offset"] = 1.0 / 127.5, -1.0
+    for k in ("scale", "offset", "mean", "std"):
+        if isinstance(d.get(k), list) and len(d[k]) == 1:
+            d[k] = d[k][0]
     return Preprocess.from_dict(d)
 
 
@@ -184,7 +187,8 @@ class Session:
         if not self.splits["train"]:
             raise DataError(f"The dataset '{d['root']}' has no training images after the split.",
                             "Add images, or lower data.val and data.test.")
-        self.model_graph = load_any_model(recipe["model"])
+        self.model_graph = load_any_model(recipe["model"], config=recipe["model_config"],
+                                          input_size=recipe["input"]["size"])
         self.pre = resolve_preprocess(recipe["input"], self.model_graph)
         self.augment = Augment.from_dict(recipe["augment"])
         self.plan = build_plan(self.model_graph, recipe, self.classes)

@@ -503,6 +503,11 @@ def global_avgpool_bwd(be, node, saved, gys, need):
 def _pad_shift(rt, src, dst, pt, pl, value):
     N, H, W, C = src.shape
     OH, OW = dst.shape[1], dst.shape[2]
+    if _cpu_style(rt):
+        # One work-item per output row (contiguous vector copies); the element-per-item kernel costs PoCL ~10x.
+        rt.launch(rt.kernel("pool", "pad_rows"), (N * OH,), (1,), src, dst, i32(H), i32(W), i32(C), i32(OH),
+                  i32(OW), i32(pt), i32(pl), np.float32(value), i32(N * OH))
+        return
     rt.launch(rt.kernel("pool", "pad_shift"), (C, OW, N * OH), None, src, dst, i32(H), i32(W), i32(C), i32(OH),
               i32(OW), i32(pt), i32(pl), np.float32(value))
 
