@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 
 # The main job: a real fine-tune of ImageNet MobileNet V1 on the shipped dogs/cats sample, printing the report.
 demo: $(VENV)/.installed
-	$(TCL) finetune configs/sample_dogs_cats.yaml
+	$(TCL) finetune configs/sample_dogs_cats.yaml --force
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

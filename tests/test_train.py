@@ -235,3 +235,39 @@ def test_fp16_feature_cache_halves_storage_and_trains_alike(tiny_setup):
     l32 = [h["train_loss"] for h in r32["history"]]
     l16 = [h["train_loss"] for h in r16["history"]]
     np.testing.assert_allclose(l16, l32, rtol=2e-2)
+
+
+def test_ctrl_c_keeps_last_epoch_and_resume_finishes(tiny_setup, monkeypatch):
+    from transfercl_cli import train as train_mod
+
+    tmp_path, base = tiny_setup
+    real_step = train_mod.Trainer.step
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_two(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 3 steps per epoch: the 5th is inside epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "step", interrupt_in_epoch_two)
+    rec = write_recipe(tmp_path / "int.yaml", **dict(base, output=str(tmp_path / "int")))
+    res = CliRunner().invoke(main, ["finetune", rec, "--quiet"])
+    assert res.exit_code == 130 and "--resume" in res.output and "Traceback" not in res.output
+    assert json.loads((tmp_path / "int" / "checkpoint.json").read_text())["epoch"] == 0
+    monkeypatch.setattr(train_mod.Trainer, "step", real_step)
+    res = CliRunner().invoke(main, ["finetune", rec, "--quiet", "--resume"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "int" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_existing_run_is_not_overwritten_without_force(tiny_setup):
+    tmp_path, base = tiny_setup
+    rec = write_recipe(tmp_path / "ow.yaml", **dict(base, train=dict(base["train"], epochs=1),
+                                                   output=str(tmp_path / "ow")))
+    assert CliRunner().invoke(main, ["finetune", rec, "-q"], catch_exceptions=False).exit_code == 0
+    before = (tmp_path / "ow" / "weights.npz").read_bytes()
+    res = CliRunner().invoke(main, ["finetune", rec, "-q"])
+    assert res.exit_code == 2 and "--force" in res.output and "--resume" in res.output
+    assert (tmp_path / "ow" / "weights.npz").read_bytes() == before
+    assert CliRunner().invoke(main, ["finetune", rec, "-q", "--force"], catch_exceptions=False).exit_code == 0

@@ -103,10 +103,11 @@ def devices(as_json):
 @click.option("--output", "-o", type=str, help="Override output (the run directory).")
 @click.option("--resume", is_flag=True, help="Continue the run in the output directory from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan (frozen, cut, added, cached, memory) and stop.")
+@click.option("--force", is_flag=True, help="Replace a run already in the output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines (for cron and scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, device, output, resume, dry_run,
-             quiet, as_json):
+             force, quiet, as_json):
     """Fine-tune a pretrained model as a YAML RECIPE describes; writes a run directory with weights and reports."""
     from .recipe import load_recipe
     from .train import finetune as run
@@ -122,7 +123,7 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
         overrides["output"] = os.path.abspath(output)
     r = load_recipe(recipe, overrides)
     echo = (lambda *a: None) if (quiet or as_json) else (lambda m: click.echo(m))
-    res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo)
+    res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo, force=force)
     if as_json:
         click.echo(json.dumps(res if dry_run else {"run_dir": res["run_dir"], "metrics": res["metrics"],
                                                     "meta": res["meta"]}, indent=2, default=str))

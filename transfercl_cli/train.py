@@ -20,6 +20,10 @@ class TrainingDiverged(TclError):
     pass
 
 
+class Interrupted(TclError):
+    exit_code = 130
+
+
 def resolve_preprocess(recipe_input, graph):
     """Preprocessing from the recipe's `input`, else what the model says, else the default [-1, 1] scaling."""
     from .data import Preprocess
@@ -457,7 +461,7 @@ def _load_params_into(graph, arrays):
                 n.params[k] = arrays[key].astype(np.float32).reshape(n.params[k].shape)
 
 
-def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
+def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=False):
     """Run a recipe end to end. Returns a dict summary (also written to the run directory)."""
     import yaml
 
@@ -488,8 +492,11 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
         # Folded copies were made from the original parameters; only trainable layers changed, and those are shared.
         start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck.get("best")
         resumed_initial = ck.get("initial_accuracy")
-    elif os.path.exists(ckpt_json):
-        log(f"note: '{run_dir}' already holds a run; starting over (use --resume to continue it).")
+    elif os.path.exists(ckpt_json) or os.path.exists(os.path.join(run_dir, "model.json")):
+        if not force:
+            raise TclError(f"The output directory '{run_dir}' already holds a run.",
+                           "Continue it with --resume, replace it with --force, or choose another --output.")
+        log(f"note: replacing the run in '{run_dir}' (--force)")
     write_text(os.path.join(run_dir, "recipe.resolved.yaml"),
                yaml.safe_dump(json.loads(json.dumps(dict(recipe), default=str)), sort_keys=False))
     write_json(os.path.join(run_dir, "classes.json"), session.classes)
@@ -592,7 +599,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print):
                 log(f"early stopping: no {metric_name} improvement for {es['patience']} epochs")
                 break
     except KeyboardInterrupt:
-        raise TclError(f"Interrupted during epoch {epoch + 1}. The checkpoint of the last finished epoch is in "
+        raise Interrupted(f"Interrupted during epoch {epoch + 1}. The checkpoint of the last finished epoch is in "
                        f"{run_dir}.", "Continue with `tcl finetune RECIPE --resume`.") from None
     finally:
         for so in src.values():
