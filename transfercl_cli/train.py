@@ -13,6 +13,8 @@ import numpy as np
 from .errors import DataError, RecipeError, TclError
 from .fsutil import load_npz, save_npz, write_json, write_text
 
+RUN_FILES = ("checkpoint.json", "checkpoint.npz", "optimizer.npz", "best.npz", "weights.npz", "model.json",
+             "metrics.jsonl", "report.json", "report.md", "confusion_matrix.png", "training_curves.png")
 PARAM_TRAINED = ("weight", "bias", "gamma", "beta", "scale", "offset")  # BN mean/var are statistics, not trained
 
 
@@ -497,6 +499,9 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
             raise TclError(f"The output directory '{run_dir}' already holds a run.",
                            "Continue it with --resume, replace it with --force, or choose another --output.")
         log(f"note: replacing the run in '{run_dir}' (--force)")
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(run_dir, f)):
+                os.unlink(os.path.join(run_dir, f))
     write_text(os.path.join(run_dir, "recipe.resolved.yaml"),
                yaml.safe_dump(json.loads(json.dumps(dict(recipe), default=str)), sort_keys=False))
     write_json(os.path.join(run_dir, "classes.json"), session.classes)
@@ -543,8 +548,8 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
         bad_epochs = history[-1]["epoch"] - best["epoch"]
     save_run_model(plan.graph, run_dir, "weights.npz") if not resume else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if not resume and os.path.exists(metrics_path):
-        os.unlink(metrics_path)
+    # The log holds exactly the epochs of the checkpoint (an epoch interrupted after its line was written is redone).
+    write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     from tqdm import tqdm
 
     epoch = start_epoch

@@ -35,6 +35,8 @@ PORTABLE = None
 # and the row chunks of the dW partial sums.
 DW_ITEMS_PER_CU = 32
 DW_CHUNKS = 128
+# ... and the fewest work-items per compute unit before pixel chunks and rows are merged into one work-item.
+DW_ITEMS_MIN = 64
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -147,6 +149,24 @@ def _bpi(rt, nb, others):
     return max(1, min(nb, (nb * others) // (DW_ITEMS_PER_CU * cu)))
 
 
+def _spread(rt, items, nchunks, nrows):
+    """(ppi, rpi): pixel chunks and rows per work-item. On CPUs PoCL pays per work-group (single work-items
+    here), so a work-item takes whole rows, then several rows, while about DW_ITEMS_MIN per compute unit remain
+    (`items`: the work-items along the channel dimension)."""
+    if not _cpu_style(rt):
+        return 1, 1
+    cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
+    want = DW_ITEMS_MIN * cu
+    ppi = 1
+    while ppi < nchunks and items * _cdiv(nchunks, ppi * 2) * nrows >= want:
+        ppi *= 2
+    ppi = min(ppi, nchunks)
+    rpi = 1
+    while rpi < nrows and items * _cdiv(nchunks, ppi) * _cdiv(nrows, rpi * 2) >= want:
+        rpi *= 2
+    return ppi, min(rpi, nrows)
+
+
 def _dw_defines(rt, geom, mult, vw, pix):
     kh, kw, sh, sw, dh, dw = geom[:6]
     return {"DEPTHWISE": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "MULT": mult, "VW": vw,
@@ -161,10 +181,12 @@ def depthwise_forward(rt, x, w, b, geom, act, y):
     pix = _pix(OW)
     for vw, c0, nb in _dw_blocks(rt, Cout, mult):
         k = rt.kernel("conv", "dw_fwd", _dw_defines(rt, geom, mult, vw, pix))
-        bpi = _bpi(rt, nb, _cdiv(OW, pix) * N * OH)
-        rt.launch(k, (_cdiv(nb, bpi), _cdiv(OW, pix), N * OH), _dw_local(rt, 3), x, w, b if b is not None else w,
-                  y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb),
-                  i32(b is not None), i32(_act_code(act)), i32(bpi))
+        nch = _cdiv(OW, pix)
+        bpi = _bpi(rt, nb, nch * N * OH)
+        ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH)
+        rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
+                  b if b is not None else w, y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0),
+                  i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi), i32(N * OH))
     return y
 
 
@@ -180,9 +202,12 @@ def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
         pix = _pix(W)
         for vw, c0, nb in _dw_blocks(rt, C, mult):
             k = rt.kernel("conv", "dw_bwd_dx", _dw_defines(rt, geom, mult, vw, pix))
-            bpi = _bpi(rt, nb, _cdiv(W, pix) * N * H)
-            rt.launch(k, (_cdiv(nb, bpi), _cdiv(W, pix), N * H), _dw_local(rt, 3), gy, w, dx,
-                      i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb), i32(bpi))
+            nch = _cdiv(W, pix)
+            bpi = _bpi(rt, nb, nch * N * H)
+            ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * H)
+            rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * H, rpi)), _dw_local(rt, 3), gy, w, dx,
+                      i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb), i32(bpi),
+                      i32(ppi), i32(rpi), i32(N * H))
     if need_w:
         T = kh * kw
         blocks = _dw_blocks(rt, Cout, mult)
