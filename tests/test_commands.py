@@ -177,3 +177,50 @@ def test_weights_only_h5_with_config(tmp_path):
                "--labels", LABELS, "--json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)[0]["top"][0]["index"] == 281
+
+
+def test_export_onnx_keeps_the_untouched_source_graph(tmp_path, rt):
+    """Fine-tuned from an ONNX file: the export copies the frozen part node for node from the original (its names,
+    its NHWC input) and onnxruntime reproduces tcl's outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from .conftest import shared_path
+
+    src = shared_path("models", "mobilenet_v1_1.0_224.onnx")
+    from transfercl_cli.importers import load_model
+
+    g = load_model(src)
+    convs = [n.name for n in g.nodes if n.op == "conv2d"]
+    relus = [n.name for n in g.nodes if n.op == "relu6"]
+    data = make_subset(str(tmp_path / "data"), 6)
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump(dict(model=src, cut_after=relus[-1], freeze="all", unfreeze=[convs[-2]],
+                                       data={"root": data, "test": 0.34}, device="cpu", output=str(tmp_path / "run"),
+                                       train={"epochs": 1, "batch_size": 4, "lr": 0.01})))
+    os.environ["TCL_FEATURE_CACHE"] = str(tmp_path / "fc")
+    try:
+        assert invoke("finetune", rec, "-q").exit_code == 0
+    finally:
+        os.environ.pop("TCL_FEATURE_CACHE")
+    out = tmp_path / "m.onnx"
+    assert invoke("export-weights", tmp_path / "run", "--format", "onnx", "-o", out).exit_code == 0
+    orig, exp = onnx.load(src), onnx.load(str(out))
+    # Nodes copied unchanged (same op, names, attributes, inputs) vs written anew from the fine-tuned IR.
+    orig_nodes = {n.SerializeToString() for n in orig.graph.node}
+    kept = [n.name for n in exp.graph.node if n.SerializeToString() in orig_nodes]
+    assert convs[0] in kept and len(kept) > 50 and convs[-2] not in kept
+    assert convs[-2] in {n.name for n in exp.graph.node}  # the fine-tuned layer keeps its name
+    assert [i.name for i in exp.graph.input] == [i.name for i in orig.graph.input]
+    from transfercl_cli.data import Preprocess
+    from transfercl_cli.evaluate import Predictor
+    from transfercl_cli.runfile import load_run_model
+
+    run = load_run_model(str(tmp_path / "run"))
+    pre = Preprocess.from_dict(run.meta["preprocess"])
+    imgs = [os.path.join(data, c, sorted(os.listdir(os.path.join(data, c)))[0]) for c in ("cat", "dog")]
+    x = np.stack([pre(p) for p in imgs])
+    pr = Predictor(run, "cpu")
+    ours = pr.be.to_host(pr.ex.forward({pr.input: x})[pr.output])
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    theirs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.max(np.abs(theirs - ours)) <= 1e-4 * np.max(np.abs(ours))

@@ -811,7 +811,15 @@ def build_onnx(graph, *, opset=13, input_layout="NHWC", int8=None):
     if int8:
         props["quantization"] = "int8 symmetric per-output-channel weights (DequantizeLinear)"
     helper.set_model_props(model, props)
-    # Output shapes from ONNX shape inference (tools display them; the batch stays symbolic).
+    _fill_output_shapes(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _fill_output_shapes(model):
+    """Output shapes from ONNX shape inference (tools display them; the batch stays symbolic)."""
+    import onnx
+
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         known = {vi.name: vi for vi in inferred.graph.value_info}
@@ -820,13 +828,92 @@ def build_onnx(graph, *, opset=13, input_layout="NHWC", int8=None):
             k = known.get(vi.name)
             if k is not None and k.type.tensor_type.HasField("shape"):
                 vi.type.CopyFrom(k.type)
-    except Exception:  # shape inference is a nicety; the checker below is the gate
+    except Exception:  # shape inference is a nicety; the checker is the gate
         pass
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
-def export_onnx(graph, path, *, opset=13, input_layout="NHWC", int8=None, force=False):
+def _source_onnx_prefix(graph):
+    """When `graph` was imported from an ONNX file and fine-tuned, the original nodes that compute the frozen,
+    untouched part: (original model, kept nodes, kept initializers, boundary tensor, suffix graph), else None.
+
+    Which layers changed comes from graph.meta["trainable"] and ["new_layers"] (written by `tcl finetune`)."""
+    src = graph.meta.get("source")
+    if not src or not str(src).lower().endswith(".onnx") or not os.path.exists(src):
+        return None
+    if "trainable" not in graph.meta and "new_layers" not in graph.meta:
+        return None
+    import onnx
+
+    from .plan import split_prefix
+
+    changed = set(graph.meta.get("trainable") or []) | set(graph.meta.get("new_layers") or [])
+    _, suffix, t, _reason = split_prefix(graph, changed)
+    if t is None:
+        return None
+    model = onnx.load(src)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if t not in producer:
+        return None
+    need, stack = set(), [t]
+    while stack:
+        v = stack.pop()
+        n = producer.get(v)
+        if n is None or id(n) in need:
+            continue
+        need.add(id(n))
+        stack.extend(i for i in n.input if i)
+    kept = [n for n in model.graph.node if id(n) in need]
+    used = {i for n in kept for i in n.input}
+    inits = [i for i in model.graph.initializer if i.name in used]
+    return model, kept, inits, t, suffix
+
+
+def build_onnx_keeping_source(graph, opset=13):
+    """Like build_onnx, but the frozen part that fine-tuning did not touch is copied node for node from the original
+    ONNX file (names, ops, initializers and input as they were); only the trainable and new layers are written
+    from the IR. Returns None when that is not possible (the caller then writes the whole graph from the IR)."""
+    found = _source_onnx_prefix(graph)
+    if found is None:
+        return None
+    import onnx
+    from onnx import helper
+
+    model, kept, inits, t, suffix = found
+    opset = max(int(opset), max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13))
+    w = _OnnxWriter(suffix, opset, None, "NHWC")
+    rank = len(suffix.inputs[t]) + 1
+    # The boundary tensor is in the source's layout: NCHW for image tensors (what ONNX convolutions use).
+    form = "nchw" if rank == 4 else "plain"
+    w.forms[t] = {form: t}
+    w.reserved[t] = form
+    w.rank[t] = rank
+    w.value_names |= {v for n in model.graph.node for v in list(n.input) + list(n.output)}
+    w.value_names |= {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    w.node_names |= {n.name for n in kept}
+    for n in suffix.nodes:
+        w.emit(n)
+    outputs = [w.get(o, "plain") for o in suffix.outputs]
+    used = {i for n in kept for i in n.input}
+    inputs = [vi for vi in model.graph.input if vi.name in used and vi.name not in {i.name for i in inits}]
+    out_vis = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs]
+    og = helper.make_graph(list(kept) + w.nodes, str(graph.name or "model"), inputs, out_vis,
+                           initializer=list(inits) + w.inits)
+    out = helper.make_model(og, opset_imports=[helper.make_opsetid("", opset)], producer_name="transfercl")
+    try:
+        out.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    except Exception:
+        pass
+    props = {"input_layout": "source", "kept_from_source": json.dumps(
+        {"file": os.path.basename(str(graph.meta.get("source"))), "nodes": len(kept), "boundary": t})}
+    for k, v in _meta_for_export(graph).items():
+        props[k] = json.dumps(_jsonable(v))
+    helper.set_model_props(out, props)
+    _fill_output_shapes(out)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def export_onnx(graph, path, *, opset=13, input_layout="NHWC", int8=None, force=False, keep_source=True):
     """Write `graph` as a standard ONNX model.
 
     Input: the graph input as float32 [N, H, W, 3] (NHWC, our layout; input_layout="NCHW" gives [N, 3, H, W]
@@ -840,14 +927,19 @@ def export_onnx(graph, path, *, opset=13, input_layout="NHWC", int8=None, force=
     DequantizeLinear nodes (opset 13 per-axis), so the file is ~4x smaller and runs in onnxruntime as-is;
     without it, weights are float32 (a quantize_int8 graph then stores its dequantized float weights).
     Opsets 13 and up (HardSwish is a native op from 14, decomposed below). Checked with onnx.checker.
-    The original ONNX file's untouched nodes (graph.meta["source_onnx"]) are not reused: the whole graph is
-    written from the IR.
+    keep_source: when the graph was imported from an ONNX file and fine-tuned (graph.meta "source", "trainable",
+    "new_layers"), the untouched frozen part is copied from the original file node for node, with its original
+    input (see build_onnx_keeping_source); not with int8 or input_layout="NCHW".
     """
     import onnx
 
     path = os.fspath(path)
     _refuse_overwrite([path], force)
-    model = build_onnx(graph, opset=opset, input_layout=input_layout, int8=int8)
+    model = None
+    if keep_source and int8 is None and input_layout == "NHWC":
+        model = build_onnx_keeping_source(graph, opset=opset)
+    if model is None:
+        model = build_onnx(graph, opset=opset, input_layout=input_layout, int8=int8)
     with atomic_path(path) as tmp:
         onnx.save_model(model, tmp)
     return model

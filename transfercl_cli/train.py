@@ -198,7 +198,11 @@ class Session:
         self.pre = resolve_preprocess(recipe["input"], self.model_graph)
         self.augment = Augment.from_dict(recipe["augment"])
         self.plan = build_plan(self.model_graph, recipe, self.classes)
-        self.plan.graph.meta.update(classes=self.classes, preprocess=self.pre.to_dict())
+        # Layers changed by this run and by earlier runs this model came from (export keeps only untouched ones).
+        before = self.model_graph.meta
+        self.plan.graph.meta.update(classes=self.classes, preprocess=self.pre.to_dict(),
+                                    trainable=sorted(self.plan.trainable | set(before.get("trainable") or [])),
+                                    new_layers=sorted(set(self.plan.new) | set(before.get("new_layers") or [])))
         self.class_weights = class_weight_vector(recipe["train"]["class_weights"], self.classes, self.splits["train"])
         self.be = make_backend(recipe["device"])
         self.budget = memory_budget(recipe["train"]["max_memory_mb"], self.be)
