@@ -63,3 +63,16 @@ def test_verbose_shows_traceback(tmp_path):
     rec.write_text("model: m.h5\ndata: {root: d}\ntrain: {epocs: 3}\n")
     r = CliRunner().invoke(main, ["--verbose", "finetune", str(rec)])
     assert r.exit_code == 2 and "Traceback" in r.output
+
+
+def test_unexpected_errors_are_one_paragraph(tmp_path, monkeypatch):
+    from transfercl_cli import evaluate
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("synthetic")
+
+    monkeypatch.setattr(evaluate, "predict", boom)
+    r = CliRunner().invoke(main, ["predict", "m.onnx", "x.png"])
+    assert r.exit_code == 1 and "Internal error" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["--verbose", "predict", "m.onnx", "x.png"])
+    assert r.exit_code == 1 and "Traceback" in r.output

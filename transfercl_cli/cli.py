@@ -35,6 +35,19 @@ class TclGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except (click.ClickException, click.exceptions.Abort):
+            raise
+        except OSError as e:
+            _fail(TclError(f"A file operation failed: {e}.",
+                           "Check that the path exists, is readable, and that the output folder is writable and "
+                           "has free space."), _State.verbose or "--verbose" in sys.argv)
+        except Exception as e:  # noqa: BLE001 - a bug: one paragraph, exit 1, trace with --verbose
+            err = TclError(f"Internal error ({type(e).__name__}: {e}).",
+                           "This is a bug in tcl: rerun with --verbose and report the traceback.")
+            err.exit_code = 1
+            _fail(err, _State.verbose or "--verbose" in sys.argv)
 
 
 @click.group(cls=TclGroup, context_settings={"help_option_names": ["-h", "--help"]})
