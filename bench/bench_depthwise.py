@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="compare with the numpy reference even if torch exists")
     a = ap.parse_args(argv)
 
+    load0 = os.getloadavg()
     N, C, HW, k, s = a.n, a.c, a.hw, a.k, a.stride
     # TF 'SAME' padding (what Keras MobileNet uses): total k - 1 at stride 1, 0 before / 1 after at stride 2.
     total = max((-(-HW // s) - 1) * s + k - HW, 0)
@@ -152,6 +153,7 @@ def main(argv=None):
         print(f"{name:44s} {tf:10.3f} {flop / tf / 1e6:8.1f} {tb:11.3f} {3 * flop / tb / 1e6:8.1f}")
     print(f"ratio (other / tcl, > 1 means tcl is faster): forward {other[1] / t_fwd:.2f}x, "
           f"forward+backward {other[2] / t_fb:.2f}x")
+    print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     b = BEST[-4:]
     print(f"best times (ms): tcl forward {b[0]:.3f}, other forward {b[1]:.3f}, tcl fwd+bwd {b[2]:.3f}, "
           f"other fwd+bwd {b[3]:.3f}")

@@ -44,6 +44,7 @@ def main(argv=None):
     from transfercl_cli.ops import cl_gemm
     from transfercl_cli.runtime import get_runtime
 
+    load0 = os.getloadavg()
     rt = get_runtime(args.device)
     variant = None if args.variant == "auto" else args.variant
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -104,6 +105,7 @@ def main(argv=None):
         for t in (dx, dw, dyd):
             t.release()
     print(f"ratio tcl/numpy: min {min(ratios):.2f}, geometric mean {float(np.exp(np.mean(np.log(ratios)))):.2f}")
+    print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

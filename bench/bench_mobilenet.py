@@ -1,15 +1,16 @@
 """Whole-network speed: tcl vs PyTorch CPU on MobileNet V1 1.0/224, batch 32, measured side by side.
 
     python bench/bench_mobilenet.py [--model sample_data/models/mobilenet_v1_1.0_224.h5] [--batch 32] [--repeats 5]
-                                    [--work forward train_all train_pw13] [--layers]
+                                    [--work forward train_all train_pw13] [--rounds 2] [--nchw] [--layers]
 
 Each (framework, work) pair runs in its own process so that peak RSS is its own. Work:
   forward     inference of the whole network (tcl: frozen BN folded, fused epilogues)
   train_all   a training step with every layer trainable (SGD), BatchNorm in training mode
   train_pw13  frozen backbone + conv_pw_13/BN/ReLU6 + a new dense head, no feature cache
-PyTorch runs with 2 threads, channels_last and NCHW (`pip install torch==2.13.0`). Prints img/s (median of the
-repeats after a warm-up), peak RSS and the ratio tcl / PyTorch channels_last. `--layers` also prints tcl's per-layer
-forward time and GFLOP/s so the next bottleneck is visible.
+PyTorch runs with 2 threads, channels_last (and NCHW with --nchw) (`pip install torch==2.13.0`). The contenders
+alternate over --rounds rounds (the machine is shared); prints img/s (median over rounds of the median of the
+repeats after a warm-up), peak RSS, the ratio tcl / PyTorch channels_last and the load average. `--layers` also
+prints tcl's per-layer forward time and GFLOP/s so the next bottleneck is visible.
 """
 import argparse
 import json
@@ -103,13 +104,13 @@ def layer_times(eg, be, x, reps=3):
         fwd = be.forward_fn(n.op)
         xs = [env[t] for t in n.inputs]
         best = float("inf")
-        for _ in range(reps):
+        for rep in range(reps):
             be.finish()
             t0 = time.perf_counter()
-            ys, _ = fwd(be, n, xs, False)
+            ys, _ctx = fwd(be, n, xs, False)
             be.finish()
             best = min(best, time.perf_counter() - t0)
-            if _ < reps - 1:
+            if rep < reps - 1:
                 for yv in ys:
                     be.release(yv)
         for t, yv in zip(n.outputs, ys):
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--work", nargs="+", default=["forward", "train_all", "train_pw13"])
     ap.add_argument("--layers", action="store_true", help="per-layer forward times for tcl")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of all contenders (median reported)")
+    ap.add_argument("--nchw", action="store_true", help="also PyTorch in NCHW (slower than channels_last)")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -279,24 +282,37 @@ def main():
     except ImportError:
         have_torch = False
         print("torch is not installed: printing tcl alone (pip install torch==2.13.0 for the comparison)")
-    fws = ["tcl"] + (["torch:channels_last", "torch:nchw"] if have_torch else [])
+    fws = ["tcl"] + (["torch:channels_last"] if have_torch else []) + (["torch:nchw"] if have_torch and args.nchw
+                                                                         else [])
+    load0 = os.getloadavg()
+    runs = {}
+    # The contenders alternate (rounds x frameworks), so load from other processes hits all of them alike; each
+    # reported figure is the median img/s over the rounds (each round: the median of --repeats steps).
+    for rnd in range(args.rounds):
+        for work in args.work:
+            for fw in fws:
+                layers = args.layers and fw == "tcl" and work == "forward" and rnd == 0
+                cmd = [sys.executable, __file__, "--one", fw, work, "--model", args.model, "--batch",
+                       str(args.batch), "--repeats", str(args.repeats)] + (["--layers"] if layers else [])
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(p.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{fw} {work} failed")
+                if layers:
+                    print(p.stderr)
+                runs.setdefault((fw, work), []).append(json.loads(p.stdout.strip().splitlines()[-1]))
     results = {}
-    for work in args.work:
-        for fw in fws:
-            cmd = [sys.executable, __file__, "--one", fw, work, "--model", args.model, "--batch", str(args.batch),
-                   "--repeats", str(args.repeats)] + (["--layers"] if args.layers and fw == "tcl" else [])
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                print(p.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"{fw} {work} failed")
-            if args.layers and fw == "tcl" and work == "forward":
-                print(p.stderr)
-            results[(fw, work)] = json.loads(p.stdout.strip().splitlines()[-1])
+    for key, rs in runs.items():
+        results[key] = {"img_s": statistics.median(r["img_s"] for r in rs),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                        "all": [round(r["img_s"], 1) for r in rs]}
     import platform
 
-    print(f"MobileNet V1 1.0/224, batch {args.batch}, median of {args.repeats} after a warm-up; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    hdr = f"{'work':<12} {'framework':<22} {'img/s':>8} {'peak RSS MB':>12} {'tcl ratio':>10}"
+    load1 = os.getloadavg()
+    print(f"MobileNet V1 1.0/224, batch {args.batch}, median over {args.rounds} alternating rounds of the median of "
+          f"{args.repeats} steps after a warm-up; {platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"CPUs; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    hdr = f"{'work':<12} {'framework':<22} {'img/s':>8} {'peak RSS MB':>12} {'tcl ratio':>10}  per round"
     print(hdr)
     print("-" * len(hdr))
     for work in args.work:
@@ -304,7 +320,7 @@ def main():
         for fw in fws:
             r = results[(fw, work)]
             ratio = f"{results[('tcl', work)]['img_s'] / r['img_s']:.2f}x" if fw != "tcl" else ""
-            print(f"{work:<12} {fw:<22} {r['img_s']:8.1f} {r['peak_rss_mb']:12.0f} {ratio:>10}")
+            print(f"{work:<12} {fw:<22} {r['img_s']:8.1f} {r['peak_rss_mb']:12.0f} {ratio:>10}  {r['all']}")
         if base:
             print(f"{'':<12} tcl / torch channels_last: {results[('tcl', work)]['img_s'] / base['img_s']:.2f}x speed, "
                   f"{results[('tcl', work)]['peak_rss_mb'] / base['peak_rss_mb']:.2f}x memory")

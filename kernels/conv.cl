@@ -1,17 +1,23 @@
 // Convolution kernels, NHWC activations and HWIO weights (see transfercl_cli/ops/cl_conv.py).
 //
-// Two sections, so that each build compiles only what it needs:
+// Three sections, so that each build compiles only what it needs:
 // - with -DDEPTHWISE=1: the depthwise kernels, specialised at compile time on the geometry (KH, KW, SH, SW, DH, DW),
 //   the depth multiplier MULT, the channel vector width VW and the pixels per work-item PIX (loops unroll and the
 //   accumulators stay in registers). VW channels per work-item (16 on CPUs, 4 elsewhere; the host runs narrower
 //   variants, down to VW = 1, on the remaining channels and for multipliers > 1). Vector loads dereference a
 //   pointer cast to an aligned(4) vector type: on PoCL vloadN/vstoreN become function calls and spill
 //   (docs/pocl-performance.md). MINVEC=1 (PoCL) keeps float16 in single 512-bit registers.
-// - without it: the generic helpers (im2col, col2im, column sums, strided copies, activation masks) with all
+// - with -DDIRECT=1: a direct convolution for few input channels (CIN, conv1 on RGB), compiled like the depthwise
+//   kernels (geometry, VW, PIX, NBV vectors of output channels per step).
+// - without either: the generic helpers (im2col, col2im, column sums, strided copies, activation masks) with all
 //   geometry as runtime arguments: one build per process serves every convolution.
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
+// relu / the cap of relu6 as comparisons and selects: on PoCL fmax/fmin of vectors are function calls, and every
+// call spills all live vector registers (they are caller-saved) - it halved the depthwise kernel's speed.
+#define RELU(v) ((v) > 0.0f ? (v) : 0.0f)
+#define CAP6(v) ((v) < 6.0f ? (v) : 6.0f)
 
 #if defined(DEPTHWISE) && DEPTHWISE
 
@@ -44,23 +50,25 @@ typedef vec_t vec __attribute__((aligned(4)));
 
 // y[n, oh, ow, c*MULT + m] = act(sum_ij x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c] * w[i, j, 0, c*MULT + m] + b)
 // act: 0 none, 1 relu, 2 relu6; has_bias 0/1 (runtime: uniform branches cost nothing next to the taps).
-// Work-item: bpi blocks of VW output channels from co0 (VW > 1 needs MULT == 1), one after the other, PIX output
-// pixels of one row. Global size: (ceil(blocks / bpi), ceil(OW / PIX), N * OH).
+// Work-item: bpi blocks of VW output channels from co0 (VW > 1 needs MULT == 1), one after the other, for ppi
+// chunks of PIX output pixels of rpi rows (CPUs: few, long work-items; PoCL pays per work-group).
+// Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
 // Each input row segment the PIX pixels need (SPAN vectors) is loaded once into registers, zero outside the
 // image, then every tap is a register multiply-add: no bounds checks in the arithmetic.
 #define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
 __kernel KATTR void dw_fwd(const __global float* restrict x, const __global float* restrict w,
                            const __global float* restrict b, __global float* restrict y,
                            int H, int W, int Cin, int OH, int OW, int pt, int pl, int co0, int nblocks,
-                           int has_bias, int act, int bpi)
+                           int has_bias, int act, int bpi, int ppi, int rpi, int nrows)
 {
     const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
-    const int owb = get_global_id(1) * PIX;
-    const int noh = get_global_id(2);
-    const int n = noh / OH, oh = noh - n * OH;
-    if (owb >= OW) return;
+    const int ow_b = get_global_id(1) * PIX * ppi, ow_e = min(OW, ow_b + PIX * ppi);
+    const int r0 = get_global_id(2) * rpi, r1 = min(nrows, r0 + rpi);
     const int Cout = Cin * MULT;
+    for (int noh = r0; noh < r1; noh++)
+    for (int owb = ow_b; owb < ow_e; owb += PIX)
     for (int cb = cb0; cb < cb1; cb++) {
+        const int n = noh / OH, oh = noh - n * OH;
         const int co = co0 + cb * VW;
         const int ci = co / MULT;
         vec acc[PIX];
@@ -84,8 +92,8 @@ __kernel KATTR void dw_fwd(const __global float* restrict x, const __global floa
         __global float* yr = y + ((size_t)noh * OW + owb) * Cout + co;
         _Pragma("unroll") for (int p = 0; p < PIX; p++) {
             vec v = acc[p];
-            if (act == 1) v = fmax(v, (vec)0.0f);
-            else if (act == 2) v = fmin(fmax(v, (vec)0.0f), (vec)6.0f);
+            if (act) v = RELU(v);
+            if (act == 2) v = CAP6(v);
             if (owb + p < OW) ST(yr + (size_t)p * Cout, v);
         }
     }
@@ -93,23 +101,24 @@ __kernel KATTR void dw_fwd(const __global float* restrict x, const __global floa
 
 // dx[n, ih, iw, c] = sum_m sum_ij gy[n, oh, ow, c*MULT + m] * w[i, j, 0, c*MULT + m]
 //   where ih = oh*SH - pt + i*DH, iw = ow*SW - pl + j*DW  (a gather: no atomics).
-// Work-item: bpi blocks of VW input channels from ci0, PIX input pixels of one row.
-// Global size: (ceil(blocks / bpi), ceil(W / PIX), N * H).
+// Work-item: bpi blocks of VW input channels from ci0, ppi chunks of PIX input pixels, rpi rows (as dw_fwd).
+// Global size: (ceil(blocks / bpi), ceil(W / (PIX * ppi)), ceil(N * H / rpi)); nrows = N * H.
 // With SW == 1 the gy row segment is loaded once into registers (GSPAN vectors, zero outside); other strides
 // test each (pixel, tap) pair.
 #define GSPAN (PIX + (KW - 1) * DW)
 __kernel KATTR void dw_bwd_dx(const __global float* restrict gy, const __global float* restrict w,
                               __global float* restrict dx,
                               int H, int W, int Cin, int OH, int OW, int pt, int pl, int ci0, int nblocks,
-                              int bpi)
+                              int bpi, int ppi, int rpi, int nrows)
 {
     const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
-    const int iwb = get_global_id(1) * PIX;
-    const int nh = get_global_id(2);
-    const int n = nh / H, ih = nh - n * H;
-    if (iwb >= W) return;
+    const int iw_b = get_global_id(1) * PIX * ppi, iw_e = min(W, iw_b + PIX * ppi);
+    const int r0 = get_global_id(2) * rpi, r1 = min(nrows, r0 + rpi);
     const int Cout = Cin * MULT;
+    for (int nh = r0; nh < r1; nh++)
+    for (int iwb = iw_b; iwb < iw_e; iwb += PIX)
     for (int cb = cb0; cb < cb1; cb++) {
+        const int n = nh / H, ih = nh - n * H;
         const int ci = ci0 + cb * VW;
         vec acc[PIX];
         _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[p] = (vec)0.0f;
@@ -255,6 +264,86 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
                 }
             }
         }
+    }
+}
+
+#elif defined(DIRECT) && DIRECT
+
+// Direct convolution for few input channels (MobileNet's conv1: 3x3 stride 2 on RGB), groups 1: an im2col matrix
+// with K = KH*KW*CIN (27) columns is a poor GEMM operand and costs a full write and read of that matrix.
+// Compile-time geometry as the depthwise kernels; CIN input channels, VW output channels per vector.
+// y[n, oh, ow, co] = act(sum_{i,j,c} x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c] * w[i, j, c, co] + b[co])
+// Work-item: bpi blocks of VW output channels from co0, ppi chunks of PIX output pixels, rpi rows; the input row
+// segment the PIX pixels need is loaded once per row of taps (zero outside the image).
+// Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
+#ifndef VW
+#define VW 1
+#endif
+#if defined(MINVEC) && MINVEC
+#define KATTR __attribute__((min_vector_width(512)))
+#else
+#define KATTR
+#endif
+#if VW == 1
+typedef float vec;
+#define LD(p) (*(p))
+#define ST(p, v) (*(p) = (v))
+#else
+typedef CAT(float, VW) vec_t;
+typedef vec_t vec __attribute__((aligned(4)));
+#define LD(p) (*(const __global vec*)(p))
+#define ST(p, v) (*(__global vec*)(p) = (v))
+#endif
+#define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
+#ifndef NBV
+#define NBV 1
+#endif
+__kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __global float* restrict w,
+                                    const __global float* restrict b, __global float* restrict y,
+                                    int H, int W, int OH, int OW, int Cout, int pt, int pl, int co0, int nblocks,
+                                    int has_bias, int act, int bpi, int ppi, int rpi, int nrows)
+{
+    // A "block" here is NBV vectors of VW channels (they share the input row segment).
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
+    const int ow_b = get_global_id(1) * PIX * ppi, ow_e = min(OW, ow_b + PIX * ppi);
+    const int r0 = get_global_id(2) * rpi, r1 = min(nrows, r0 + rpi);
+    for (int noh = r0; noh < r1; noh++)
+    for (int owb = ow_b; owb < ow_e; owb += PIX)
+    for (int cb = cb0; cb < cb1; cb++) {
+        const int n = noh / OH, oh = noh - n * OH;
+        const int co = co0 + cb * (VW * NBV);
+        vec acc[NBV][PIX];
+        _Pragma("unroll") for (int u = 0; u < NBV; u++) {
+            const vec bv = has_bias ? LD(b + co + u * VW) : (vec)0.0f;
+            _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[u][p] = bv;
+        }
+        const int iw0 = owb * SW - pl;
+        _Pragma("unroll") for (int i = 0; i < KH; i++) {
+            const int ih = oh * SH - pt + i * DH;
+            if (ih < 0 || ih >= H) continue;
+            const __global float* xr = x + (size_t)(n * H + ih) * W * CIN;
+            float xs[SPAN * CIN];
+            _Pragma("unroll") for (int q = 0; q < SPAN; q++) {
+                const int iw = iw0 + q;
+                const bool in = iw >= 0 && iw < W;
+                _Pragma("unroll") for (int c = 0; c < CIN; c++) xs[q * CIN + c] = in ? xr[iw * CIN + c] : 0.0f;
+            }
+            _Pragma("unroll") for (int j = 0; j < KW; j++)
+                _Pragma("unroll") for (int c = 0; c < CIN; c++)
+                    _Pragma("unroll") for (int u = 0; u < NBV; u++) {
+                        const vec wv = LD(w + ((i * KW + j) * CIN + c) * Cout + co + u * VW);
+                        _Pragma("unroll") for (int p = 0; p < PIX; p++)
+                            acc[u][p] = xs[(p * SW + j * DW) * CIN + c] * wv + acc[u][p];
+                    }
+        }
+        __global float* yr = y + ((size_t)noh * OW + owb) * Cout + co;
+        _Pragma("unroll") for (int p = 0; p < PIX; p++)
+            _Pragma("unroll") for (int u = 0; u < NBV; u++) {
+                vec v = acc[u][p];
+                if (act) v = RELU(v);
+                if (act == 2) v = CAP6(v);
+                if (owb + p < OW) ST(yr + (size_t)p * Cout + u * VW, v);
+            }
     }
 }
 

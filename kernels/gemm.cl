@@ -2,9 +2,10 @@
 // Operands are addressed by strides so transposes cost nothing: A(i,k) = a[i*sai + k*sak], B(k,j) = b[k*sbk + j*sbj].
 
 // ACT: 0 none, 1 relu, 2 relu6 (runtime argument: applied once per output element, off the hot loop)
+// Comparisons, not fmax/fmin/min: PoCL emits those built-ins as calls, and a call spills every live vector register.
 inline float gemm_epilogue(float v, int act) {
-    if (act == 1) v = fmax(v, 0.0f);
-    else if (act == 2) v = fmin(fmax(v, 0.0f), 6.0f);
+    if (act) v = v > 0.0f ? v : 0.0f;
+    if (act == 2) v = v < 6.0f ? v : 6.0f;
     return v;
 }
 
@@ -105,7 +106,7 @@ typedef float2 f2u __attribute__((aligned(4)));
 
 #define ROW_UNIT(r) (r)
 #define ROW_FULL(r) ((r) * ars)
-#define ROW_EDGE(r) (min((r), rlast) * ars)
+#define ROW_EDGE(r) (((r) < rlast ? (r) : rlast) * ars)
 
 // C block at (i0, j0) = epilogue(acc): vector stores inside C, scalar ones on the right edge.
 #define STORE_TILE()                                                                                            \

@@ -162,3 +162,55 @@ __kernel void pad_shift(const __global float* restrict x, __global float* restri
     if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[((size_t)(n * H + ih) * W + iw) * C + c];
     y[((size_t)noh * OW + ow) * C + c] = v;
 }
+
+// The same padding, one work-item per output row (n, oh): a row is a left fill, one contiguous copy and a right
+// fill of OW*C floats, moved 16 at a time through float16 registers (pointer casts with aligned(4): vloadN and
+// vstoreN become calls on PoCL, docs/pocl-performance.md). Global size (N*OH).
+typedef float16 pool_f16u __attribute__((aligned(4)));
+#if defined(__clang__)
+#define POOL_VEC512 __attribute__((min_vector_width(512)))
+#else
+#define POOL_VEC512
+#endif
+POOL_VEC512
+__kernel void pad_rows(const __global float* restrict x, __global float* restrict y,
+                       int H, int W, int C, int OH, int OW, int pt, int pl, float value, int nrows)
+{
+    const int noh = get_global_id(0);
+    if (noh >= nrows) return;
+    const int n = noh / OH, oh = noh - n * OH;
+    const int ih = oh - pt;
+    __global float* yr = y + (size_t)noh * OW * C;
+    int ow0 = max(0, pl), ow1 = min(OW, W + pl);
+    if (ih < 0 || ih >= H || ow1 <= ow0) { ow0 = 0; ow1 = 0; }
+    const float16 vv = (float16)(value);
+    // left fill [0, ow0*C), copy [ow0*C, ow1*C), right fill [ow1*C, OW*C)
+    const int e0 = ow0 * C, e1 = ow1 * C, e2 = OW * C;
+    int i = 0;
+    for (; i + 16 <= e0; i += 16) *(__global pool_f16u*)(yr + i) = vv;
+    for (; i < e0; i++) yr[i] = value;
+    if (e1 > e0) {
+        const __global float* xr = x + ((size_t)(n * H + ih) * W + (ow0 - pl)) * C - e0;
+        for (; i + 16 <= e1; i += 16) *(__global pool_f16u*)(yr + i) = *(const __global pool_f16u*)(xr + i);
+        for (; i < e1; i++) yr[i] = xr[i];
+    }
+    for (; i + 16 <= e2; i += 16) *(__global pool_f16u*)(yr + i) = vv;
+    for (; i < e2; i++) yr[i] = value;
+}
+
+// Global average pooling backward, one work-item per pixel row (n, p): dx[n, p, :] = gy[n, :] / HW, 16 channels at
+// a time (CPU style, as pad_rows). Global size (N*HW).
+POOL_VEC512
+__kernel void global_avgpool_bwd_rows(const __global float* restrict gy, __global float* restrict dx, int HW, int C,
+                                      int nrows)
+{
+    const int q = get_global_id(0);
+    if (q >= nrows) return;
+    const int n = q / HW;
+    const float s = 1.0f / (float)HW;
+    const __global float* g = gy + (size_t)n * C;
+    __global float* d = dx + (size_t)q * C;
+    int c = 0;
+    for (; c + 16 <= C; c += 16) *(__global pool_f16u*)(d + c) = *(const __global pool_f16u*)(g + c) * s;
+    for (; c < C; c++) d[c] = g[c] * s;
+}

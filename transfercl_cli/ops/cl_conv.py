@@ -7,10 +7,13 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
   float4 elsewhere, then float4 and scalar variants for the remaining channels), PIX output pixels per work-item
   and, on CPUs, several channel blocks per work-item; bias and activation fused. Backward: dX by a gather kernel,
   dW and db as per-row-chunk partial sums then a column reduction (deterministic, no atomics).
+- groups 1 with at most DIRECT_MAX_CIN input channels (conv1 on RGB), forward: a direct NHWC kernel (no im2col
+  matrix), bias and activation fused; its backward takes the im2col path below.
 - everything else (k x k, strides, dilations, groups): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
   matrix, then GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same
   scratch, then a col2im gather kernel.
-- pooling, global average pooling and padding: gather kernels, one work-item per element; maxpool backward
+- padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
+  kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
   recomputes each window's argmax (first maximum in window order, as the reference) in a small int32 scratch.
 
 Fused activations are an inference epilogue; the backward still masks the incoming gradient by the output.
@@ -35,8 +38,14 @@ PORTABLE = None
 # and the row chunks of the dW partial sums.
 DW_ITEMS_PER_CU = 32
 DW_CHUNKS = 128
-# ... and the fewest work-items per compute unit before pixel chunks and rows are merged into one work-item.
+# ... and, for work-items smaller than DW_SMALL_ITEM (channel blocks x pixels), the fewest work-items per compute
+# unit before pixel chunks and rows are merged into one work-item.
 DW_ITEMS_MIN = 64
+DW_SMALL_ITEM = 32
+
+# Convolutions (groups 1, not pointwise) with at most this many input channels run the direct kernel forward
+# (conv1 on RGB images) instead of im2col + GEMM.
+DIRECT_MAX_CIN = 4
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -149,11 +158,12 @@ def _bpi(rt, nb, others):
     return max(1, min(nb, (nb * others) // (DW_ITEMS_PER_CU * cu)))
 
 
-def _spread(rt, items, nchunks, nrows):
+def _spread(rt, items, nchunks, nrows, per_item):
     """(ppi, rpi): pixel chunks and rows per work-item. On CPUs PoCL pays per work-group (single work-items
-    here), so a work-item takes whole rows, then several rows, while about DW_ITEMS_MIN per compute unit remain
-    (`items`: the work-items along the channel dimension)."""
-    if not _cpu_style(rt):
+    here), so a small work-item (`per_item` = channel blocks x pixels below DW_SMALL_ITEM) takes whole rows, then
+    several rows, while about DW_ITEMS_MIN per compute unit remain (`items`: the work-items along the channel
+    dimension). Larger work-items stay as they are: merging those was measured 1.7x slower (N=32, 14x14x512)."""
+    if not _cpu_style(rt) or per_item >= DW_SMALL_ITEM:
         return 1, 1
     cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
     want = DW_ITEMS_MIN * cu
@@ -183,7 +193,7 @@ def depthwise_forward(rt, x, w, b, geom, act, y):
         k = rt.kernel("conv", "dw_fwd", _dw_defines(rt, geom, mult, vw, pix))
         nch = _cdiv(OW, pix)
         bpi = _bpi(rt, nb, nch * N * OH)
-        ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH)
+        ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
         rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
                   b if b is not None else w, y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0),
                   i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi), i32(N * OH))
@@ -204,7 +214,7 @@ def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
             k = rt.kernel("conv", "dw_bwd_dx", _dw_defines(rt, geom, mult, vw, pix))
             nch = _cdiv(W, pix)
             bpi = _bpi(rt, nb, nch * N * H)
-            ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * H)
+            ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * H, bpi * pix)
             rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * H, rpi)), _dw_local(rt, 3), gy, w, dx,
                       i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(c0), i32(nb), i32(bpi),
                       i32(ppi), i32(rpi), i32(N * H))
@@ -272,6 +282,31 @@ def _col2im(rt, dcol, dx, geom, Cg, c0, n0, nimg):
               *[i32(v) for v in geom[:6]])
 
 
+def _direct_forward(rt, x, w, b, geom, act, y):
+    """Direct convolution (groups 1, few input channels): no im2col matrix."""
+    N, H, W, C = x.shape
+    Cout = w.shape[3]
+    kh, kw, sh, sw, dh, dw = geom[:6]
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    pix = _pix(OW)
+    defs = {"DIRECT": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "CIN": C, "PIX": pix,
+            "MINVEC": int(bool(rt.is_pocl))}
+    for vw, c0, nb in _dw_blocks(rt, Cout, 1):
+        nbv = 1
+        if _cpu_style(rt) and vw == 16:  # two float16 per step share the input row (16 accumulators at PIX 8)
+            nbv = 2 if nb % 2 == 0 else 1
+        nb //= nbv
+        k = rt.kernel("conv", "conv_direct_fwd", dict(defs, VW=vw, NBV=nbv))
+        nch = _cdiv(OW, pix)
+        bpi = _bpi(rt, nb, nch * N * OH)
+        ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
+        rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
+                  b if b is not None else w, y, i32(H), i32(W), i32(OH), i32(OW), i32(Cout), i32(pt), i32(pl),
+                  i32(c0), i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi),
+                  i32(N * OH))
+    return y
+
+
 def conv_forward(rt, x, w, b, geom, groups, act, y):
     """General convolution into y (N, OH, OW, Cout)."""
     from .cl_gemm import gemm
@@ -284,6 +319,8 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
     if _is_pointwise(geom, G):
         gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act)
         return y
+    if G == 1 and C <= DIRECT_MAX_CIN:
+        return _direct_forward(rt, x, w, b, geom, act, y)
     K = kh * kw * cg
     P = OH * OW
     nimg = _chunk_images(rt, N, OH, OW, K)
@@ -517,6 +554,10 @@ def global_avgpool_bwd(be, node, saved, gys, need):
     (shape,) = saved
     N, H, W, C = shape
     dx = rt.empty(shape)
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("pool", "global_avgpool_bwd_rows"), (N * H * W,), (1,), gys[0], dx, i32(H * W), i32(C),
+                  i32(N * H * W))
+        return [dx], {}
     rt.launch(rt.kernel("pool", "global_avgpool_bwd"), (C, H * W, N), None, gys[0], dx, i32(H * W), i32(C))
     return [dx], {}
 
