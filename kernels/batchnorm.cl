@@ -18,7 +18,7 @@ typedef float8 F8U __attribute__((aligned(4)));
             s2 += d * d;                                                                                          \
         }                                                                                                         \
         STORE(part_mean + (size_t)k * C + c, shift + s1 / n);                                                     \
-        STORE(part_m2 + (size_t)k * C + c, fmax(s2 - s1 * s1 / n, (T)(0.0f)));                                    \
+        STORE(part_m2 + (size_t)k * C + c, (s2 - s1 * s1 / n > (T)(0.0f) ? s2 - s1 * s1 / n : (T)(0.0f)));                                    \
     }
 #define LD8(p) (*(__global const F8U*)(p))
 #define ST8(p, v) (*(__global F8U*)(p) = (v))

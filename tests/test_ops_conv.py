@@ -222,3 +222,34 @@ def test_pool_shapes(npbe):
     node = make_node("avgpool", attrs=dict(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), count_include_pad=True))
     y = run_node(npbe, node, [x])[0]
     assert abs(y[0, 0, 0, 0] - 4 / 9) < 1e-12 and abs(y[0, 2, 2, 0] - 1) < 1e-12
+
+
+def test_direct_conv_few_input_channels(npbe, clbe):
+    """conv1-like: 3 input channels, 32 outputs, stride 2 TF-SAME, bias and relu6 -> the direct NHWC kernel."""
+    from transfercl_cli.ops import cl_conv
+
+    case = (2, 9, 11, 3, 32, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, True, "relu6")
+    assert case[3] <= cl_conv.DIRECT_MAX_CIN
+    node, x = _conv_case(case, seed=8)
+    check_op(npbe, clbe, node, [x * 6])
+
+
+def test_conv_im2col_for_few_channels_when_direct_is_off(npbe, clbe, monkeypatch):
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "DIRECT_MAX_CIN", 0)
+    node, x = _conv_case((2, 9, 11, 3, 32, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, True, "relu6"), seed=8)
+    check_op(npbe, clbe, node, [x * 6])
+
+
+def test_depthwise_merged_work_items(npbe, clbe, monkeypatch):
+    """Small work-items that take several pixel chunks and rows (the spreading rule forced on)."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    monkeypatch.setattr(cl_conv, "DW_ITEMS_MIN", 1)
+    monkeypatch.setattr(cl_conv, "DW_SMALL_ITEM", 10**9)
+    for case in (CONV_CASES[6], CONV_CASES[7], (2, 6, 7, 53, 53, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 53, True,
+                                                 "relu6")):
+        node, x = _conv_case(case, seed=9)
+        check_op(npbe, clbe, node, [x * 6])

@@ -95,3 +95,23 @@ def test_plan_on_real_mobilenet_names(tmp_path):
     p2 = build_plan(g, r2, ["a", "b", "c"])
     assert {"conv_dw_13", "conv_dw_13_bn", "conv_pw_13", "conv_pw_13_bn", "head_dense"} == p2.trainable
     assert not p2.use_cache and "augmentation" in p2.cache_reason
+
+
+def test_zero_pad_folds_into_the_next_frozen_conv():
+    from transfercl_cli.graph import Graph, Node
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.3, (3, 3, 1, 4)).astype(np.float32)
+    nodes = [Node("conv_pad_2", "pad", ["x"], ["p"], {"pads": (0, 0, 1, 1), "value": 0.0}),
+             Node("conv_dw_2", "conv2d", ["p"], ["y"], {"kernel": (3, 3), "strides": (2, 2), "dilations": (1, 1),
+                                                        "pads": (0, 0, 0, 0), "groups": 4}, {"weight": w}),
+             Node("conv_dw_2_relu", "relu6", ["y"], ["z"])]
+    g = Graph(nodes, {"x": (7, 8, 4)}, ["z"])
+    x = rng.uniform(-2, 2, (2, 7, 8, 4)).astype(np.float32)
+    ref = run_forward(g, NumpyBackend(), {"x": x})["z"]
+    f = fold_frozen(g, set())
+    assert f.names() == ["conv_dw_2"] and f.node("conv_dw_2").attrs["pads"] == (0, 0, 1, 1)
+    assert f.node("conv_dw_2").attrs["folded"] == ["conv_pad_2", "conv_dw_2_relu"]
+    assert_close(run_forward(f, NumpyBackend(), {"x": x})["z"], ref, 1e-12, "pad folded")
+    # A trainable conv keeps its Pad node.
+    assert "conv_pad_2" in fold_frozen(g, {"conv_dw_2"}).names()

@@ -151,13 +151,25 @@ def fold_frozen(graph, trainable):
     ReLU/ReLU6 fused into the conv's epilogue. Trainable nodes are shared (same objects), so updates made through the
     returned graph are seen by `graph`."""
     cons = graph.consumers()
-    by_out = graph.producer()
     out_nodes = []
     skip = set()
-    renames = {}
+    # A frozen zero Pad read only by a frozen convolution becomes that convolution's own padding.
+    pad_into = {}
+    for n in graph.nodes:
+        nxt = cons.get(n.outputs[0], [])
+        if (n.op == "pad" and n.name not in trainable and float(n.attrs.get("value", 0.0)) == 0.0
+                and len(nxt) == 1 and nxt[0].op == "conv2d" and nxt[0].name not in trainable
+                and n.outputs[0] not in graph.outputs):
+            pad_into[nxt[0].name] = n
+            skip.add(n.name)
     for n in graph.nodes:
         if n.name in skip:
             continue
+        if n.name in pad_into:
+            pad = pad_into[n.name]
+            n = Node(n.name, n.op, [pad.inputs[0]] + list(n.inputs[1:]), list(n.outputs),
+                     dict(n.attrs, pads=tuple(int(a) + int(b) for a, b in zip(n.attrs["pads"], pad.attrs["pads"])),
+                          folded=[pad.name]), dict(n.params), n.source)
         if n.op in ("conv2d", "dense") and n.name not in trainable and not n.attrs.get("act"):
             cur = n
             merged = []
@@ -173,7 +185,7 @@ def fold_frozen(graph, trainable):
                            {"weight": (w * s).astype(np.float32),
                             "bias": ((b - bn.params["mean"]) * s + bn.params["beta"]).astype(np.float32)},
                            cur.source)
-                cur.attrs["folded"] = [bn.name]
+                cur.attrs["folded"] = n.attrs.get("folded", []) + [bn.name]
                 skip.add(bn.name)
                 merged.append(bn)
                 nxt = cons.get(cur.outputs[0], [])
@@ -188,7 +200,6 @@ def fold_frozen(graph, trainable):
             out_nodes.append(cur)
         else:
             out_nodes.append(n)
-    del by_out, renames
     g = Graph(out_nodes, dict(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))
     g.topo_check()
     return g
