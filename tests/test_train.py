@@ -271,3 +271,11 @@ def test_existing_run_is_not_overwritten_without_force(tiny_setup):
     assert res.exit_code == 2 and "--force" in res.output and "--resume" in res.output
     assert (tmp_path / "ow" / "weights.npz").read_bytes() == before
     assert CliRunner().invoke(main, ["finetune", rec, "-q", "--force"], catch_exceptions=False).exit_code == 0
+
+
+def test_numpy_fallback_device_trains_with_a_warning(tiny_setup):
+    tmp_path, base = tiny_setup
+    with pytest.warns(RuntimeWarning, match="slower"):
+        res = run_recipe(tmp_path, dict(base, device="numpy"), "np_dev", train=dict(base["train"], epochs=2))
+    assert res["meta"]["device"] == "numpy" and len(res["history"]) == 2
+    assert all(np.isfinite(h["train_loss"]) for h in res["history"])
