@@ -115,7 +115,7 @@ def test_cache_hit_miss_and_invalidation(tiny_setup):
 def test_same_seed_same_result_and_resume_equivalence(tiny_setup):
     tmp_path, base = tiny_setup
     full = run_recipe(tmp_path, base, "full")
-    again = run_recipe(tmp_path, base, "again")
+    run_recipe(tmp_path, base, "again")
     w_full = np.load(tmp_path / "full" / "weights.npz", allow_pickle=False)
     w_again = np.load(tmp_path / "again" / "weights.npz", allow_pickle=False)
     for k in w_full.files:

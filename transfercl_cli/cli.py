@@ -29,25 +29,23 @@ class TclGroup(click.Group):
         try:
             return super().invoke(ctx)
         except TclError as e:
-            _fail(e, _State.verbose or "--verbose" in sys.argv)
-        except MemoryError as e:
+            _fail(e, _State.verbose)
+        except MemoryError:
             _fail(TclError("The host ran out of memory.", "Lower train.batch_size or freeze more layers."), _State.verbose)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
-        except click.exceptions.Exit:
-            raise
-        except (click.ClickException, click.exceptions.Abort):
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except OSError as e:
             _fail(TclError(f"A file operation failed: {e}.",
                            "Check that the path exists, is readable, and that the output folder is writable and "
-                           "has free space."), _State.verbose or "--verbose" in sys.argv)
+                           "has free space."), _State.verbose)
         except Exception as e:  # noqa: BLE001 - a bug: one paragraph, exit 1, trace with --verbose
             err = TclError(f"Internal error ({type(e).__name__}: {e}).",
                            "This is a bug in tcl: rerun with --verbose and report the traceback.")
             err.exit_code = 1
-            _fail(err, _State.verbose or "--verbose" in sys.argv)
+            _fail(err, _State.verbose)
 
 
 @click.group(cls=TclGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,14 +124,10 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
     from .train import finetune as run
 
     overrides = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "train.optimizer": optimizer,
-                 "train.seed": seed, "data.seed": seed, "data.root": data_root, "model": model, "device": device,
-                 "output": output}
-    if data_root:
-        overrides["data.root"] = os.path.abspath(data_root)
-    if model:
-        overrides["model"] = os.path.abspath(model)
-    if output:
-        overrides["output"] = os.path.abspath(output)
+                 "train.seed": seed, "data.seed": seed, "device": device,
+                 # Paths given on the command line are relative to the current folder, not the recipe's.
+                 "data.root": data_root and os.path.abspath(data_root), "model": model and os.path.abspath(model),
+                 "output": output and os.path.abspath(output)}
     r = load_recipe(recipe, overrides)
     echo = (lambda *a: None) if (quiet or as_json) else (lambda m: click.echo(m))
     res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo, force=force)

@@ -280,6 +280,12 @@ def load_splits(root, val=0.1, test=0.2, seed=0, extensions=IMAGE_EXTENSIONS, mi
     return Splits(train.classes, {s: splits[s] for s in SPLITS}, "folders")
 
 
+def recipe_splits(data_cfg, root=None, min_classes=2):
+    """load_splits with a recipe's `data` section (root, val, test, seed, extensions); `root` overrides data.root."""
+    return load_splits(root or data_cfg["root"], val=data_cfg["val"], test=data_cfg["test"], seed=data_cfg["seed"],
+                       extensions=tuple(data_cfg["extensions"]), min_classes=min_classes)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Decoding and preprocessing
 

@@ -1,5 +1,4 @@
 """`tcl doctor`: checks the installation and explains in plain words what is wrong and how to fix it."""
-import glob
 import importlib
 import os
 import platform
@@ -136,19 +135,12 @@ def _device_selftest(info):
     """Build every kernel file and run a small forward/backward through the main ops against numpy."""
     import numpy as np
 
-    from .runtime import Runtime, kernel_source
+    from .runtime import Runtime, kernel_names
 
     try:
         rt = Runtime(info)
-        names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(
-            os.path.dirname(os.path.abspath(__file__))), "kernels", "*.cl")))
-        if not names:
-            from importlib import resources
-
-            names = sorted(p.name[:-3] for p in resources.files("transfercl_cli.kernels").iterdir()
-                           if p.name.endswith(".cl"))
+        names = kernel_names()
         for n in names:
-            kernel_source(n)
             rt.program(n)
         x = np.arange(8, dtype=np.float32)
         dx, dy = rt.to_device(x), rt.to_device(np.ones(8, np.float32))

@@ -39,8 +39,6 @@ class Predictor:
         out = self.ex.forward({self.input: x})[self.output]
         z = self.be.to_host(out).astype(np.float64).reshape(len(x), -1)
         self.be.release(out)
-        if self.graph.meta.get("output_is_probability"):
-            return z
         # Models that end in softmax already give probabilities; logits get one here.
         if np.all(z >= 0) and np.allclose(z.sum(1), 1.0, atol=1e-3):
             return z
@@ -78,9 +76,9 @@ def predict(model, images, labels=None, top=5, device=None, **load_opts):
 
 
 def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None, out_dir=None, batch_size=32,
-             log=print, **load_opts):
+             **load_opts):
     """Evaluate a run directory (its own data split) or a model on a data folder; writes the report files."""
-    from .data import ImageLoader, load_splits
+    from .data import ImageLoader, load_splits, recipe_splits
     from .recipe import load_recipe
     from .report import compute_metrics, write_report
     from .runfile import load_any_model
@@ -93,18 +91,16 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
         rec = load_recipe(os.path.join(model, "recipe.resolved.yaml"))
     graph = load_any_model(model, **load_opts)
     classes = _labels_for(graph, labels)
-    if data is None:
-        if rec is None:
-            raise TclError("No data to evaluate on.", "Pass --data DIR (one sub-folder per class), or a run directory.")
-        data = rec["data"]["root"]
-        dval, dtest, seed, exts = rec["data"]["val"], rec["data"]["test"], rec["data"]["seed"], rec["data"]["extensions"]
+    if rec is not None:
+        # The recipe's split (fractions, seed, extensions), on --data when given.
+        splits = recipe_splits(rec["data"], root=data, min_classes=1)
+        data = data or rec["data"]["root"]
         split = split or "test"
+    elif data is not None:
+        splits = load_splits(data, val=0.0, test=0.0, min_classes=1)
+        split = split or "all"
     else:
-        dval, dtest, seed = (rec["data"]["val"], rec["data"]["test"], rec["data"]["seed"]) if rec else (0.0, 0.0, 0)
-        exts = rec["data"]["extensions"] if rec else None
-        split = split or ("test" if rec else "all")
-    kw = {"extensions": tuple(exts)} if exts else {}
-    splits = load_splits(data, val=dval, test=dtest, seed=seed, min_classes=1, **kw)
+        raise TclError("No data to evaluate on.", "Pass --data DIR (one sub-folder per class), or a run directory.")
     data_classes = list(splits.classes)
     if not classes:
         raise ModelError(
@@ -159,12 +155,10 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
 
 def evaluate_graph_on_run(run_dir, graph, device=None, split="test"):
     """Accuracy of `graph` on a run's own split (used to measure what int8 quantization changes)."""
-    from .data import ImageLoader, load_splits
+    from .data import ImageLoader, recipe_splits
     from .recipe import load_recipe
 
-    rec = load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))
-    d = rec["data"]
-    splits = load_splits(d["root"], val=d["val"], test=d["test"], seed=d["seed"], extensions=tuple(d["extensions"]))
+    splits = recipe_splits(load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))["data"])
     items = splits[split] or splits["val"] or splits["train"]
     pr = Predictor(graph, device)
     pre = _model_preprocess(graph)

@@ -15,7 +15,7 @@ from collections import namedtuple
 import numpy as np
 
 from .errors import ModelError, TclError
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, jsonable as _jsonable, write_json
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -30,21 +30,6 @@ def _refuse_overwrite(paths, force):
                 f"The output file '{p}' already exists, and tcl does not overwrite files unless asked to.",
                 "Pass --force to replace it, or choose another output path.",
             )
-
-
-def _jsonable(obj):
-    """Meta values as plain JSON types (tuples, numpy arrays and scalars become lists and numbers)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 def _meta_for_export(graph):

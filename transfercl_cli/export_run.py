@@ -1,8 +1,6 @@
 """`tcl export-weights`: a run directory's weights as ONNX, Keras-layout HDF5 or npz (optionally int8)."""
 import os
 
-import numpy as np
-
 from .errors import TclError
 from .fsutil import write_json
 

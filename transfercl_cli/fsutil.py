@@ -26,6 +26,30 @@ def atomic_path(path):
         raise
 
 
+def jsonable(v, finite=False):
+    """Plain JSON types: tuples and numpy arrays become lists, numpy scalars numbers, paths strings, unknown objects
+    their str(). With finite=True, NaN and infinities become None (strict JSON, for reports)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {str(k): jsonable(x, finite) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x, finite) for x in v]
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist(), finite)
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return None if finite and not math.isfinite(v) else v
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return str(v)
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

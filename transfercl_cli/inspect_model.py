@@ -88,8 +88,6 @@ def inspect_model(model, recipe=None, batch_size=32, **load_opts):
 
 
 def _recipe_classes(r):
-    from .data import load_splits
+    from .data import recipe_splits
 
-    s = load_splits(r["data"]["root"], val=r["data"]["val"], test=r["data"]["test"], seed=r["data"]["seed"],
-                    extensions=tuple(r["data"]["extensions"]))
-    return list(s.classes)
+    return list(recipe_splits(r["data"]).classes)

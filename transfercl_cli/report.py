@@ -49,7 +49,7 @@ import re
 
 import numpy as np
 
-from .fsutil import atomic_path, write_text
+from .fsutil import atomic_path, jsonable, write_text
 
 SCHEMA_VERSION = 1
 LOSS_EPS = 1e-12
@@ -189,22 +189,8 @@ def _clip(s, n):
 
 
 def _jsonable(v):
-    """Plain JSON types: numpy scalars/arrays unpacked, non-finite floats -> None, unknown objects -> str."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    return str(v)
+    """Strict JSON for report.json: non-finite floats become null."""
+    return jsonable(v, finite=True)
 
 
 _NUM_ARRAY = re.compile(r"\[\n\s+([-+0-9.eE,\s]+?)\n\s*\]")

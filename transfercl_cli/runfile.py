@@ -8,25 +8,11 @@ import os
 import numpy as np
 
 from .errors import ModelError
-from .fsutil import load_npz, save_npz, write_json
+from .fsutil import jsonable as _jsonable, load_npz, save_npz, write_json
 from .graph import Graph, Node
 
 MODEL_JSON = "model.json"
 WEIGHTS = {"final": "weights.npz", "best": "best.npz"}
-
-
-def _jsonable(v):
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v
 
 
 def graph_to_json(graph):

@@ -53,17 +53,35 @@ def _import_cl():
     return cl
 
 
-def kernel_source(name):
-    """The text of kernels/NAME.cl, from the installed package (wheel) or the source tree."""
-    fname = name if name.endswith(".cl") else name + ".cl"
+def _kernel_files():
+    """{file name: path or resource} of the kernels/*.cl sources (installed package first, then the source tree)."""
     try:
         from importlib import resources
 
-        return resources.files(KERNEL_PACKAGE).joinpath(fname).read_text()
+        files = {p.name: p for p in resources.files(KERNEL_PACKAGE).iterdir() if p.name.endswith(".cl")}
+        if files:
+            return files
     except (ModuleNotFoundError, FileNotFoundError, OSError):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", fname)
-        with open(here) as f:
-            return f.read()
+        pass
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    return {f: os.path.join(here, f) for f in os.listdir(here) if f.endswith(".cl")}
+
+
+def kernel_names():
+    """Stems of every kernels/*.cl file, sorted."""
+    return sorted(f[:-3] for f in _kernel_files())
+
+
+def kernel_source(name):
+    """The text of kernels/NAME.cl, from the installed package (wheel) or the source tree."""
+    fname = name if name.endswith(".cl") else name + ".cl"
+    f = _kernel_files().get(fname)
+    if f is None:
+        raise FileNotFoundError(f"kernels/{fname}")
+    if isinstance(f, str):
+        with open(f) as fh:
+            return fh.read()
+    return f.read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -180,15 +180,14 @@ class Session:
 
     def __init__(self, recipe, log=print):
         from .backends import make_backend
-        from .data import Augment, load_splits
+        from .data import Augment, recipe_splits
         from .plan import build_plan
         from .runfile import load_any_model
 
         self.recipe = recipe
         self.log = log
         d = recipe["data"]
-        self.splits = load_splits(d["root"], val=d["val"], test=d["test"], seed=d["seed"],
-                                  extensions=tuple(d["extensions"]))
+        self.splits = recipe_splits(d)
         self.classes = list(self.splits.classes)
         if not self.splits["train"]:
             raise DataError(f"The dataset '{d['root']}' has no training images after the split.",
@@ -297,11 +296,10 @@ def compute_prefix_features(session, items, quiet=False):
 
 
 class Trainer:
-    def __init__(self, session, quiet=False):
+    def __init__(self, session):
         from .executor import Executor
 
         self.s = session
-        self.quiet = quiet
         self.be = session.be
         p = session.plan
         self.graph = p.suffix if p.use_cache else p.exec_graph
@@ -477,9 +475,10 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
     t_start = time.perf_counter()
     session = Session(recipe, log=log)
     session.bad_images = []
-    log(session.describe())
+    plan_text = session.describe()
+    log(plan_text)
     if dry_run:
-        return {"dry_run": True, "plan": session.describe()}
+        return {"dry_run": True, "plan": plan_text}
     run_dir = recipe["output"]
     os.makedirs(run_dir, exist_ok=True)
     t = recipe["train"]
@@ -530,7 +529,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
                                                          * (epochs_run + 1) - cache.compute_seconds, 1)}
         log(f"cache      {cache.hits} hits, {cache.misses} computed in {cache.compute_seconds:.1f} s; recomputing the "
             f"prefix every epoch would have cost about {cache_info['seconds_saved_over_epochs']:.0f} s more")
-    trainer = Trainer(session, quiet=quiet)
+    trainer = Trainer(session)
     if resume:
         trainer.opt.load_state(load_npz(os.path.join(run_dir, "optimizer.npz")))
     src = {name: Source(session, splits[name], feats.get(name), augment=(name == "train"), shuffle=(name == "train"))
@@ -550,7 +549,8 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
     bad_epochs = 0
     if history and es and best:
         bad_epochs = history[-1]["epoch"] - best["epoch"]
-    save_run_model(plan.graph, run_dir, "weights.npz") if not resume else None
+    if not resume:
+        save_run_model(plan.graph, run_dir, "weights.npz")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     # The log holds exactly the epochs of the checkpoint (an epoch interrupted after its line was written is redone).
     write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
@@ -623,7 +623,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
     else:
         _load_params_into(plan.graph, load_npz(os.path.join(run_dir, "best.npz")))
         session.be.forget_params()
-        trainer = Trainer(session, quiet=quiet)
+        trainer = Trainer(session)
         eval_weights = f"best (epoch {best['epoch']}, {best['metric']} {best['value']:.4f})"
     split = eval_split
     t0 = time.perf_counter()

@@ -1005,7 +1005,7 @@ def _reshape_plan(shape_in, perm_in, shape_out):
 
     def valid(perm):
         seq = [a for a in perm if shape_in[a] != 1]
-        seen, prev = set(), None
+        seen, prev, last = set(), None, -1
         for a in seq:
             k = owner[a]
             if k != prev:
