@@ -19,8 +19,8 @@
 #define RELU(v) ((v) > 0.0f ? (v) : 0.0f)
 #define CAP6(v) ((v) < 6.0f ? (v) : 6.0f)
 
-#if defined(DEPTHWISE) && DEPTHWISE
-
+// Shared by the depthwise and direct sections: vector width VW, output pixels per chunk PIX, input row span.
+#if (defined(DEPTHWISE) && DEPTHWISE) || (defined(DIRECT) && DIRECT)
 #ifndef VW
 #define VW 1
 #endif
@@ -47,6 +47,11 @@ typedef vec_t vec __attribute__((aligned(4)));
 #define LD(p) (*(const __global vec*)(p))
 #define ST(p, v) (*(__global vec*)(p) = (v))
 #endif
+#define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
+#endif
+
+#if defined(DEPTHWISE) && DEPTHWISE
+
 
 // y[n, oh, ow, c*MULT + m] = act(sum_ij x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c] * w[i, j, 0, c*MULT + m] + b)
 // act: 0 none, 1 relu, 2 relu6; has_bias 0/1 (runtime: uniform branches cost nothing next to the taps).
@@ -55,7 +60,6 @@ typedef vec_t vec __attribute__((aligned(4)));
 // Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
 // Each input row segment the PIX pixels need (SPAN vectors) is loaded once into registers, zero outside the
 // image, then every tap is a register multiply-add: no bounds checks in the arithmetic.
-#define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
 __kernel KATTR void dw_fwd(const __global float* restrict x, const __global float* restrict w,
                            const __global float* restrict b, __global float* restrict y,
                            int H, int W, int Cin, int OH, int OW, int pt, int pl, int co0, int nblocks,
@@ -276,25 +280,6 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
 // Work-item: bpi blocks of VW output channels from co0, ppi chunks of PIX output pixels, rpi rows; the input row
 // segment the PIX pixels need is loaded once per row of taps (zero outside the image).
 // Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
-#ifndef VW
-#define VW 1
-#endif
-#if defined(MINVEC) && MINVEC
-#define KATTR __attribute__((min_vector_width(512)))
-#else
-#define KATTR
-#endif
-#if VW == 1
-typedef float vec;
-#define LD(p) (*(p))
-#define ST(p, v) (*(p) = (v))
-#else
-typedef CAT(float, VW) vec_t;
-typedef vec_t vec __attribute__((aligned(4)));
-#define LD(p) (*(const __global vec*)(p))
-#define ST(p, v) (*(__global vec*)(p) = (v))
-#endif
-#define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
 #ifndef NBV
 #define NBV 1
 #endif
