@@ -18,8 +18,24 @@ typedef float8 F8U __attribute__((aligned(4)));
             s2 += d * d;                                                                                          \
         }                                                                                                         \
         STORE(part_mean + (size_t)k * C + c, shift + s1 / n);                                                     \
-        STORE(part_m2 + (size_t)k * C + c, (s2 - s1 * s1 / n > (T)(0.0f) ? s2 - s1 * s1 / n : (T)(0.0f)));                                    \
+        const T m2 = s2 - s1 * s1 / n;                                                                            \
+        STORE(part_m2 + (size_t)k * C + c, m2 > (T)(0.0f) ? m2 : (T)(0.0f));                                      \
     }
+// The fused activation of a BatchNorm (act: 0 none, 1 relu, 2 relu6) and its gradient mask, from the BN output
+// v = x * a + b recomputed from the saved input (the BN output itself is never stored).
+#define DEF_BN_ACT(T, SUF)                                                                                        \
+inline T bn_act_##SUF(const T v, const int act) {                                                                \
+    if (act == 1) return v > (T)(0.0f) ? v : (T)(0.0f);                                                           \
+    if (act == 2) return v > (T)(6.0f) ? (T)(6.0f) : (v > (T)(0.0f) ? v : (T)(0.0f));                             \
+    return v;                                                                                                     \
+}                                                                                                                 \
+inline T bn_mask_##SUF(const T g, const T v, const int act) {                                                    \
+    if (act == 1) return v > (T)(0.0f) ? g : (T)(0.0f);                                                           \
+    if (act == 2) return ((v > (T)(0.0f)) & (v < (T)(6.0f))) ? g : (T)(0.0f);                                     \
+    return g;                                                                                                     \
+}
+DEF_BN_ACT(float8, v)
+DEF_BN_ACT(float, s)
 #define LD8(p) (*(__global const F8U*)(p))
 #define ST8(p, v) (*(__global F8U*)(p) = (v))
 #define LD1(p) (*(p))
@@ -89,9 +105,9 @@ __kernel void bn_infer_coeffs(__global const float* gamma, __global const float*
     b_out[c] = (has_beta ? beta[c] : 0.0f) - mean[c] * a;
 }
 
-// y = x * a[c] + b[c] over (M, C); grid (ceil(C / 8), M). has_b = 0 skips b (a per-channel multiply).
+// y = act(x * a[c] + b[c]) over (M, C); grid (ceil(C / 8), M). has_b = 0 skips b (a per-channel multiply).
 __kernel void chan_affine(__global const float* x, __global float* y, __global const float* a,
-                          __global const float* b, const int has_b, const int M, const int C) {
+                          __global const float* b, const int has_b, const int M, const int C, const int act) {
     const int c0 = get_global_id(0) * 8;
     const int m = get_global_id(1);
     if (m >= M || c0 >= C) return;
@@ -99,23 +115,31 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
     if (c0 + 8 <= C) {
         const float8 va = *(__global const F8U*)(a + c0);
         const float8 vb = has_b ? *(__global const F8U*)(b + c0) : (float8)(0.0f);
-        *(__global F8U*)(y + o) = *(__global const F8U*)(x + o) * va + vb;
+        const float8 v = *(__global const F8U*)(x + o) * va + vb;
+        *(__global F8U*)(y + o) = bn_act_v(v, act);
     } else {
-        for (int c = c0; c < C; ++c) y[o + c - c0] = x[o + c - c0] * a[c] + (has_b ? b[c] : 0.0f);
+        for (int c = c0; c < C; ++c) {
+            const float v = x[o + c - c0] * a[c] + (has_b ? b[c] : 0.0f);
+            y[o + c - c0] = bn_act_s(v, act);
+        }
     }
 }
 
 // Gradient sums, pass 1: per (channel block, chunk) sum of g and of g * (x - mean[c]) * istd[c] (centered = 0: of
-// g * x, the gradient of a per-channel scale). Grid (ceil(C / 8), nchunks).
-#define GSUM_CHUNK(T, LOAD, STORE)                                                                                \
+// g * x, the gradient of a per-channel scale). With act, g is first masked by the activation's derivative at
+// x * fa[c] + fb[c]. Grid (ceil(C / 8), nchunks).
+#define GSUM_CHUNK(T, SUF, LOAD, STORE)                                                                           \
     {                                                                                                             \
         const T mu = centered ? LOAD(mean + c) : (T)(0.0f);                                                       \
+        const T va = act ? LOAD(fa + c) : (T)(0.0f), vb = act ? LOAD(fb + c) : (T)(0.0f);                         \
         T sg = (T)(0.0f), sgx = (T)(0.0f);                                                                        \
         for (int r = r0; r < r1; ++r) {                                                                           \
             const size_t o = (size_t)r * C + c;                                                                   \
-            const T gv = LOAD(g + o);                                                                             \
+            const T xv = LOAD(x + o);                                                                             \
+            const T v = xv * va + vb;                                                                             \
+            const T gv = bn_mask_##SUF(LOAD(g + o), v, act);                                                      \
             sg += gv;                                                                                             \
-            sgx += gv * (LOAD(x + o) - mu);                                                                       \
+            sgx += gv * (xv - mu);                                                                                \
         }                                                                                                         \
         STORE(part_g + (size_t)k * C + c, sg);                                                                    \
         STORE(part_gx + (size_t)k * C + c, centered ? sgx * LOAD(istd + c) : sgx);                                \
@@ -124,7 +148,8 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
 __kernel void chan_gsum_partial(__global const float* x, __global const float* g, __global const float* mean,
                                 __global const float* istd, const int centered, const int M, const int C,
                                 const int rows, const int nchunks, __global float* part_g,
-                                __global float* part_gx) {
+                                __global float* part_gx, __global const float* fa, __global const float* fb,
+                                const int act) {
     const int c0 = get_global_id(0) * 8;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;
@@ -132,9 +157,9 @@ __kernel void chan_gsum_partial(__global const float* x, __global const float* g
     const int r1 = min(r0 + rows, M);
     if (c0 + 8 <= C) {
         const int c = c0;
-        GSUM_CHUNK(float8, LD8, ST8)
+        GSUM_CHUNK(float8, v, LD8, ST8)
     } else {
-        for (int c = c0; c < C; ++c) GSUM_CHUNK(float, LD1, ST1)
+        for (int c = c0; c < C; ++c) GSUM_CHUNK(float, s, LD1, ST1)
     }
 }
 
@@ -169,27 +194,36 @@ __kernel void bn_bwd_coeffs(__global const float* sum_g, __global const float* s
 }
 
 // dx = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]; grid (ceil(C / 8), M). has_x = 0: dx = k1[c] * g (inference).
+// With act, g is first masked by the activation's derivative at x * fa[c] + fb[c] (x is then read either way).
 __kernel void chan_bwd_apply(__global const float* x, __global const float* g, __global float* dx,
                              __global const float* k1, __global const float* k2, __global const float* k3,
-                             __global const float* mean, const int has_x, const int M, const int C) {
+                             __global const float* mean, const int has_x, const int M, const int C,
+                             __global const float* fa, __global const float* fb, const int act) {
     const int c0 = get_global_id(0) * 8;
     const int m = get_global_id(1);
     if (m >= M || c0 >= C) return;
     const size_t o = (size_t)m * C + c0;
-    if (!has_x) {
-        if (c0 + 8 <= C) {
-            *(__global F8U*)(dx + o) = *(__global const F8U*)(g + o) * *(__global const F8U*)(k1 + c0);
-        } else {
-            for (int c = c0; c < C; ++c) dx[o + c - c0] = g[o + c - c0] * k1[c];
-        }
-    } else if (c0 + 8 <= C) {
+    if (c0 + 8 <= C) {
         const float8 a = *(__global const F8U*)(k1 + c0);
-        const float8 b = *(__global const F8U*)(k2 + c0);
-        const float8 d = *(__global const F8U*)(k3 + c0);
-        const float8 mu = *(__global const F8U*)(mean + c0);
-        *(__global F8U*)(dx + o) = *(__global const F8U*)(g + o) * a + (*(__global const F8U*)(x + o) - mu) * b + d;
+        float8 gv = *(__global const F8U*)(g + o);
+        if (act) {
+            const float8 v =
+                *(__global const F8U*)(x + o) * *(__global const F8U*)(fa + c0) + *(__global const F8U*)(fb + c0);
+            gv = bn_mask_v(gv, v, act);
+        }
+        if (!has_x) {
+            *(__global F8U*)(dx + o) = gv * a;
+        } else {
+            const float8 b = *(__global const F8U*)(k2 + c0);
+            const float8 d = *(__global const F8U*)(k3 + c0);
+            const float8 mu = *(__global const F8U*)(mean + c0);
+            *(__global F8U*)(dx + o) = gv * a + (*(__global const F8U*)(x + o) - mu) * b + d;
+        }
     } else {
-        for (int c = c0; c < C; ++c)
-            dx[o + c - c0] = g[o + c - c0] * k1[c] + (x[o + c - c0] - mean[c]) * k2[c] + k3[c];
+        for (int c = c0; c < C; ++c) {
+            const float xv = x[o + c - c0];
+            const float gv = bn_mask_s(g[o + c - c0], xv * fa[c] + fb[c], act);
+            dx[o + c - c0] = has_x ? gv * k1[c] + (xv - mean[c]) * k2[c] + k3[c] : gv * k1[c];
+        }
     }
 }

@@ -8,9 +8,9 @@ typedef float8 F8U __attribute__((aligned(4)));
 
 // ---------------------------------------------------------------------------------------------------------------
 // Activations, chosen by the runtime argument `act` (uniform per launch; one program for all of them, which keeps
-// the first build short). ACT_F is the forward, ACT_DF the input gradient from the saved tensor s (the input x,
-// except sigmoid/tanh which save their output y); P0, P1 are attributes. The same code serves the float8 body and
-// the scalar tail (T = float8 or float). Comparisons and ?: instead of fmax/fmin/clamp/select: PoCL emits those
+// the first build short). ACT_F is the forward, ACT_DF the input gradient from the saved tensor s (the input x, or
+// the output y where the op saves it: see SAVES_Y in cl_elementwise.py); P0, P1 are attributes. The same code
+// serves the float8 body and the scalar tail (T = float8 or float). Comparisons and ?: instead of fmax/fmin/clamp/select: PoCL emits those
 // built-ins as function calls that spill the vector registers.
 // act: 0 copy, 1 relu, 2 relu6, 3 clip(P0, P1), 4 leaky_relu(P0), 5 sigmoid, 6 tanh, 7 swish,
 //      8 hard_sigmoid: clip(P0 x + P1, 0, 1), 9 hard_swish: x relu6(x + 3) / 6, 10 affine: P0 x + P1.

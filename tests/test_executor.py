@@ -2,7 +2,7 @@
 reference executor, and the reference matches finite differences."""
 import numpy as np
 
-from transfercl_cli.executor import Executor
+from transfercl_cli.executor import Executor, tensors_in
 from transfercl_cli.graph import Graph, Node
 
 from .helpers import assert_close, numeric_grad
@@ -112,3 +112,33 @@ def test_training_step_allocates_nothing_after_warmup(clbe):
         clbe.finish()
         sizes.append(clbe.rt.allocated_bytes)
     assert sizes[1] == sizes[2] == sizes[3], sizes
+
+
+def test_training_forward_keeps_only_what_backward_reads(clbe):
+    # conv -> bn -> relu6 -> conv: the BN output is read by nothing in the backward (ReLU6 keeps its own output,
+    # which the next conv keeps too), so it goes back to the pool in the forward pass; the conv outputs and the
+    # ReLU6 output stay until their backward has run, and nothing is left once backward ends.
+    rng = np.random.default_rng(2)
+
+    def conv(name, x, cin, cout):
+        return Node(name, "conv2d", [x], [name], {"kernel": (1, 1), "strides": (1, 1), "dilations": (1, 1),
+                                                  "pads": (0, 0, 0, 0), "groups": 1},
+                    {"weight": rng.normal(0, 0.5, (1, 1, cin, cout)).astype(np.float32)})
+
+    nodes = [conv("c1", "x", 3, 8),
+             Node("bn", "batchnorm", ["c1"], ["bn"], {"eps": 1e-3, "momentum": 0.9},
+                  {"gamma": np.ones(8, np.float32), "beta": np.zeros(8, np.float32),
+                   "mean": np.zeros(8, np.float32), "var": np.ones(8, np.float32)}),
+             Node("relu", "relu6", ["bn"], ["relu"]),
+             conv("c2", "relu", 8, 4)]
+    g = Graph(nodes, {"x": (5, 5, 3)}, ["c2"])
+    ex = Executor(g, clbe, {"c1", "bn", "c2"})
+    x = rng.uniform(-1, 1, (2, 5, 5, 3)).astype(np.float32)
+    ex.forward({"x": x}, training=True)
+    kept = sorted(tuple(v.shape) for v in ex._live.values())
+    # The uploaded input (c1's weight gradient reads it), c1's output (the BN input) and the ReLU6 output.
+    assert kept == [(2, 5, 5, 3), (2, 5, 5, 8), (2, 5, 5, 8)], kept
+    pinned_by = {n: [id(v) for v in tensors_in(ex._saved[n]) if id(v) in ex._live] for n in ("bn", "relu", "c2")}
+    assert len(pinned_by["bn"]) == 1 and pinned_by["relu"] == pinned_by["c2"] and pinned_by["bn"] != pinned_by["relu"]
+    ex.backward({"c2": clbe.asarray(np.ones((2, 5, 5, 4), np.float32))})
+    assert ex._live is None and ex._saved is None

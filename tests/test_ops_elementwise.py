@@ -302,6 +302,46 @@ def test_batchnorm_opencl(npbe, clbe, training, shape):
     check_op(npbe, clbe, node, [randn(*shape, scale=2) + 1.0], training=training)
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 17), (3, 4, 8), (1, 5, 7, 3)])
+def test_batchnorm_fused_activation(npbe, clbe, act, training, shape):
+    # plan.fold_frozen fuses a ReLU/ReLU6 into a BatchNorm that stays; its mask is recomputed from the input.
+    node = _bn_node(shape[-1])
+    node.attrs["act"] = act
+    node.params["gamma"] = RNG.uniform(2.0, 5.0, shape[-1])  # outputs beyond 6 as well as below 0
+    x = randn(*shape, scale=3) + 1.0
+    check_op(npbe, clbe, node, [x], training=training)
+    check_reference_grads(npbe, node, [randn(2, 3, shape[-1]).astype(np.float64) * 3 + 1], training=training)
+
+
+def test_batchnorm_fused_activation_matches_two_nodes(npbe):
+    from transfercl_cli.graph import Graph, Node
+
+    rng = np.random.default_rng(11)
+    C = 6
+    bn = _bn_node(C, rng=rng)
+    bn.params["gamma"] = rng.uniform(2.0, 5.0, C)
+    g1 = Graph([Node("bn", "batchnorm", ["x"], ["b"], dict(bn.attrs), dict(bn.params)),
+                Node("act", "relu6", ["b"], ["y"])], {"x": (4, C)}, ["y"])
+    g2 = Graph([Node("bn", "batchnorm", ["x"], ["y"], dict(bn.attrs, act="relu6"), dict(bn.params))],
+               {"x": (4, C)}, ["y"])
+    x = rng.normal(2, 3, (3, 4, C))
+    gy = rng.normal(0, 1, (3, 4, C))
+    from transfercl_cli.executor import Executor
+
+    res = []
+    for g in (g1, g2):
+        npbe.forget_params()
+        ex = Executor(g, npbe, {"bn"})
+        y = ex.forward({"x": x}, training=True)["y"]
+        grads = ex.backward({"y": gy})
+        res.append((y, grads[("bn", "gamma")], grads[("bn", "beta")]))
+    assert 0 < np.mean(res[0][0] == 0) < 1 and np.any(res[0][0] == 6)  # both kinks are exercised
+    for a, b in zip(*res):
+        assert_close(b, a, 1e-12, "fused vs separate")
+
+
 def test_batchnorm_large_mean(npbe, clbe):
     # float32 statistics must not cancel when the mean dwarfs the spread.
     node = _bn_node(17)

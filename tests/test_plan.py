@@ -113,5 +113,28 @@ def test_zero_pad_folds_into_the_next_frozen_conv():
     assert f.names() == ["conv_dw_2"] and f.node("conv_dw_2").attrs["pads"] == (0, 0, 1, 1)
     assert f.node("conv_dw_2").attrs["folded"] == ["conv_pad_2", "conv_dw_2_relu"]
     assert_close(run_forward(f, NumpyBackend(), {"x": x})["z"], ref, 1e-12, "pad folded")
-    # A trainable conv keeps its Pad node.
-    assert "conv_pad_2" in fold_frozen(g, {"conv_dw_2"}).names()
+    # A trainable conv absorbs its Pad too (no padded copy kept for the backward), sharing its parameter dict;
+    # forward and gradients are unchanged.
+    from transfercl_cli.executor import Executor
+
+    ft = fold_frozen(g, {"conv_dw_2"})
+    assert "conv_pad_2" not in ft.names() and ft.node("conv_dw_2").params is g.node("conv_dw_2").params
+    gy = rng.normal(0, 1, ref.shape)
+    res = []
+    for gr in (g, ft):
+        ex = Executor(gr, NumpyBackend(), {"conv_dw_2"})
+        y = ex.forward({"x": x}, training=True)["z"]
+        res.append((y, ex.backward({"z": gy})[("conv_dw_2", "weight")]))
+    assert_close(res[1][0], res[0][0], 1e-12, "trainable pad folded: forward")
+    assert_close(res[1][1], res[0][1], 1e-12, "trainable pad folded: weight gradient")
+
+
+def test_trainable_batchnorm_carries_the_next_activation():
+    g = tiny_mobilenet()
+    f = fold_frozen(g, {"conv_pw_2", "conv_pw_2_bn"})
+    bn = f.node("conv_pw_2_bn")
+    assert bn.attrs["act"] == "relu6" and bn.attrs["folded"] == ["conv_pw_2_relu"]
+    assert "conv_pw_2_relu" not in f.names() and bn.params is g.node("conv_pw_2_bn").params
+    x = np.random.default_rng(6).uniform(-1, 1, (2, 9, 9, 3)).astype(np.float32)
+    assert_close(run_forward(f, NumpyBackend(), {"input": x})["probs"],
+                 run_forward(g, NumpyBackend(), {"input": x})["probs"], 1e-6, "BN with its activation")

@@ -106,6 +106,25 @@ def test_buffer_pool_reuses_buffers(rt):
     b.release()
 
 
+def test_buffer_pool_serves_a_smaller_request_from_a_free_buffer_up_to_twice_its_size(rt):
+    big = rt.empty((1000, 1001))  # a size no other test uses
+    buf, cap = big.buf, big.capacity
+    big.release()
+    before = rt.allocated_bytes
+    small = rt.empty((700, 1001))
+    assert small.buf is buf and small.capacity == cap and rt.allocated_bytes == before
+    x = np.arange(small.size, dtype=np.float32).reshape(small.shape)
+    rt.to_device(x, out=small)
+    np.testing.assert_array_equal(small.get(), x)  # copies move nbytes, not the buffer's size
+    small.release()  # back under the buffer's own size
+    again = rt.empty((1000, 1001))
+    assert again.buf is buf
+    tiny = rt.empty((400, 1001))  # less than half: a new buffer
+    assert tiny.buf is not buf
+    again.release()
+    tiny.release()
+
+
 def test_device_array_reshape_and_roundtrip(rt):
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     d = rt.to_device(x)

@@ -1,10 +1,30 @@
 """Runs a Graph on a backend: forward (inference or training) and backward to parameter gradients.
 
-Only the part of the graph that gradients flow through keeps anything for the backward pass: a frozen prefix
-runs in inference mode (BatchNorm with moving statistics) and its intermediate tensors go back to the buffer
-pool as soon as their last reader has run.
+Only what a backward function will read stays alive for the backward pass. Each training forward returns a
+saved-for-backward context; the tensors it references are *pinned* until that node's backward has run, and every
+other intermediate goes back to the buffer pool as soon as its last forward reader has run (a BatchNorm output
+read only by a ReLU6 that keeps its own output is freed in the forward pass, as PyTorch frees it). A frozen prefix
+runs in inference mode (BatchNorm with moving statistics) and keeps nothing.
 """
+import numpy as np
+
 from .ops import Need
+from .runtime import DeviceArray
+
+
+def tensors_in(ctx):
+    """The backend tensors a saved-for-backward context references (walks tuples, lists and dicts)."""
+    found = []
+    stack = [ctx]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (DeviceArray, np.ndarray)):
+            found.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return found
 
 
 class Executor:
@@ -26,20 +46,15 @@ class Executor:
         self.grad_tensors = grad_t
         for n in self.grad_nodes:
             self._bwd[n.op] = self._bwd.get(n.op) or backend.backward_fn(n.op)
-        grad_names = {n.name for n in self.grad_nodes}
         # Last reader of each tensor, for freeing in the forward pass.
         self._last_use = {}
         for i, n in enumerate(graph.nodes):
             for t in n.inputs:
                 self._last_use[t] = i
-        # Tensors the backward pass may read stay alive until backward ends.
-        self._keep_for_bwd = set()
-        for n in graph.nodes:
-            if n.name in grad_names:
-                self._keep_for_bwd.update(n.inputs)
-                self._keep_for_bwd.update(n.outputs)
         self._saved = None
-        self._live = None
+        self._live = None  # id(tensor) -> tensor: owned tensors past their last forward use, pinned by a context
+        self._pins = None  # id(tensor) -> number of saved contexts that still reference it
+        self._ctx_pins = None  # node name -> ids its context pinned
 
     def node_training(self, n, training):
         if not training or n not in self.grad_nodes:
@@ -63,8 +78,16 @@ class Executor:
                 owned.add(k)
         saved = {}
         keep = set(want)
-        if training:
-            keep |= self._keep_for_bwd
+        pins, ctx_pins, live = {}, {}, {}
+
+        def drop(t):
+            v = env.pop(t)
+            owned.discard(t)
+            if id(v) in pins:
+                live[id(v)] = v  # a backward still reads it
+            else:
+                be.release(v)
+
         for i, n in enumerate(self.graph.nodes):
             xs = [env[t] for t in n.inputs]
             ys, ctx = self._fwd[n.op](be, n, xs, self.node_training(n, training))
@@ -73,22 +96,34 @@ class Executor:
                 owned.add(t)
             if training and n in self.grad_nodes:
                 saved[n.name] = ctx
+                ids = {id(v) for v in tensors_in(ctx)}
+                ctx_pins[n.name] = ids
+                for k in ids:
+                    pins[k] = pins.get(k, 0) + 1
             elif ctx is not None and hasattr(ctx, "release"):
                 ctx.release()
-            # Free inputs whose last reader this was.
+            # Free inputs whose last reader this was, and outputs nothing reads.
             for t in set(n.inputs):
                 if self._last_use.get(t) == i and t not in keep and t in owned:
-                    be.release(env.pop(t))
-                    owned.discard(t)
+                    drop(t)
+            for t in n.outputs:
+                if t not in self._last_use and t not in keep and t in owned:
+                    drop(t)
         out = {t: env[t] for t in want}
+        for t in [t for t in env if t in owned and t not in want]:
+            drop(t)
         if training:
-            self._saved = saved
-            self._live = {t: v for t, v in env.items() if t in owned and t not in want}
-        else:
-            for t, v in env.items():
-                if t in owned and t not in want:
-                    be.release(v)
+            self._saved, self._pins, self._ctx_pins, self._live = saved, pins, ctx_pins, live
         return out
+
+    def _unpin(self, name):
+        for k in self._ctx_pins.pop(name, ()):
+            self._pins[k] -= 1
+            if self._pins[k] == 0:
+                del self._pins[k]
+                v = self._live.pop(k, None)
+                if v is not None:
+                    self.be.release(v)
 
     def backward(self, grad_outputs):
         """Backpropagate {output tensor: gradient}. Returns {(node name, param): gradient} for trainable nodes."""
@@ -103,6 +138,7 @@ class Executor:
                 continue
             need = Need([t in self.grad_tensors for t in n.inputs], n.name in self.trainable and bool(n.params))
             gxs, gps = self._bwd[n.op](be, n, self._saved.pop(n.name), gys, need)
+            self._unpin(n.name)
             for g in gys:
                 if g is not None and all(g is not v for v in grad_outputs.values()):
                     be.release(g)
@@ -134,7 +170,7 @@ class Executor:
         if self._live:
             for v in self._live.values():
                 self.be.release(v)
-        self._live = None
+        self._live = self._pins = self._ctx_pins = None
         if self._saved:
             for ctx in self._saved.values():
                 if ctx is not None and hasattr(ctx, "release"):

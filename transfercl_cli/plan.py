@@ -147,18 +147,21 @@ def resolve_freeze(graph, freeze, unfreeze, new_layers=()):
 
 
 def fold_frozen(graph, trainable):
-    """Inference-time rewrite of the frozen part: Conv+BN folded into the conv's weights and bias, and a following
-    ReLU/ReLU6 fused into the conv's epilogue. Trainable nodes are shared (same objects), so updates made through the
-    returned graph are seen by `graph`."""
+    """The graph that runs: frozen Conv+BN folded into the conv's weights and bias, a following ReLU/ReLU6 fused into
+    the conv's epilogue (or, where the BN stays, into the BN), zero Pads into the next conv's padding. Trainable
+    nodes are the same objects or share their parameter dicts, so updates made through the returned graph are seen
+    by `graph`."""
     cons = graph.consumers()
     out_nodes = []
     skip = set()
-    # A frozen zero Pad read only by a frozen convolution becomes that convolution's own padding.
+    # A zero Pad read only by a convolution becomes that convolution's own padding (frozen or trainable: a Pad has
+    # no parameters, and the padded copy would otherwise be kept for the backward pass). A trainable convolution
+    # keeps its parameter dict (the same object), so updates are seen by `graph`.
     pad_into = {}
     for n in graph.nodes:
         nxt = cons.get(n.outputs[0], [])
-        if (n.op == "pad" and n.name not in trainable and float(n.attrs.get("value", 0.0)) == 0.0
-                and len(nxt) == 1 and nxt[0].op == "conv2d" and nxt[0].name not in trainable
+        if (n.op == "pad" and float(n.attrs.get("value", 0.0)) == 0.0 and min(n.attrs["pads"]) >= 0
+                and len(n.attrs["pads"]) == 4 and len(nxt) == 1 and nxt[0].op == "conv2d"
                 and n.outputs[0] not in graph.outputs):
             pad_into[nxt[0].name] = n
             skip.add(n.name)
@@ -169,7 +172,7 @@ def fold_frozen(graph, trainable):
             pad = pad_into[n.name]
             n = Node(n.name, n.op, [pad.inputs[0]] + list(n.inputs[1:]), list(n.outputs),
                      dict(n.attrs, pads=tuple(int(a) + int(b) for a, b in zip(n.attrs["pads"], pad.attrs["pads"])),
-                          folded=[pad.name]), dict(n.params), n.source)
+                          folded=[pad.name]), n.params if n.name in trainable else dict(n.params), n.source)
         if n.op in ("conv2d", "dense") and n.name not in trainable and not n.attrs.get("act"):
             cur = n
             merged = []
@@ -198,6 +201,18 @@ def fold_frozen(graph, trainable):
                 cur.outputs = list(act.outputs)
                 skip.add(act.name)
             out_nodes.append(cur)
+        elif n.op == "batchnorm" and not n.attrs.get("act"):
+            # A BatchNorm left standing (it trains, or its conv does) carries the ReLU/ReLU6 after it: one pass
+            # instead of two forward, and no BN output kept for the backward. Its parameter dict is shared.
+            nxt = cons.get(n.outputs[0], [])
+            act = _clip_as_act(nxt[0]) if len(nxt) == 1 else None
+            if act and n.outputs[0] not in graph.outputs:
+                out_nodes.append(Node(n.name, n.op, list(n.inputs), list(nxt[0].outputs),
+                                      dict(n.attrs, act=act, folded=n.attrs.get("folded", []) + [nxt[0].name]),
+                                      n.params, n.source))
+                skip.add(nxt[0].name)
+            else:
+                out_nodes.append(n)
         else:
             out_nodes.append(n)
     g = Graph(out_nodes, dict(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))

@@ -220,14 +220,15 @@ def select_device(spec=None, devices=None):
 class DeviceArray:
     """A float32 (or int32) array in device memory: an OpenCL buffer plus its shape. Row-major, no offset."""
 
-    __slots__ = ("rt", "buf", "shape", "dtype", "nbytes", "_pooled")
+    __slots__ = ("rt", "buf", "shape", "dtype", "nbytes", "capacity", "_pooled")
 
-    def __init__(self, rt, buf, shape, dtype=np.float32, pooled=False):
+    def __init__(self, rt, buf, shape, dtype=np.float32, pooled=False, capacity=None):
         self.rt = rt
         self.buf = buf
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.capacity = max(self.nbytes, 4) if capacity is None else capacity  # the buffer's size (>= nbytes)
         self._pooled = pooled
 
     @property
@@ -249,7 +250,7 @@ class DeviceArray:
             shape[i] = self.size // max(rest, 1)
         if int(np.prod(shape)) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
-        return DeviceArray(self.rt, self.buf, shape, self.dtype, pooled=False)
+        return DeviceArray(self.rt, self.buf, shape, self.dtype, pooled=False, capacity=self.capacity)
 
     def get(self):
         return self.rt.to_host(self)
@@ -402,20 +403,27 @@ class Runtime:
         return buf
 
     def empty(self, shape, dtype=np.float32):
-        """An uninitialised device array, reusing a pooled buffer of the same byte size when one is free."""
+        """An uninitialised device array from the pool: a free buffer of the same byte size, else the smallest free
+        one up to twice the size (the pattern of sizes repeats every training step, so close sizes share), else a
+        new buffer."""
         shape = tuple(int(s) for s in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         key = max(nbytes, 4)
         with self._lock:
             free = self._pool.get(key)
+            if not free:
+                fits = [k for k, v in self._pool.items() if v and key < k <= 2 * key]
+                if fits:
+                    key = min(fits)
+                    free = self._pool[key]
             buf = free.pop() if free else None
         if buf is None:
             buf = self._alloc(key)
-        return DeviceArray(self, buf, shape, dtype, pooled=True)
+        return DeviceArray(self, buf, shape, dtype, pooled=True, capacity=key)
 
     def pool_release(self, arr):
         with self._lock:
-            self._pool[max(arr.nbytes, 4)].append(arr.buf)
+            self._pool[arr.capacity].append(arr.buf)
 
     def zeros(self, shape, dtype=np.float32):
         a = self.empty(shape, dtype)

@@ -447,7 +447,8 @@ def conv2d_fwd(be, node, xs, training):
         depthwise_forward(rt, x, w, b, geom, act, y)
     else:
         conv_forward(rt, x, w, b, geom, G, act, y)
-    return [y], (x, y)
+    # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
+    return [y], (x, y if _act_code(act) else None)
 
 
 @register("opencl", "conv2d", "backward")

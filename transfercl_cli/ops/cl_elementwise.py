@@ -23,8 +23,14 @@ f32 = np.float32
 
 ACT_CODES = {"copy": 0, "relu": 1, "relu6": 2, "clip": 3, "leaky_relu": 4, "sigmoid": 5, "tanh": 6, "swish": 7,
              "hard_sigmoid": 8, "hard_swish": 9, "affine": 10}
-# Activations whose backward reads the output instead of the input.
-SAVES_Y = {"sigmoid", "tanh"}
+# Activations whose backward reads the output instead of the input: sigmoid and tanh need it; for the piecewise
+# linear ones the derivative's test (x > 0, 0 < x < 6, lo < x < hi) gives the same answer on y, and keeping y
+# (which the next layer keeps anyway) lets the executor free the input in the forward pass.
+SAVES_Y = {"sigmoid", "tanh", "relu", "relu6", "clip"}
+
+
+def saves_output(op, p0):
+    return op in SAVES_Y or (op == "leaky_relu" and p0 > 0)
 
 
 def _groups8(n):
@@ -257,28 +263,33 @@ def transpose(rt, x, perm):
     return out
 
 
-def chan_affine(rt, x, a, b=None, out=None):
-    """out = x * a[c] (+ b[c]) over the last axis."""
+# Activations a BatchNorm can carry in its epilogue (plan.fold_frozen fuses a following ReLU/ReLU6).
+BN_ACT = {None: 0, "relu": 1, "relu6": 2}
+
+
+def chan_affine(rt, x, a, b=None, out=None, act=None):
+    """out = act(x * a[c] (+ b[c])) over the last axis."""
     out = out if out is not None else rt.empty(x.shape)
     C = x.shape[-1] if x.ndim else 1
     M = x.size // max(C, 1)
     if x.size:
         run(rt, BN, "chan_affine", (-(-C // 8), M), x, out, a, b if b is not None else a, i32(b is not None),
-            i32(M), i32(C))
+            i32(M), i32(C), i32(BN_ACT[act]))
     return out
 
 
-def chan_gsum(rt, x, g, mean=None, istd=None):
+def chan_gsum(rt, x, g, mean=None, istd=None, fused=None):
     """(sum_g[c], sum_gx[c]) over all axes but the last: sum(g) and sum(g * (x - mean) * istd) (mean/istd None:
-    sum(g * x))."""
+    sum(g * x)). fused = (a, b, act): g is first masked by act'(x * a + b), the fused activation's derivative."""
     C = g.shape[-1]
     M = g.size // C
     nch, rows = chunking(M, C)
     sg, sgx = rt.empty((C,)), rt.empty((C,))
     pg, pgx = (sg, sgx) if nch == 1 else (rt.empty((nch, C)), rt.empty((nch, C)))
     centered = mean is not None
+    fa, fb, act = fused or (g, g, None)
     run(rt, BN, "chan_gsum_partial", (-(-C // 8), nch), x, g, mean if centered else g, istd if centered else g,
-        i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx)
+        i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]))
     if nch > 1:
         run(rt, BN, "chan_gsum_final", (C,), pg, pgx, i32(nch), i32(C), sg, sgx)
         pg.release()
@@ -296,7 +307,7 @@ def _make_act(op):
         x = xs[0]
         p0, p1 = act_params(node, op)
         y = act_forward(be.rt, op, x, None, p0, p1)
-        return [y], Saved(be, s=y if op in SAVES_Y else x)
+        return [y], Saved(be, s=y if saves_output(op, p0) else x)
 
     @register(B, op, "backward")
     def bwd(be, node, saved, gys, need):
@@ -655,10 +666,13 @@ def _bn_gb(be, node):
 
 @register(B, "batchnorm")
 def batchnorm_fwd(be, node, xs, training):
+    """BatchNorm, with the ReLU/ReLU6 that plan.fold_frozen fused into it (attr act): the BN output is never stored;
+    the backward recomputes the activation's mask from the saved input and the affine coefficients."""
     rt = be.rt
     x = xs[0]
     C = x.shape[-1]
     M = x.size // C
+    act = node.attrs.get("act")
     gamma, beta = _bn_gb(be, node)
     rm, rv = be.param(node, "mean"), be.param(node, "var")
     istd, a, b = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
@@ -673,32 +687,35 @@ def batchnorm_fwd(be, node, xs, training):
             i32(gamma is not None), i32(beta is not None), rm, rv, mean, istd, a, b)
         pm.release()
         pv.release()
-        saved = Saved(be, temps=[mean, istd], x=x, mean=mean, istd=istd, training=True)
     else:
         run(rt, BN, "bn_infer_coeffs", (C,), gamma if gamma is not None else rm,
             beta if beta is not None else rm, rm, rv, i32(gamma is not None), i32(beta is not None), i32(C),
             f32(eps), istd, a, b)
-        saved = Saved(be, temps=[istd], x=x, mean=rm, istd=istd, training=False)
-    y = chan_affine(rt, x, a, b)
-    a.release()
-    b.release()
-    return [y], saved
+        mean = rm
+    y = chan_affine(rt, x, a, b, act=act)
+    fused = (a, b, act) if act else None
+    if not act:
+        a.release()
+        b.release()
+    temps = [istd] + ([mean] if training else []) + ([a, b] if act else [])
+    return [y], Saved(be, temps=temps, x=x, mean=mean, istd=istd, training=bool(training), fused=fused)
 
 
 @register(B, "batchnorm", "backward")
 def batchnorm_bwd(be, node, saved, gys, need):
     rt = be.rt
     x, g = saved["x"], gys[0]
-    mean, istd, training = saved["mean"], saved["istd"], saved["training"]
+    mean, istd, training, fused = saved["mean"], saved["istd"], saved["training"], saved["fused"]
     C = x.shape[-1]
     M = x.size // C
     gamma, beta = _bn_gb(be, node)
     want_p = need.params and (gamma is not None or beta is not None)
+    fa, fb, act = fused or (g, g, None)
     gx = None
     gp = {}
     sg = sgx = None
     if want_p or (need.inputs[0] and training):
-        sg, sgx = chan_gsum(rt, x, g, mean, istd)
+        sg, sgx = chan_gsum(rt, x, g, mean, istd, fused)
     if need.inputs[0]:
         gx = rt.empty(x.shape)
         if training:
@@ -706,15 +723,15 @@ def batchnorm_bwd(be, node, saved, gys, need):
             run(rt, BN, "bn_bwd_coeffs", (C,), sg, sgx, gamma if gamma is not None else istd,
                 i32(gamma is not None), istd, i32(M), i32(C), k1, k2, k3)
             run(rt, BN, "chan_bwd_apply", (-(-C // 8), M), x, g, gx, k1, k2, k3, mean, i32(1),
-                i32(M), i32(C))
+                i32(M), i32(C), fa, fb, i32(BN_ACT[act]))
             for t in (k1, k2, k3):
                 t.release()
-        elif gamma is not None:
-            k = chan_affine(rt, gamma, istd)  # gamma * istd (one row of C)
-            chan_affine(rt, g, k, None, gx)
-            k.release()
         else:
-            chan_affine(rt, g, istd, None, gx)
+            k = chan_affine(rt, gamma, istd) if gamma is not None else istd  # gamma * istd (one row of C)
+            run(rt, BN, "chan_bwd_apply", (-(-C // 8), M), x, g, gx, k, k, k, k, i32(0), i32(M), i32(C), fa, fb,
+                i32(BN_ACT[act]))
+            if k is not istd:
+                k.release()
     if want_p:
         if gamma is not None:
             gp["gamma"] = sgx

@@ -399,8 +399,8 @@ def dense_fwd(be, node, xs, training):
     bias = be.param(node, "bias") if be.has_param(node, "bias") else None
     act = node.attrs.get("act")
     y = gemm(rt, x, w, rt.empty(tuple(x.shape[:-1]) + (w.shape[1],)), bias=bias, act=act)
-    # x and y stay alive for the backward (the executor keeps a trainable node's inputs and outputs).
-    return [y], (x, y)
+    # x (and y, for a fused activation's gradient) stay alive for the backward: the executor pins what it holds.
+    return [y], (x, y if _ACT.get(act, 0) else None)
 
 
 @register("opencl", "dense", "backward")

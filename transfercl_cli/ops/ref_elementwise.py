@@ -481,7 +481,9 @@ def batchnorm_fwd(be, node, xs, training):
         mean, var = np.asarray(rm), np.asarray(rv)
     istd = 1.0 / np.sqrt(var + eps)
     y = (x - mean) * (gamma * istd) + beta
-    return [_out(y, x.dtype)], Saved(be, x=x, mean=mean, istd=istd, training=bool(training))
+    act = node.attrs.get("act")  # a ReLU/ReLU6 fused by plan.fold_frozen
+    out = ACTS[act][0](node, y) if act else y
+    return [_out(out, x.dtype)], Saved(be, x=x, y=y, mean=mean, istd=istd, training=bool(training))
 
 
 @register(B, "batchnorm", "backward")
@@ -492,6 +494,9 @@ def batchnorm_bwd(be, node, saved, gys, need):
     axes = tuple(range(x.ndim - 1))
     M = x.size // C
     gamma = be.param(node, "gamma") if be.has_param(node, "gamma") else np.ones(C, x.dtype)
+    act = node.attrs.get("act")
+    if act:
+        g = ACTS[act][1](node, saved["y"], g)
     xhat = (x - mean) * istd
     sg = g.sum(axis=axes)
     sgx = (g * xhat).sum(axis=axes)
