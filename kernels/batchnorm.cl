@@ -6,8 +6,8 @@
 // (count, mean, M2), so a large mean does not cancel the variance in float32.
 typedef float8 F8U __attribute__((aligned(4)));
 
-// Pass 1 of the batch statistics: the work-item (channel block of 8, chunk k) reads its rows with contiguous float8
-// loads. Grid (ceil(C / 8), nchunks); part_mean/part_m2 are (nchunks, C).
+// Pass 1 of the batch statistics: the work-item (channel block, chunk k) reads its rows with contiguous float8
+// loads; part_mean/part_m2 are (nchunks, C).
 #define STATS_CHUNK(T, LOAD, STORE)                                                                               \
     {                                                                                                             \
         const T shift = LOAD(x + (size_t)r0 * C + c);                                                             \
@@ -41,19 +41,46 @@ DEF_BN_ACT(float, s)
 #define LD1(p) (*(p))
 #define ST1(p, v) (*(p) = (v))
 
+// Wide body: a work-item covers CW = 32 channels (4 float8) of each row, so a row's channels are read in 128-byte
+// runs (the narrow 8-channel form is for the channel tail and small C).
+#define CW 32
+#define STATS_WIDE()                                                                                              \
+    {                                                                                                             \
+        float8 shift[4], s1[4], s2[4];                                                                            \
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+            shift[j] = LD8(x + (size_t)r0 * C + c0 + 8 * j);                                                      \
+            s1[j] = s2[j] = (float8)(0.0f);                                                                       \
+        }                                                                                                         \
+        for (int r = r0; r < r1; ++r) {                                                                           \
+            const __global float* xr = x + (size_t)r * C + c0;                                                    \
+            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+                const float8 d = LD8(xr + 8 * j) - shift[j];                                                      \
+                s1[j] += d;                                                                                       \
+                s2[j] += d * d;                                                                                   \
+            }                                                                                                     \
+        }                                                                                                         \
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+            ST8(part_mean + (size_t)k * C + c0 + 8 * j, shift[j] + s1[j] / n);                                    \
+            const float8 m2 = s2[j] - s1[j] * s1[j] / n;                                                          \
+            ST8(part_m2 + (size_t)k * C + c0 + 8 * j, m2 > (float8)(0.0f) ? m2 : (float8)(0.0f));                 \
+        }                                                                                                         \
+    }
+
+// Grid (ceil(C / CW), nchunks).
 __kernel void bn_stats_partial(__global const float* x, const int M, const int C, const int rows,
                                const int nchunks, __global float* part_mean, __global float* part_m2) {
-    const int c0 = get_global_id(0) * 8;
+    const int c0 = get_global_id(0) * CW;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;  // padding of the work-group
     const int r0 = k * rows;
     const int r1 = min(r0 + rows, M);
     const float n = (float)(r1 - r0);
-    if (c0 + 8 <= C) {
-        const int c = c0;
-        STATS_CHUNK(float8, LD8, ST8)
+    if (c0 + CW <= C) {
+        STATS_WIDE()
     } else {
-        for (int c = c0; c < C; ++c) STATS_CHUNK(float, LD1, ST1)
+        int c = c0;
+        for (; c + 8 <= C; c += 8) STATS_CHUNK(float8, LD8, ST8)
+        for (; c < C; ++c) STATS_CHUNK(float, LD1, ST1)
     }
 }
 
@@ -105,29 +132,50 @@ __kernel void bn_infer_coeffs(__global const float* gamma, __global const float*
     b_out[c] = (has_beta ? beta[c] : 0.0f) - mean[c] * a;
 }
 
-// y = act(x * a[c] + b[c]) over (M, C); grid (ceil(C / 8), M). has_b = 0 skips b (a per-channel multiply).
+// The per-element maps below run with a work-item per CW channels x RB rows: fewer, longer work-items (PoCL runs a
+// work-group's items in a loop; one float8 each was dominated by that overhead). Grid (ceil(C / CW), ceil(M / RB)).
+#define RB 4
+#define FOR_ROWS_AND_CHANNELS(BODY8, BODY1)                                                                       \
+    const int c0 = get_global_id(0) * CW;                                                                         \
+    const int m0 = get_global_id(1) * RB;                                                                         \
+    if (m0 >= M || c0 >= C) return;                                                                               \
+    const int m1 = min(m0 + RB, M);                                                                               \
+    if (c0 + CW <= C) {                                                                                           \
+        for (int m = m0; m < m1; ++m) {                                                                           \
+            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+                const int c = c0 + 8 * j;                                                                         \
+                const size_t o = (size_t)m * C + c;                                                               \
+                BODY8                                                                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+    } else {                                                                                                      \
+        for (int m = m0; m < m1; ++m) {                                                                           \
+            int c = c0;                                                                                           \
+            for (; c + 8 <= C; c += 8) {                                                                          \
+                const size_t o = (size_t)m * C + c;                                                               \
+                BODY8                                                                                             \
+            }                                                                                                     \
+            for (; c < C; ++c) {                                                                                  \
+                const size_t o = (size_t)m * C + c;                                                               \
+                BODY1                                                                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+// y = act(x * a[c] + b[c]) over (M, C). has_b = 0 skips b (a per-channel multiply).
 __kernel void chan_affine(__global const float* x, __global float* y, __global const float* a,
                           __global const float* b, const int has_b, const int M, const int C, const int act) {
-    const int c0 = get_global_id(0) * 8;
-    const int m = get_global_id(1);
-    if (m >= M || c0 >= C) return;
-    const size_t o = (size_t)m * C + c0;
-    if (c0 + 8 <= C) {
-        const float8 va = *(__global const F8U*)(a + c0);
-        const float8 vb = has_b ? *(__global const F8U*)(b + c0) : (float8)(0.0f);
-        const float8 v = *(__global const F8U*)(x + o) * va + vb;
-        *(__global F8U*)(y + o) = bn_act_v(v, act);
-    } else {
-        for (int c = c0; c < C; ++c) {
-            const float v = x[o + c - c0] * a[c] + (has_b ? b[c] : 0.0f);
-            y[o + c - c0] = bn_act_s(v, act);
-        }
-    }
+    FOR_ROWS_AND_CHANNELS(
+        {
+            const float8 v = LD8(x + o) * LD8(a + c) + (has_b ? LD8(b + c) : (float8)(0.0f));
+            ST8(y + o, bn_act_v(v, act));
+        },
+        { y[o] = bn_act_s(x[o] * a[c] + (has_b ? b[c] : 0.0f), act); })
 }
 
 // Gradient sums, pass 1: per (channel block, chunk) sum of g and of g * (x - mean[c]) * istd[c] (centered = 0: of
 // g * x, the gradient of a per-channel scale). With act, g is first masked by the activation's derivative at
-// x * fa[c] + fb[c]. Grid (ceil(C / 8), nchunks).
+// x * fa[c] + fb[c].
 #define GSUM_CHUNK(T, SUF, LOAD, STORE)                                                                           \
     {                                                                                                             \
         const T mu = centered ? LOAD(mean + c) : (T)(0.0f);                                                       \
@@ -145,21 +193,47 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
         STORE(part_gx + (size_t)k * C + c, centered ? sgx * LOAD(istd + c) : sgx);                                \
     }
 
+#define GSUM_WIDE()                                                                                               \
+    {                                                                                                             \
+        float8 mu[4], va[4], vb[4], sg[4], sgx[4];                                                                \
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+            mu[j] = centered ? LD8(mean + c0 + 8 * j) : (float8)(0.0f);                                           \
+            va[j] = act ? LD8(fa + c0 + 8 * j) : (float8)(0.0f);                                                  \
+            vb[j] = act ? LD8(fb + c0 + 8 * j) : (float8)(0.0f);                                                  \
+            sg[j] = sgx[j] = (float8)(0.0f);                                                                      \
+        }                                                                                                         \
+        for (int r = r0; r < r1; ++r) {                                                                           \
+            const size_t o = (size_t)r * C + c0;                                                                  \
+            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+                const float8 xv = LD8(x + o + 8 * j);                                                             \
+                const float8 gv = bn_mask_v(LD8(g + o + 8 * j), xv * va[j] + vb[j], act);                         \
+                sg[j] += gv;                                                                                      \
+                sgx[j] += gv * (xv - mu[j]);                                                                      \
+            }                                                                                                     \
+        }                                                                                                         \
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+            ST8(part_g + (size_t)k * C + c0 + 8 * j, sg[j]);                                                      \
+            ST8(part_gx + (size_t)k * C + c0 + 8 * j, centered ? sgx[j] * LD8(istd + c0 + 8 * j) : sgx[j]);       \
+        }                                                                                                         \
+    }
+
+// Grid (ceil(C / CW), nchunks).
 __kernel void chan_gsum_partial(__global const float* x, __global const float* g, __global const float* mean,
                                 __global const float* istd, const int centered, const int M, const int C,
                                 const int rows, const int nchunks, __global float* part_g,
                                 __global float* part_gx, __global const float* fa, __global const float* fb,
                                 const int act) {
-    const int c0 = get_global_id(0) * 8;
+    const int c0 = get_global_id(0) * CW;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;
     const int r0 = k * rows;
     const int r1 = min(r0 + rows, M);
-    if (c0 + 8 <= C) {
-        const int c = c0;
-        GSUM_CHUNK(float8, v, LD8, ST8)
+    if (c0 + CW <= C) {
+        GSUM_WIDE()
     } else {
-        for (int c = c0; c < C; ++c) GSUM_CHUNK(float, s, LD1, ST1)
+        int c = c0;
+        for (; c + 8 <= C; c += 8) GSUM_CHUNK(float8, v, LD8, ST8)
+        for (; c < C; ++c) GSUM_CHUNK(float, s, LD1, ST1)
     }
 }
 
@@ -193,37 +267,21 @@ __kernel void bn_bwd_coeffs(__global const float* sum_g, __global const float* s
     k3[c] = -k * sum_g[c] * invm;
 }
 
-// dx = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]; grid (ceil(C / 8), M). has_x = 0: dx = k1[c] * g (inference).
-// With act, g is first masked by the activation's derivative at x * fa[c] + fb[c] (x is then read either way).
+// dx = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]. has_x = 0: dx = k1[c] * g (inference). With act, g is first
+// masked by the activation's derivative at x * fa[c] + fb[c] (x is then read either way).
 __kernel void chan_bwd_apply(__global const float* x, __global const float* g, __global float* dx,
                              __global const float* k1, __global const float* k2, __global const float* k3,
                              __global const float* mean, const int has_x, const int M, const int C,
                              __global const float* fa, __global const float* fb, const int act) {
-    const int c0 = get_global_id(0) * 8;
-    const int m = get_global_id(1);
-    if (m >= M || c0 >= C) return;
-    const size_t o = (size_t)m * C + c0;
-    if (c0 + 8 <= C) {
-        const float8 a = *(__global const F8U*)(k1 + c0);
-        float8 gv = *(__global const F8U*)(g + o);
-        if (act) {
-            const float8 v =
-                *(__global const F8U*)(x + o) * *(__global const F8U*)(fa + c0) + *(__global const F8U*)(fb + c0);
-            gv = bn_mask_v(gv, v, act);
-        }
-        if (!has_x) {
-            *(__global F8U*)(dx + o) = gv * a;
-        } else {
-            const float8 b = *(__global const F8U*)(k2 + c0);
-            const float8 d = *(__global const F8U*)(k3 + c0);
-            const float8 mu = *(__global const F8U*)(mean + c0);
-            *(__global F8U*)(dx + o) = gv * a + (*(__global const F8U*)(x + o) - mu) * b + d;
-        }
-    } else {
-        for (int c = c0; c < C; ++c) {
-            const float xv = x[o + c - c0];
-            const float gv = bn_mask_s(g[o + c - c0], xv * fa[c] + fb[c], act);
-            dx[o + c - c0] = has_x ? gv * k1[c] + (xv - mean[c]) * k2[c] + k3[c] : gv * k1[c];
-        }
-    }
+    FOR_ROWS_AND_CHANNELS(
+        {
+            float8 gv = LD8(g + o);
+            if (act) gv = bn_mask_v(gv, LD8(x + o) * LD8(fa + c) + LD8(fb + c), act);
+            ST8(dx + o, has_x ? gv * LD8(k1 + c) + (LD8(x + o) - LD8(mean + c)) * LD8(k2 + c) + LD8(k3 + c)
+                              : gv * LD8(k1 + c));
+        },
+        {
+            const float gv = act ? bn_mask_s(g[o], x[o] * fa[c] + fb[c], act) : g[o];
+            dx[o] = has_x ? gv * k1[c] + (x[o] - mean[c]) * k2[c] + k3[c] : gv * k1[c];
+        })
 }

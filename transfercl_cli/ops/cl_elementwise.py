@@ -263,6 +263,7 @@ def transpose(rt, x, perm):
     return out
 
 
+BN_CW, BN_RB = 32, 4  # channels (CW) and rows (RB) per work-item of the per-channel kernels in batchnorm.cl
 # Activations a BatchNorm can carry in its epilogue (plan.fold_frozen fuses a following ReLU/ReLU6).
 BN_ACT = {None: 0, "relu": 1, "relu6": 2}
 
@@ -273,8 +274,8 @@ def chan_affine(rt, x, a, b=None, out=None, act=None):
     C = x.shape[-1] if x.ndim else 1
     M = x.size // max(C, 1)
     if x.size:
-        run(rt, BN, "chan_affine", (-(-C // 8), M), x, out, a, b if b is not None else a, i32(b is not None),
-            i32(M), i32(C), i32(BN_ACT[act]))
+        run(rt, BN, "chan_affine", (-(-C // BN_CW), -(-M // BN_RB)), x, out, a, b if b is not None else a,
+            i32(b is not None), i32(M), i32(C), i32(BN_ACT[act]))
     return out
 
 
@@ -288,7 +289,7 @@ def chan_gsum(rt, x, g, mean=None, istd=None, fused=None):
     pg, pgx = (sg, sgx) if nch == 1 else (rt.empty((nch, C)), rt.empty((nch, C)))
     centered = mean is not None
     fa, fb, act = fused or (g, g, None)
-    run(rt, BN, "chan_gsum_partial", (-(-C // 8), nch), x, g, mean if centered else g, istd if centered else g,
+    run(rt, BN, "chan_gsum_partial", (-(-C // BN_CW), nch), x, g, mean if centered else g, istd if centered else g,
         i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]))
     if nch > 1:
         run(rt, BN, "chan_gsum_final", (C,), pg, pgx, i32(nch), i32(C), sg, sgx)
@@ -680,7 +681,7 @@ def batchnorm_fwd(be, node, xs, training):
     if training:
         nch, rows = chunking(M, C)
         pm, pv = rt.empty((nch, C)), rt.empty((nch, C))
-        run(rt, BN, "bn_stats_partial", (-(-C // 8), nch), x, i32(M), i32(C), i32(rows), i32(nch), pm, pv)
+        run(rt, BN, "bn_stats_partial", (-(-C // BN_CW), nch), x, i32(M), i32(C), i32(rows), i32(nch), pm, pv)
         mean = rt.empty((C,))
         run(rt, BN, "bn_stats_final", (C,), pm, pv, i32(nch), i32(rows), i32(M), i32(C), f32(eps),
             f32(bn_momentum(node)), gamma if gamma is not None else rm, beta if beta is not None else rm,
@@ -722,14 +723,14 @@ def batchnorm_bwd(be, node, saved, gys, need):
             k1, k2, k3 = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
             run(rt, BN, "bn_bwd_coeffs", (C,), sg, sgx, gamma if gamma is not None else istd,
                 i32(gamma is not None), istd, i32(M), i32(C), k1, k2, k3)
-            run(rt, BN, "chan_bwd_apply", (-(-C // 8), M), x, g, gx, k1, k2, k3, mean, i32(1),
+            run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k1, k2, k3, mean, i32(1),
                 i32(M), i32(C), fa, fb, i32(BN_ACT[act]))
             for t in (k1, k2, k3):
                 t.release()
         else:
             k = chan_affine(rt, gamma, istd) if gamma is not None else istd  # gamma * istd (one row of C)
-            run(rt, BN, "chan_bwd_apply", (-(-C // 8), M), x, g, gx, k, k, k, k, i32(0), i32(M), i32(C), fa, fb,
-                i32(BN_ACT[act]))
+            run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
+                i32(C), fa, fb, i32(BN_ACT[act]))
             if k is not istd:
                 k.release()
     if want_p:
