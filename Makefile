@@ -24,6 +24,6 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_gemm.py
 	$(PY) bench/bench_depthwise.py
-	$(PY) bench/bench_mobilenet.py
+	$(PY) bench/bench_mobilenet.py --rounds 3 --markdown bench/results/bench_mobilenet.md | tee bench/results/bench_mobilenet.txt
 
 .PHONY: install demo test bench

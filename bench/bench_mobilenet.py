@@ -10,7 +10,8 @@ Each (framework, work) pair runs in its own process so that peak RSS is its own.
 PyTorch runs with 2 threads, channels_last (and NCHW with --nchw) (`pip install torch==2.13.0`). The contenders
 alternate over --rounds rounds (the machine is shared); prints img/s (median over rounds of the median of the
 repeats after a warm-up), peak RSS, the ratio tcl / PyTorch channels_last and the load average. `--layers` also
-prints tcl's per-layer forward time and GFLOP/s so the next bottleneck is visible.
+prints tcl's per-layer time (forward, and backward for the training work), GFLOP/s and fraction of the GEMM peak
+measured in the same process, so the next bottleneck is visible.
 """
 import argparse
 import json
@@ -75,8 +76,8 @@ def run_tcl(model, work, batch, repeats, layers=False):
         opt = Optimizer(be, r["train"])
         inp, outn = next(iter(eg.inputs)), eg.outputs[0]
         y = be.asarray(np.arange(batch, dtype=np.int32) % 2)
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
+
+        def step():
             out = ex.forward({inp: x}, training=True)[outn]
             loss, gl = be.fn("softmax_xent")(be, out, y)
             be.release(out)
@@ -88,13 +89,89 @@ def run_tcl(model, work, batch, repeats, layers=False):
             for v in grads.values():
                 be.release(v)
             be.finish()
+
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            step()
             times.append(time.perf_counter() - t0)
+        if layers:
+            train_layer_times(ex, be, step, batch)
     med = statistics.median(times[1:])
-    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb()}
+    import transfercl_cli
+
+    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb(),
+            "versions": f"tcl {transfercl_cli.__version__}, numpy {np.__version__}, {be.rt.info.name} "
+                        f"({be.rt.info.platform_name} {be.rt.info.driver_version})"}
+
+
+def gemm_peak(be, reps=3):
+    """GFLOP/s of tcl's GEMM on (1568, 1024, 1024) in this process: the yardstick for 'of peak' columns."""
+    from transfercl_cli.ops.cl_gemm import gemm
+
+    rng = np.random.default_rng(0)
+    a, b = be.asarray(rng.random((1568, 1024), np.float32)), be.asarray(rng.random((1024, 1024), np.float32))
+    out = gemm(be.rt, a, b)
+    best = float("inf")
+    for _ in range(reps):
+        be.finish()
+        t0 = time.perf_counter()
+        gemm(be.rt, a, b, out)
+        be.finish()
+        best = min(best, time.perf_counter() - t0)
+    for t in (a, b, out):
+        be.release(t)
+    return 2 * 1568 * 1024 * 1024 / best / 1e9
+
+
+def train_layer_times(ex, be, step, batch, reps=2):
+    """Per-layer time of a training step, forward and backward apart (a finish around every op), with GFLOP/s
+    (backward counted as twice the forward's multiply-adds) and the fraction of the GEMM peak."""
+    from transfercl_cli.ops.shapes import infer_shapes, macs
+
+    shapes = infer_shapes(ex.graph)
+    acc = {}
+
+    def timed(fn, kind):
+        def w(be_, node, *a):
+            be_.finish()
+            t0 = time.perf_counter()
+            res = fn(be_, node, *a)
+            be_.finish()
+            acc[(node.name, kind)] = acc.get((node.name, kind), 0.0) + time.perf_counter() - t0
+            return res
+        return w
+
+    saved = dict(ex._fwd), dict(ex._bwd)
+    ex._fwd = {k: timed(v, "fwd") for k, v in ex._fwd.items()}
+    ex._bwd = {k: timed(v, "bwd") for k, v in ex._bwd.items()}
+    for _ in range(reps):
+        step()
+    ex._fwd, ex._bwd = saved
+    peak = gemm_peak(be)
+    rows = []
+    for n in ex.graph.nodes:
+        m = macs(n, [shapes[t] for t in n.inputs], shapes[n.outputs[0]]) * batch
+        for kind, flops in (("fwd", 2 * m), ("bwd", 4 * m)):
+            if (n.name, kind) in acc:
+                t = acc[(n.name, kind)] / reps
+                rows.append((n.name, n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else ""), kind, t * 1e3,
+                             flops / t / 1e9 if t > 0 and flops else 0.0))
+    _print_layer_rows(rows, peak)
+
+
+def _print_layer_rows(rows, peak):
+    total = sum(r[3] for r in rows)
+    print(f"{'layer':<22} {'op':<20} {'pass':<4} {'ms':>8} {'GFLOP/s':>8} {'of peak':>7} {'share':>6}",
+          file=sys.stderr)
+    for name, op, kind, ms, gf in rows:
+        print(f"{name:<22} {op:<20} {kind:<4} {ms:8.2f} {gf:8.1f} {gf / peak:7.0%} {ms / total:6.1%}",
+              file=sys.stderr)
+    print(f"{'total':<22} {'':<20} {'':<4} {total:8.2f}   (GEMM peak in this process: {peak:.0f} GFLOP/s on "
+          f"1568x1024x1024)", file=sys.stderr)
 
 
 def layer_times(eg, be, x, reps=3):
-    """Per-layer forward time (each node run alone after finish) and GFLOP/s."""
+    """Per-layer forward time (each node run alone after finish), GFLOP/s and the fraction of the GEMM peak."""
     from transfercl_cli.ops.shapes import infer_shapes, macs
 
     shapes = infer_shapes(eg)
@@ -116,12 +193,9 @@ def layer_times(eg, be, x, reps=3):
         for t, yv in zip(n.outputs, ys):
             env[t] = yv
         m = macs(n, [shapes[t] for t in n.inputs], shapes[n.outputs[0]]) * len(x)
-        rows.append((n.name, n.op, best * 1e3, 2 * m / best / 1e9 if best > 0 else 0))
-    total = sum(r[2] for r in rows)
-    print(f"{'layer':<22} {'op':<15} {'ms':>8} {'GFLOP/s':>8} {'share':>6}", file=sys.stderr)
-    for name, op, ms, gf in rows:
-        print(f"{name:<22} {op:<15} {ms:8.2f} {gf:8.1f} {ms / total:6.1%}", file=sys.stderr)
-    print(f"{'total':<22} {'':<15} {total:8.2f}", file=sys.stderr)
+        rows.append((n.name, n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else ""), "fwd", best * 1e3,
+                     2 * m / best / 1e9 if best > 0 else 0))
+    _print_layer_rows(rows, gemm_peak(be))
 
 
 def torch_model(torch, g, work):
@@ -250,7 +324,7 @@ def run_torch(model, work, batch, repeats, layout):
             opt.step()
             times.append(time.perf_counter() - t0)
     med = statistics.median(times[1:])
-    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb()}
+    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb(), "versions": f"torch {torch.__version__}"}
 
 
 def one(args):
@@ -267,10 +341,11 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", nargs="+", default=["forward", "train_all", "train_pw13"])
-    ap.add_argument("--layers", action="store_true", help="per-layer forward times for tcl")
+    ap.add_argument("--layers", action="store_true", help="per-layer times for tcl (forward, and backward in training)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of all contenders (median reported)")
     ap.add_argument("--nchw", action="store_true", help="also PyTorch in NCHW (slower than channels_last)")
+    ap.add_argument("--markdown", help="also write the results as a Markdown table (the README's) to this file")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -291,7 +366,7 @@ def main():
     for rnd in range(args.rounds):
         for work in args.work:
             for fw in fws:
-                layers = args.layers and fw == "tcl" and work == "forward" and rnd == 0
+                layers = args.layers and fw == "tcl" and rnd == 0
                 cmd = [sys.executable, __file__, "--one", fw, work, "--model", args.model, "--batch",
                        str(args.batch), "--repeats", str(args.repeats)] + (["--layers"] if layers else [])
                 p = subprocess.run(cmd, capture_output=True, text=True)
@@ -299,19 +374,22 @@ def main():
                     print(p.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"{fw} {work} failed")
                 if layers:
-                    print(p.stderr)
+                    print(f"tcl per layer, {work}:\n{p.stderr}")
                 runs.setdefault((fw, work), []).append(json.loads(p.stdout.strip().splitlines()[-1]))
     results = {}
     for key, rs in runs.items():
         results[key] = {"img_s": statistics.median(r["img_s"] for r in rs),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                        "all": [round(r["img_s"], 1) for r in rs]}
+                        "all": [round(r["img_s"], 1) for r in rs], "versions": rs[0].get("versions", "")}
     import platform
 
     load1 = os.getloadavg()
-    print(f"MobileNet V1 1.0/224, batch {args.batch}, median over {args.rounds} alternating rounds of the median of "
-          f"{args.repeats} steps after a warm-up; {platform.processor() or platform.machine()}, {os.cpu_count()} "
-          f"CPUs; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    versions = "; ".join(dict.fromkeys(results[(fw, args.work[0])]["versions"] for fw in fws))
+    setup = (f"MobileNet V1 1.0/224, batch {args.batch}, median over {args.rounds} alternating rounds of the median of "
+             f"{args.repeats} steps after a warm-up; {platform.processor() or platform.machine()}, {os.cpu_count()} "
+             f"CPUs; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    print(setup)
+    print(versions)
     hdr = f"{'work':<12} {'framework':<22} {'img/s':>8} {'peak RSS MB':>12} {'tcl ratio':>10}  per round"
     print(hdr)
     print("-" * len(hdr))
@@ -324,6 +402,30 @@ def main():
         if base:
             print(f"{'':<12} tcl / torch channels_last: {results[('tcl', work)]['img_s'] / base['img_s']:.2f}x speed, "
                   f"{results[('tcl', work)]['peak_rss_mb'] / base['peak_rss_mb']:.2f}x memory")
+    if args.markdown:
+        write_markdown(args.markdown, args.work, results, setup, versions)
+
+
+WORK_TITLES = {"forward": "forward (inference)", "train_all": "training step, every layer trainable",
+               "train_pw13": "frozen backbone + conv_pw_13/BN/ReLU6 + dense head, no cache"}
+
+
+def write_markdown(path, works, results, setup, versions):
+    """The README's results table, so that one command regenerates it."""
+    from transfercl_cli.fsutil import write_text
+
+    lines = [f"{setup}.", f"Versions: {versions}.", "",
+             "| work | tcl img/s | PyTorch img/s, same run | tcl / PyTorch | peak RSS tcl / PyTorch |",
+             "|---|---|---|---|---|"]
+    for work in works:
+        t, p = results[("tcl", work)], results.get(("torch:channels_last", work))
+        if p:
+            lines.append(f"| {WORK_TITLES.get(work, work)} | {t['img_s']:.1f} | {p['img_s']:.1f} | "
+                         f"{t['img_s'] / p['img_s']:.2f}x | {t['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} MB |")
+        else:
+            lines.append(f"| {WORK_TITLES.get(work, work)} | {t['img_s']:.1f} | - | - | {t['peak_rss_mb']:.0f} MB |")
+    write_text(path, "\n".join(lines) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def torch_prefix_features(torch, graph, x_all, batch=32):
                 elif n.op == "batchnorm":
                     p = {k: torch.from_numpy(v) for k, v in n.params.items()}
                     y = F.batch_norm(x, p["mean"], p["var"], p["gamma"], p["beta"], False, 0.0, n.attrs["eps"])
+                    act = n.attrs.get("act")
+                    y = F.relu6(y) if act == "relu6" else F.relu(y) if act == "relu" else y
                 else:
                     raise SystemExit(f"the torch reference does not handle op {n.op} ({n.name})")
                 env[n.outputs[0]] = y
@@ -66,10 +68,12 @@ def torch_train(torch, plan, recipe, feats, y_train, test_feats, y_test, seed):
     import torch.nn as nn
 
     g = plan.suffix
-    names = [n.op for n in g.nodes]
-    if names != ["conv2d", "batchnorm", "relu6", "global_avgpool", "dense"]:
+    # tcl's execution graph carries the ReLU6 inside the BatchNorm node (attr act); the model is the same.
+    names = [n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else "") for n in g.nodes]
+    if names not in (["conv2d", "batchnorm", "relu6", "global_avgpool", "dense"],
+                     ["conv2d", "batchnorm+relu6", "global_avgpool", "dense"]):
         raise SystemExit(f"the torch reference expects conv2d, batchnorm, relu6, gap, dense; got {names}")
-    conv_n, bn_n, _, _, dense_n = g.nodes
+    conv_n, bn_n, dense_n = g.nodes[0], g.nodes[1], g.nodes[-1]
     torch.manual_seed(seed)
     cin, cout = conv_n.params["weight"].shape[2:]
     conv = nn.Conv2d(cin, cout, 1, bias=False)

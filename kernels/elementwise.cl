@@ -396,3 +396,23 @@ __kernel void dropout(__global const float* x, __global float* y, const int n, c
         }
     }
 }
+
+// Half-precision storage (precision: fp16): activations kept for the backward pass wait as IEEE half, converted with
+// vstore_half/vload_half (core OpenCL 1.2: no cl_khr_fp16 needed, round to nearest even); arithmetic stays float.
+__kernel void f32_to_f16(__global const float* x, __global half* h, const int n) {
+    const int i = get_global_id(0) * 8;
+    if (i + 8 <= n) {
+        vstore_half8(*(__global const float8*)(x + i), 0, h + i);
+    } else {
+        for (int k = i; k < n; ++k) vstore_half(x[k], k, h);
+    }
+}
+
+__kernel void f16_to_f32(__global const half* h, __global float* x, const int n) {
+    const int i = get_global_id(0) * 8;
+    if (i + 8 <= n) {
+        *(__global float8*)(x + i) = vload_half8(0, h + i);
+    } else {
+        for (int k = i; k < n; ++k) x[k] = vload_half(k, h);
+    }
+}

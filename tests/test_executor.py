@@ -142,3 +142,29 @@ def test_training_forward_keeps_only_what_backward_reads(clbe):
     assert len(pinned_by["bn"]) == 1 and pinned_by["relu"] == pinned_by["c2"] and pinned_by["bn"] != pinned_by["relu"]
     ex.backward({"c2": clbe.asarray(np.ones((2, 5, 5, 4), np.float32))})
     assert ex._live is None and ex._saved is None
+
+
+def test_half_saved_activations_give_close_gradients_in_half_the_memory(clbe):
+    # precision: fp16 stores what the backward pass will read as half precision between the passes.
+    rng = np.random.default_rng(4)
+    g = residual_graph(rng)
+    x = rng.uniform(-1, 1, (2, 5, 7, 3)).astype(np.float32)
+    w = rng.standard_normal((2, 3)).astype(np.float32)
+    trainable = {"stem", "dw", "bn", "pw", "fc"}
+    res = {}
+    for half in (False, True):
+        clbe.forget_params()
+        ex = Executor(g, clbe, trainable, half_saved=half)
+        out = ex.forward({"x": x}, training=True)["logits"]
+        kept = list(ex._live.values())
+        assert kept and all(v.half == half for v in kept)
+        kept_bytes = sum(v.capacity for v in kept)  # the buffers really held (the pool may round up by 1/4)
+        y = clbe.to_host(out)
+        pg = ex.backward({"logits": clbe.asarray(w)})
+        assert ex._live is None
+        res[half] = (y, {k: clbe.to_host(v) for k, v in pg.items()}, kept_bytes)
+    np.testing.assert_array_equal(res[True][0], res[False][0])  # the forward itself is untouched
+    assert res[True][2] <= 0.65 * res[False][2] + 64
+    for k, ref in res[False][1].items():
+        assert_close(res[True][1][k], ref, 1e-2, f"d/d{k} with half-precision saved activations")
+    assert any(not np.array_equal(res[True][1][k], ref) for k, ref in res[False][1].items())  # rounding happened

@@ -31,6 +31,13 @@ class Backend:
     def release(self, t):
         pass
 
+    def store_half(self, t):
+        """Keep t as half precision until `load_full` (precision: fp16); False where the backend does not."""
+        return False
+
+    def load_full(self, t):
+        pass
+
     def shape(self, t):
         return tuple(t.shape)
 
@@ -152,6 +159,12 @@ class CLBackend(Backend):
     def release(self, t):
         if t is not None and hasattr(t, "release"):
             t.release()
+
+    def store_half(self, t):
+        return self.rt.to_half(t)
+
+    def load_full(self, t):
+        self.rt.to_float(t)
 
     def finish(self):
         self.rt.finish()

@@ -3,8 +3,8 @@
 Only what a backward function will read stays alive for the backward pass. Each training forward returns a
 saved-for-backward context; the tensors it references are *pinned* until that node's backward has run, and every
 other intermediate goes back to the buffer pool as soon as its last forward reader has run (a BatchNorm output
-read only by a ReLU6 that keeps its own output is freed in the forward pass, as PyTorch frees it). A frozen prefix
-runs in inference mode (BatchNorm with moving statistics) and keeps nothing.
+read only by a ReLU6 that keeps its own output is freed in the forward pass). A frozen prefix runs in inference mode
+(BatchNorm with moving statistics) and keeps nothing.
 """
 import numpy as np
 
@@ -28,10 +28,12 @@ def tensors_in(ctx):
 
 
 class Executor:
-    def __init__(self, graph, backend, trainable=()):
+    def __init__(self, graph, backend, trainable=(), half_saved=False):
+        """half_saved (precision: fp16): tensors waiting for the backward pass are stored as half precision."""
         self.graph = graph
         self.be = backend
         self.trainable = set(trainable)
+        self.half_saved = bool(half_saved)
         self._fwd = {}
         self._bwd = {}
         for n in graph.nodes:
@@ -85,6 +87,8 @@ class Executor:
             owned.discard(t)
             if id(v) in pins:
                 live[id(v)] = v  # a backward still reads it
+                if self.half_saved:
+                    be.store_half(v)
             else:
                 be.release(v)
 
@@ -96,7 +100,13 @@ class Executor:
                 owned.add(t)
             if training and n in self.grad_nodes:
                 saved[n.name] = ctx
-                ids = {id(v) for v in tensors_in(ctx)}
+                held = tensors_in(ctx)
+                for v in held:
+                    if isinstance(v, DeviceArray) and not v._pooled:
+                        # Pins follow tensor objects: a view would leave its base free to be reused.
+                        raise RuntimeError(f"{n.op} {n.name}: its saved-for-backward context holds a view; save "
+                                           "the tensor itself")
+                ids = {id(v) for v in held}
                 ctx_pins[n.name] = ids
                 for k in ids:
                     pins[k] = pins.get(k, 0) + 1
@@ -137,6 +147,9 @@ class Executor:
             if all(g is None for g in gys):
                 continue
             need = Need([t in self.grad_tensors for t in n.inputs], n.name in self.trainable and bool(n.params))
+            for k in self._ctx_pins.get(n.name, ()):
+                if k in self._live:
+                    be.load_full(self._live[k])
             gxs, gps = self._bwd[n.op](be, n, self._saved.pop(n.name), gys, need)
             self._unpin(n.name)
             for g in gys:

@@ -279,6 +279,7 @@ class Plan:
     cache_tensor: str = None
     cache_reason: str = None
     use_cache: bool = False
+    half_saved: bool = False  # precision: fp16 keeps the backward's activations as half precision
     memory: dict = field(default_factory=dict)
 
 
@@ -293,7 +294,7 @@ def build_plan(model_graph, recipe, classes):
     trainable = resolve_freeze(graph, recipe["freeze"], recipe["unfreeze"], new)
     frozen = [n.name for n in graph.nodes if n.params and n.name not in trainable]
     exec_graph = fold_frozen(graph, trainable)
-    plan = Plan(graph, exec_graph, trainable, frozen, cut, new)
+    plan = Plan(graph, exec_graph, trainable, frozen, cut, new, half_saved=recipe["precision"] == "fp16")
     aug = recipe["augment"]
     if recipe["train"]["cache"] == "off":
         plan.cache_reason = "off in the recipe (train.cache: off)"
@@ -310,7 +311,9 @@ def build_plan(model_graph, recipe, classes):
 
 
 def estimate_memory(plan, batch):
-    """Bytes for parameters, optimizer state, gradients and activations of one training step (float32)."""
+    """Bytes for parameters, optimizer state, gradients and activations of one training step (an upper bound: every
+    layer output after the first trainable layer counted as kept for the backward pass, at half size with
+    precision: fp16, plus its gradient)."""
     from .ops.shapes import infer_shapes
 
     g = plan.suffix if plan.use_cache else plan.exec_graph
@@ -325,7 +328,7 @@ def estimate_memory(plan, batch):
             grad_nodes = True
         sz = sum(int(np.prod(shapes[t])) for t in n.outputs) * 4 * batch
         if grad_nodes:
-            acts += 2 * sz  # activation kept for backward + its gradient
+            acts += (3 if plan.half_saved else 4) * sz // 2  # activation kept for backward + its gradient
         else:
             peak_inf = max(peak_inf, 2 * sz)
     total = params + 3 * train_params + acts + peak_inf

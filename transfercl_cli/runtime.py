@@ -220,7 +220,7 @@ def select_device(spec=None, devices=None):
 class DeviceArray:
     """A float32 (or int32) array in device memory: an OpenCL buffer plus its shape. Row-major, no offset."""
 
-    __slots__ = ("rt", "buf", "shape", "dtype", "nbytes", "capacity", "_pooled")
+    __slots__ = ("rt", "buf", "shape", "dtype", "nbytes", "capacity", "_pooled", "half")
 
     def __init__(self, rt, buf, shape, dtype=np.float32, pooled=False, capacity=None):
         self.rt = rt
@@ -230,6 +230,7 @@ class DeviceArray:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.capacity = max(self.nbytes, 4) if capacity is None else capacity  # the buffer's size (>= nbytes)
         self._pooled = pooled
+        self.half = False  # the values wait in a half-precision buffer (Runtime.to_half); no kernel may read them
 
     @property
     def size(self):
@@ -404,7 +405,7 @@ class Runtime:
 
     def empty(self, shape, dtype=np.float32):
         """An uninitialised device array from the pool: a free buffer of the same byte size, else the smallest free
-        one up to twice the size (the pattern of sizes repeats every training step, so close sizes share), else a
+        one up to a quarter larger (the pattern of sizes repeats every training step, so close sizes share), else a
         new buffer."""
         shape = tuple(int(s) for s in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -412,7 +413,7 @@ class Runtime:
         with self._lock:
             free = self._pool.get(key)
             if not free:
-                fits = [k for k, v in self._pool.items() if v and key < k <= 2 * key]
+                fits = [k for k, v in self._pool.items() if v and key < k <= key + key // 4]
                 if fits:
                     key = min(fits)
                     free = self._pool[key]
@@ -453,6 +454,32 @@ class Runtime:
         if out.nbytes:
             self.cl.enqueue_copy(self.queue, out, arr.buf, is_blocking=True)
         return out
+
+    def to_half(self, arr):
+        """Store a pooled float32 array as IEEE half in place (the same object; its float buffer goes back to the
+        pool): half the memory while it waits for the backward pass. `to_float` restores it."""
+        if arr.half or not arr._pooled or arr.dtype != np.float32 or arr.size == 0:
+            return False
+        h = self.empty((arr.size,), np.float16)
+        self._convert("f32_to_f16", arr, h)
+        self.pool_release(arr)  # queued after the conversion on the in-order queue
+        arr.buf, arr.capacity, arr.half = h.buf, h.capacity, True
+        h._pooled = False
+        return True
+
+    def to_float(self, arr):
+        if not arr.half:
+            return
+        f = self.empty(arr.shape)
+        self._convert("f16_to_f32", arr, f)
+        self.pool_release(arr)
+        arr.buf, arr.capacity, arr.half = f.buf, f.capacity, False
+        f._pooled = False
+
+    def _convert(self, name, src, dst):
+        k = self.kernel("elementwise", name)
+        # A fixed work-group size: PoCL builds a kernel once per size.
+        self.launch(k, (-(-src.size // 8),), (self.local_size(64, k),), src, dst, np.int32(src.size))
 
     def copy(self, src, dst=None):
         dst = dst if dst is not None else self.empty(src.shape, src.dtype)

@@ -226,11 +226,11 @@ class Session:
         lines.append(f"trainable  {len(tr)} layers, {ntrain:,} parameters: {', '.join(tr[:12])}"
                      f"{', ...' if len(tr) > 12 else ''}")
         lines.append(f"frozen     {len(p.frozen)} layers with parameters (BatchNorm in inference mode; "
-                     f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} conv layers with BN/activation "
-                     "folded in)")
+                     f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} layers carry the "
+                     "BatchNorm/activation/padding after them)")
         if r["precision"] == "fp16":
-            lines.append("precision  fp16: cached features are stored as float16 (half the disk and memory traffic), "
-                         "computation and device activations stay float32")
+            lines.append("precision  fp16: cached features and the activations kept for the backward pass are stored "
+                         "as float16 (half their memory); arithmetic stays float32")
         if p.use_cache:
             lines.append(f"cache      on: the frozen prefix's output '{p.cache_tensor}' "
                          f"{tuple(p.suffix.inputs[p.cache_tensor])} is computed once per image and reused")
@@ -305,7 +305,7 @@ class Trainer:
         self.graph = p.suffix if p.use_cache else p.exec_graph
         self.input = next(iter(self.graph.inputs))
         self.output = self.graph.outputs[0]
-        self.ex = Executor(self.graph, self.be, p.trainable)
+        self.ex = Executor(self.graph, self.be, p.trainable, half_saved=session.recipe["precision"] == "fp16")
         self.opt = Optimizer(self.be, session.recipe["train"])
         self.micro_batch = session.micro_batch
 

@@ -13,6 +13,11 @@ Modules register their implementations at import time:
 `be` is the backend (see backends.py): `be.param(node, "weight")` gives a parameter as a backend tensor,
 `be.empty(shape)`, `be.release(t)`. `need.inputs[i]` says whether input i needs a gradient; `need.params` whether
 the node's parameters do. Functions that are not graph ops (loss, optimizer steps) register with kind "fn".
+
+The saved-for-backward context may hold the op's input and output tensors themselves (not views of them) and its own
+temporaries: the executor keeps exactly the tensors a context holds alive until that backward has run, frees the
+rest as soon as the forward pass is done with them, and may store the held ones as half precision meanwhile
+(precision: fp16). So a forward saves only what its backward reads (ReLU its output, not also its input).
 """
 import importlib
 
