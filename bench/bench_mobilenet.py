@@ -324,7 +324,8 @@ def run_torch(model, work, batch, repeats, layout):
             opt.step()
             times.append(time.perf_counter() - t0)
     med = statistics.median(times[1:])
-    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb(), "versions": f"torch {torch.__version__}"}
+    return {"img_s": batch / med, "median_s": med, "peak_rss_mb": peak_rss_mb(),
+            "versions": f"torch {torch.__version__}"}
 
 
 def one(args):
