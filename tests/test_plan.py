@@ -138,3 +138,33 @@ def test_trainable_batchnorm_carries_the_next_activation():
     x = np.random.default_rng(6).uniform(-1, 1, (2, 9, 9, 3)).astype(np.float32)
     assert_close(run_forward(f, NumpyBackend(), {"input": x})["probs"],
                  run_forward(g, NumpyBackend(), {"input": x})["probs"], 1e-6, "BN with its activation")
+
+
+@pytest.mark.parametrize("freeze,precision", [({"freeze": "none"}, "fp32"), ({"freeze": "none"}, "fp16"),
+                                              ({"freeze": "all", "unfreeze": ["conv_pw_2*"]}, "fp32")])
+def test_memory_estimate_follows_the_buffer_pool(rt, freeze, precision):
+    # The estimate replays what the executor keeps through the pool's reuse rule: it must cover what a real
+    # training step makes the pool hold, without being far above it.
+    from transfercl_cli.backends import CLBackend
+    from transfercl_cli.executor import Executor
+    from transfercl_cli.plan import estimate_memory
+    from transfercl_cli.runtime import Runtime
+
+    g = tiny_mobilenet(size=33)
+    r = recipe_from_dict(dict({"model": "m.h5", "data": {"root": "d"}, "train": {"cache": "off"},
+                               "cut_after": "conv_pw_2_relu", "precision": precision}, **freeze))
+    plan = build_plan(g, r, ["a", "b", "c"])
+    batch = 6
+    est = estimate_memory(plan, batch)
+    be = CLBackend(Runtime(rt.info))  # a pool of its own
+    ex = Executor(plan.exec_graph, be, plan.trainable, half_saved=precision == "fp16")
+    x = np.random.default_rng(1).uniform(-1, 1, (batch, 33, 33, 3)).astype(np.float32)
+    y = plan.exec_graph.outputs[0]
+    for _ in range(2):
+        out = ex.forward({"input": x}, training=True)[y]
+        for v in ex.backward({y: be.asarray(np.ones(tuple(out.shape), np.float32))}).values():
+            be.release(v)
+    be.finish()
+    params = sum(v.capacity for _, v in be._params.values())
+    measured = be.rt.allocated_bytes - params
+    assert measured <= est["activations"] <= 2 * measured, (measured, est)

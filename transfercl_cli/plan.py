@@ -310,26 +310,121 @@ def build_plan(model_graph, recipe, classes):
     return plan
 
 
+# What each op's saved-for-backward context holds (a mirror of the ops' forward functions; a test checks it against
+# the executor): "in" its first input, "ins" all inputs, "out" its output, "act_out" the output only with a fused
+# activation. Ops not listed are counted as holding their inputs and outputs.
+HELD = {"conv2d": ("in", "act_out"), "dense": ("in", "act_out"), "batchnorm": ("in",), "relu": ("out",),
+        "relu6": ("out",), "clip": ("out",), "sigmoid": ("out",), "tanh": ("out",), "swish": ("in",),
+        "hard_sigmoid": ("in",), "hard_swish": ("in",), "maxpool": ("in",), "avgpool": (), "global_avgpool": (),
+        "add": (), "mul": ("ins",), "scale": ("in",), "softmax": ("out",), "lrn": ("in",), "dropout": (),
+        "concat": (), "pad": (), "reshape": (), "flatten": (), "identity": (), "transpose": ()}
+
+
+def held_tensors(node):
+    """The tensors a node's backward reads, kept from its forward pass until then."""
+    rule = HELD.get(node.op, ("ins", "out"))
+    if node.op == "leaky_relu":
+        rule = ("out",) if float(node.attrs.get("alpha", 0.3)) > 0 else ("in",)
+    held = []
+    if "in" in rule:
+        held.append(node.inputs[0])
+    if "ins" in rule:
+        held += list(node.inputs)
+    if "out" in rule or ("act_out" in rule and node.attrs.get("act") not in (None, "linear")):
+        held += list(node.outputs)
+    return held
+
+
+class _PoolModel:
+    """The runtime's buffer pool replayed on sizes (Runtime.empty: exact size, else a free buffer up to a quarter
+    larger, else a new one; buffers are kept, never returned), to count the device memory it ends up holding."""
+
+    def __init__(self):
+        self.free, self.allocated = {}, 0
+
+    def take(self, size):
+        size = max(int(size), 4)
+        fits = [k for k, v in self.free.items() if v and size <= k <= size + size // 4]
+        if fits:
+            k = min(fits)
+            self.free[k] -= 1
+            return k
+        self.allocated += size
+        return size
+
+    def give(self, cap):
+        self.free[cap] = self.free.get(cap, 0) + 1
+
+
 def estimate_memory(plan, batch):
-    """Bytes for parameters, optimizer state, gradients and activations of one training step (an upper bound: every
-    layer output after the first trainable layer counted as kept for the backward pass, at half size with
-    precision: fp16, plus its gradient)."""
+    """Bytes for parameters, optimizer state, gradients and activations of one training step, following what the
+    executor keeps: each tensor a backward reads (`held_tensors`) from its production until that backward has run
+    (at half size with precision: fp16), the other tensors from production to their last forward reader, GEMM
+    scratch of a convolution's largest tensor, and in the backward pass each node's input gradients and a temporary;
+    replayed through the buffer pool's reuse rule, so the figure is what the pool holds at the end of a step."""
     from .ops.shapes import infer_shapes
 
     g = plan.suffix if plan.use_cache else plan.exec_graph
     shapes = infer_shapes(g)
     params = sum(int(np.prod(v.shape)) for n in g.nodes for v in n.params.values()) * 4
     train_params = sum(int(np.prod(v.shape)) for n in g.nodes if n.name in plan.trainable for v in n.params.values()) * 4
-    acts = 0
-    grad_nodes = False
-    peak_inf = 0
+
+    def nbytes(t):
+        return int(np.prod(shapes[t])) * 4 * batch
+
+    grad_t, grad_nodes = set(), []
     for n in g.nodes:
-        if n.name in plan.trainable:
-            grad_nodes = True
-        sz = sum(int(np.prod(shapes[t])) for t in n.outputs) * 4 * batch
-        if grad_nodes:
-            acts += (3 if plan.half_saved else 4) * sz // 2  # activation kept for backward + its gradient
-        else:
-            peak_inf = max(peak_inf, 2 * sz)
-    total = params + 3 * train_params + acts + peak_inf
-    return {"params": params, "optimizer_and_grads": 3 * train_params, "activations": acts + peak_inf, "total": total}
+        if (n.name in plan.trainable and n.params) or any(t in grad_t for t in n.inputs):
+            grad_t.update(n.outputs)
+            grad_nodes.append(n)
+    held_by = {}  # tensor -> index (in grad_nodes) of the earliest node whose backward reads it
+    for i, n in enumerate(grad_nodes):
+        for t in held_tensors(n):
+            held_by[t] = min(held_by.get(t, i), i)
+    last_use = {}
+    for i, n in enumerate(g.nodes):
+        for t in n.inputs:
+            last_use[t] = i
+    pool = _PoolModel()
+    live = {t: pool.take(nbytes(t)) for t in g.inputs}  # tensor -> buffer size it holds
+    kept = {}
+    for i, n in enumerate(g.nodes):
+        for t in n.outputs:
+            live[t] = pool.take(nbytes(t))
+        if n.op in ("conv2d", "dense"):  # GEMM scratch: running sums between k chunks (about its output)
+            pool.give(pool.take(nbytes(n.outputs[0])))
+        for t in list(n.inputs) + list(n.outputs):
+            if t in live and last_use.get(t, -1) <= i and t not in g.outputs:
+                cap = live.pop(t)
+                if t in held_by:
+                    pool.give(cap)
+                    kept[t] = pool.take(nbytes(t) // 2) if plan.half_saved else cap
+                    if not plan.half_saved:
+                        pool.free[cap] -= 1  # the same buffer stays taken
+                else:
+                    pool.give(cap)
+    grads = {t: pool.take(nbytes(t)) for t in g.outputs if t in grad_t}
+    for i in range(len(grad_nodes) - 1, -1, -1):
+        n = grad_nodes[i]
+        restored = []
+        if plan.half_saved:  # held tensors come back to float for this backward
+            restored = [pool.take(nbytes(t)) for t, j in held_by.items() if j == i and t in kept]
+        ins = [pool.take(nbytes(t)) for t in n.inputs if t in grad_t or t in g.inputs]
+        # GEMM panels of the input and of the output gradient
+        tmp = [pool.take(max(nbytes(t) for t in n.inputs)), pool.take(nbytes(n.outputs[0]))]
+        for cap in tmp + restored:
+            pool.give(cap)
+        for t in n.outputs:
+            if t in grads:
+                pool.give(grads.pop(t))
+        for t, cap in zip([t for t in n.inputs if t in grad_t or t in g.inputs], ins):
+            if t in grads:
+                pool.give(cap)  # summed into the existing gradient (fan-out)
+            else:
+                grads[t] = cap
+        for t, j in held_by.items():
+            if j == i and t in kept:
+                pool.give(kept.pop(t))
+    acts = pool.allocated
+    total = params + 3 * train_params + acts
+    return {"params": params, "optimizer_and_grads": 3 * train_params, "activations": acts, "total": total}
