@@ -97,7 +97,8 @@ def devices(as_json):
                    f"local memory {_human_bytes(d.local_mem)}, max work-group {d.max_work_group_size}")
         click.echo(f"      {d.opencl_c_version}, fp16 {'yes' if d.fp16 else 'no'}, fp64 {'yes' if d.fp64 else 'no'}, "
                    f"driver {d.driver_version}")
-    click.echo("(* = default; choose with --device ID or TCL_DEVICE)")
+    click.echo("(* = default; choose with --device ID or TCL_DEVICE. fp16/fp64: half/double arithmetic; "
+               "precision: fp16 storage works on every device)")
 
 
 

@@ -101,7 +101,8 @@ def run_checks(device=None, build=True):
                 continue
         checks.append(Check(f"device {d.id}", True,
                             f"{d.name}: {d.compute_units} compute units, {d.global_mem / 2**20:.0f} MiB global memory,"
-                            f" {d.opencl_c_version}, fp16 {'yes' if d.fp16 else 'no'}, fp64 {'yes' if d.fp64 else 'no'}"))
+                            f" {d.opencl_c_version}, fp16 {'yes' if d.fp16 else 'no'}, fp64 {'yes' if d.fp64 else 'no'}"
+                            " (precision: fp16 stores half values on every device; it needs neither)"))
         if build:
             ok, detail = _device_selftest(d)
             checks.append(Check(f"kernels on {d.id}", ok, detail,
