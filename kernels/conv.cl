@@ -48,6 +48,13 @@ typedef vec_t vec __attribute__((aligned(4)));
 #define ST(p, v) (*(__global vec*)(p) = (v))
 #endif
 #define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
+// xs[0..SPAN) = the input row segment from column iw0 (row pointer xr, channel stride Cin), zero outside the image.
+#define LOAD_SPAN(xs, xr, iw0)                                                                                  \
+    vec xs[SPAN];                                                                                               \
+    _Pragma("unroll") for (int q_ = 0; q_ < SPAN; q_++) {                                                       \
+        const int iw_ = (iw0) + q_;                                                                             \
+        xs[q_] = (iw_ >= 0 && iw_ < W) ? LD((xr) + (size_t)iw_ * Cin) : (vec)0.0f;                              \
+    }
 #endif
 
 #if defined(DEPTHWISE) && DEPTHWISE
@@ -83,11 +90,7 @@ __kernel KATTR void dw_fwd(const __global float* restrict x, const __global floa
             const int ih = oh * SH - pt + i * DH;
             if (ih < 0 || ih >= H) continue;
             const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
-            vec xs[SPAN];
-            _Pragma("unroll") for (int q = 0; q < SPAN; q++) {
-                const int iw = iw0 + q;
-                xs[q] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
-            }
+            LOAD_SPAN(xs, xr, iw0)
             _Pragma("unroll") for (int j = 0; j < KW; j++) {
                 const vec wv = LD(w + (i * KW + j) * Cout + co);
                 _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[p] = xs[p * SW + j * DW] * wv + acc[p];
@@ -201,11 +204,7 @@ __kernel KATTR void dw_bwd_dw_partial(const __global float* restrict x, const __
                     const int ih = oh * SH - pt + i * DH;
                     if (ih < 0 || ih >= H) continue;
                     const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
-                    vec xs[SPAN];
-                    _Pragma("unroll") for (int s = 0; s < SPAN; s++) {
-                        const int iw = iw0 + s;
-                        xs[s] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
-                    }
+                    LOAD_SPAN(xs, xr, iw0)
                     _Pragma("unroll") for (int j = 0; j < KW; j++)
                         _Pragma("unroll") for (int p = 0; p < PIX; p++)
                             acc[i * KW + j] = xs[p * SW + j * DW] * g[p] + acc[i * KW + j];
@@ -255,11 +254,7 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
                     const int ih = oh * SH - pt + i * DH;
                     if (ih < 0 || ih >= H) continue;
                     const __global float* xr = x + ((size_t)(n * H + ih) * W) * Cin + ci;
-                    vec xs[SPAN];
-                    _Pragma("unroll") for (int s = 0; s < SPAN; s++) {
-                        const int iw = iw0 + s;
-                        xs[s] = (iw >= 0 && iw < W) ? LD(xr + (size_t)iw * Cin) : (vec)0.0f;
-                    }
+                    LOAD_SPAN(xs, xr, iw0)
                     _Pragma("unroll") for (int j = 0; j < KW; j++) {
                         vec a = LD(pc + (size_t)(i * KW + j) * Cout);
                         _Pragma("unroll") for (int p = 0; p < PIX; p++) a = xs[p * SW + j * DW] * g[p] + a;

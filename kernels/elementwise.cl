@@ -114,6 +114,15 @@ __kernel void bin_row(__global const float* a, __global const float* v, __global
     }
 }
 
+// Flat index I over dims d0..d5 -> coordinates i1..i5 and r (= i0).
+#define UNRAVEL6(I)                                                                                             \
+    int r = (I);                                                                                                \
+    const int i5 = r % d5; r /= d5;                                                                             \
+    const int i4 = r % d4; r /= d4;                                                                             \
+    const int i3 = r % d3; r /= d3;                                                                             \
+    const int i2 = r % d2; r /= d2;                                                                             \
+    const int i1 = r % d1; r /= d1;
+
 // General broadcast over up to 6 (collapsed) dims d0..d5 of the output; sa*/sb* are the inputs' element strides
 // (0 along broadcast dims). One output element per work-item.
 __kernel void bin_bcast(__global const float* a, __global const float* b, __global float* out, const int n,
@@ -123,12 +132,7 @@ __kernel void bin_bcast(__global const float* a, __global const float* b, __glob
                         const int op) {
     const int i = get_global_id(0);
     if (i >= n) return;
-    int r = i;
-    const int i5 = r % d5; r /= d5;
-    const int i4 = r % d4; r /= d4;
-    const int i3 = r % d3; r /= d3;
-    const int i2 = r % d2; r /= d2;
-    const int i1 = r % d1; r /= d1;
+    UNRAVEL6(i)
     const int i0 = r;
     const int oa = i0 * sa0 + i1 * sa1 + i2 * sa2 + i3 * sa3 + i4 * sa4 + i5 * sa5;
     const int ob = i0 * sb0 + i1 * sb1 + i2 * sb2 + i3 * sb3 + i4 * sb4 + i5 * sb5;
@@ -221,12 +225,7 @@ __kernel void gather6(__global const float* src, __global float* dst, const int 
                       const int s0, const int s1, const int s2, const int s3, const int s4, const int s5) {
     const int i = get_global_id(0);
     if (i >= n) return;
-    int r = i;
-    const int i5 = r % d5; r /= d5;
-    const int i4 = r % d4; r /= d4;
-    const int i3 = r % d3; r /= d3;
-    const int i2 = r % d2; r /= d2;
-    const int i1 = r % d1; r /= d1;
+    UNRAVEL6(i)
     dst[i] = src[r * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4 + i5 * s5];
 }
 

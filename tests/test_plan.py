@@ -160,6 +160,16 @@ def test_memory_estimate_follows_the_buffer_pool(rt, freeze, precision):
     ex = Executor(plan.exec_graph, be, plan.trainable, half_saved=precision == "fp16")
     x = np.random.default_rng(1).uniform(-1, 1, (batch, 33, 33, 3)).astype(np.float32)
     y = plan.exec_graph.outputs[0]
+    # plan.held_tensors (which the estimate uses) names what the executor really keeps for the backward.
+    from transfercl_cli.executor import grad_region
+    from transfercl_cli.ops.shapes import infer_shapes
+    from transfercl_cli.plan import held_tensors
+
+    shapes = infer_shapes(plan.exec_graph)
+    held = {t for n in grad_region(plan.exec_graph, plan.trainable)[0] for t in held_tensors(n)} - {y}
+    ex.forward({"input": x}, training=True)
+    assert sorted(tuple(v.shape[1:]) for v in ex._live.values()) == sorted(shapes[t] for t in held)
+    ex.end_step()
     for _ in range(2):
         out = ex.forward({"input": x}, training=True)[y]
         for v in ex.backward({y: be.asarray(np.ones(tuple(out.shape), np.float32))}).values():

@@ -27,6 +27,16 @@ def tensors_in(ctx):
     return found
 
 
+def grad_region(graph, trainable):
+    """(nodes, tensors) that gradients flow through: a trainable node with parameters and everything downstream."""
+    tensors, nodes = set(), []
+    for n in graph.nodes:
+        if n.name in trainable and n.params or any(t in tensors for t in n.inputs):
+            tensors.update(n.outputs)
+            nodes.append(n)
+    return nodes, tensors
+
+
 class Executor:
     def __init__(self, graph, backend, trainable=(), half_saved=False):
         """half_saved (precision: fp16): tensors waiting for the backward pass are stored as half precision."""
@@ -38,14 +48,8 @@ class Executor:
         self._bwd = {}
         for n in graph.nodes:
             self._fwd[n.op] = self._fwd.get(n.op) or backend.forward_fn(n.op)
-        # Which tensors carry gradients: downstream of a trainable node.
-        grad_t = set()
-        self.grad_nodes = []
-        for n in graph.nodes:
-            if n.name in self.trainable and n.params or any(t in grad_t for t in n.inputs):
-                grad_t.update(n.outputs)
-                self.grad_nodes.append(n)
-        self.grad_tensors = grad_t
+        self.grad_nodes, self.grad_tensors = grad_region(graph, self.trainable)
+        self._grad_names = {n.name for n in self.grad_nodes}
         for n in self.grad_nodes:
             self._bwd[n.op] = self._bwd.get(n.op) or backend.backward_fn(n.op)
         # Last reader of each tensor, for freeing in the forward pass.
@@ -59,7 +63,7 @@ class Executor:
         self._ctx_pins = None  # node name -> ids its context pinned
 
     def node_training(self, n, training):
-        if not training or n not in self.grad_nodes:
+        if not training or n.name not in self._grad_names:
             return False
         if n.op == "batchnorm":
             return n.name in self.trainable
@@ -98,7 +102,7 @@ class Executor:
             for t, y in zip(n.outputs, ys):
                 env[t] = y
                 owned.add(t)
-            if training and n in self.grad_nodes:
+            if training and n.name in self._grad_names:
                 saved[n.name] = ctx
                 held = tensors_in(ctx)
                 for v in held:

@@ -336,17 +336,18 @@ def held_tensors(node):
 
 
 class _PoolModel:
-    """The runtime's buffer pool replayed on sizes (Runtime.empty: exact size, else a free buffer up to a quarter
-    larger, else a new one; buffers are kept, never returned), to count the device memory it ends up holding."""
+    """The runtime's buffer pool replayed on sizes (its reuse rule `runtime.pool_fit`; buffers are kept, never
+    returned), to count the device memory it ends up holding."""
 
     def __init__(self):
         self.free, self.allocated = {}, 0
 
     def take(self, size):
+        from .runtime import pool_fit
+
         size = max(int(size), 4)
-        fits = [k for k, v in self.free.items() if v and size <= k <= size + size // 4]
-        if fits:
-            k = min(fits)
+        k = pool_fit([k for k, v in self.free.items() if v], size)
+        if k is not None:
             self.free[k] -= 1
             return k
         self.allocated += size
@@ -362,6 +363,7 @@ def estimate_memory(plan, batch):
     (at half size with precision: fp16), the other tensors from production to their last forward reader, GEMM
     scratch of a convolution's largest tensor, and in the backward pass each node's input gradients and a temporary;
     replayed through the buffer pool's reuse rule, so the figure is what the pool holds at the end of a step."""
+    from .executor import grad_region
     from .ops.shapes import infer_shapes
 
     g = plan.suffix if plan.use_cache else plan.exec_graph
@@ -372,11 +374,7 @@ def estimate_memory(plan, batch):
     def nbytes(t):
         return int(np.prod(shapes[t])) * 4 * batch
 
-    grad_t, grad_nodes = set(), []
-    for n in g.nodes:
-        if (n.name in plan.trainable and n.params) or any(t in grad_t for t in n.inputs):
-            grad_t.update(n.outputs)
-            grad_nodes.append(n)
+    grad_nodes, grad_t = grad_region(g, plan.trainable)
     held_by = {}  # tensor -> index (in grad_nodes) of the earliest node whose backward reads it
     for i, n in enumerate(grad_nodes):
         for t in held_tensors(n):
@@ -396,13 +394,12 @@ def estimate_memory(plan, batch):
         for t in list(n.inputs) + list(n.outputs):
             if t in live and last_use.get(t, -1) <= i and t not in g.outputs:
                 cap = live.pop(t)
-                if t in held_by:
-                    pool.give(cap)
-                    kept[t] = pool.take(nbytes(t) // 2) if plan.half_saved else cap
-                    if not plan.half_saved:
-                        pool.free[cap] -= 1  # the same buffer stays taken
-                else:
-                    pool.give(cap)
+                if t in held_by and not plan.half_saved:
+                    kept[t] = cap  # the same buffer stays taken until the backward
+                    continue
+                pool.give(cap)
+                if t in held_by:  # stored as half: a new half-size buffer (Runtime.to_half)
+                    kept[t] = pool.take(nbytes(t) // 2)
     grads = {t: pool.take(nbytes(t)) for t in g.outputs if t in grad_t}
     for i in range(len(grad_nodes) - 1, -1, -1):
         n = grad_nodes[i]

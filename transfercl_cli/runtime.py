@@ -217,6 +217,15 @@ def select_device(spec=None, devices=None):
 # Device arrays
 
 
+def pool_fit(free_sizes, nbytes):
+    """The pool's reuse rule: among the sizes of free buffers, `nbytes` itself, else the smallest up to a quarter
+    larger (the pattern of sizes repeats every training step, so close sizes share); None: allocate a new one."""
+    if nbytes in free_sizes:
+        return nbytes
+    fits = [k for k in free_sizes if nbytes < k <= nbytes + nbytes // 4]
+    return min(fits) if fits else None
+
+
 class DeviceArray:
     """A float32 (or int32) array in device memory: an OpenCL buffer plus its shape. Row-major, no offset."""
 
@@ -404,22 +413,17 @@ class Runtime:
         return buf
 
     def empty(self, shape, dtype=np.float32):
-        """An uninitialised device array from the pool: a free buffer of the same byte size, else the smallest free
-        one up to a quarter larger (the pattern of sizes repeats every training step, so close sizes share), else a
-        new buffer."""
+        """An uninitialised device array from the pool (`pool_fit`), else in a new buffer."""
         shape = tuple(int(s) for s in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         key = max(nbytes, 4)
         with self._lock:
-            free = self._pool.get(key)
-            if not free:
-                fits = [k for k, v in self._pool.items() if v and key < k <= key + key // 4]
-                if fits:
-                    key = min(fits)
-                    free = self._pool[key]
-            buf = free.pop() if free else None
+            fit = pool_fit([k for k, v in self._pool.items() if v], key)
+            buf = self._pool[fit].pop() if fit is not None else None
         if buf is None:
             buf = self._alloc(key)
+        else:
+            key = fit
         return DeviceArray(self, buf, shape, dtype, pooled=True, capacity=key)
 
     def pool_release(self, arr):

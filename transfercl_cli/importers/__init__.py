@@ -112,27 +112,21 @@ class GraphBuilder:
         self._names = set()
         self._tensors = set()
 
-    def unique_name(self, name):
-        name = str(name) or "node"
-        if name not in self._names:
-            self._names.add(name)
-            return name
-        i = 1
-        while f"{name}_{i}" in self._names:
+    @staticmethod
+    def _unique(name, taken):
+        """name, or name_1, name_2, ... : the first not in `taken` (which then holds it)."""
+        got, i = name, 0
+        while got in taken:
             i += 1
-        self._names.add(f"{name}_{i}")
-        return f"{name}_{i}"
+            got = f"{name}_{i}"
+        taken.add(got)
+        return got
+
+    def unique_name(self, name):
+        return self._unique(str(name) or "node", self._names)
 
     def unique_tensor(self, name):
-        name = str(name) or "t"
-        if name not in self._tensors:
-            self._tensors.add(name)
-            return name
-        i = 1
-        while f"{name}_{i}" in self._tensors:
-            i += 1
-        self._tensors.add(f"{name}_{i}")
-        return f"{name}_{i}"
+        return self._unique(str(name) or "t", self._tensors)
 
     def add_input(self, name, shape):
         name = self.unique_tensor(name)
