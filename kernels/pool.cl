@@ -27,16 +27,20 @@ inline float avg_div(int oh, int ow, int H, int W, int kh, int kw, int sh, int s
     return (float)(max(ch, 1) * max(cw, 1));
 }
 
+// The work-item of output (n, oh, ow, c) and its window's first input row hs and column ws (may be negative).
+#define POOL_OUTPUT_ITEM()                                                                                      \
+    const int c = get_global_id(0);                                                                             \
+    if (c >= C) return;                                                                                         \
+    const int ow = get_global_id(1);                                                                            \
+    const int noh = get_global_id(2);                                                                           \
+    const int n = noh / OH, oh = noh - n * OH;                                                                  \
+    const int hs = oh * sh - pt, ws = ow * sw - pl;
+
 // Global size (C, OW, N*OH).
 __kernel void maxpool_fwd(const __global float* restrict x, __global float* restrict y,
                           int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
 {
-    const int c = get_global_id(0);
-    if (c >= C) return;
-    const int ow = get_global_id(1);
-    const int noh = get_global_id(2);
-    const int n = noh / OH, oh = noh - n * OH;
-    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    POOL_OUTPUT_ITEM()
     float m = -INFINITY;
     for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
         for (int iw = max(ws, 0); iw < min(ws + kw, W); iw++)
@@ -48,12 +52,7 @@ __kernel void maxpool_fwd(const __global float* restrict x, __global float* rest
 __kernel void maxpool_argmax(const __global float* restrict x, __global int* restrict idx,
                              int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
 {
-    const int c = get_global_id(0);
-    if (c >= C) return;
-    const int ow = get_global_id(1);
-    const int noh = get_global_id(2);
-    const int n = noh / OH, oh = noh - n * OH;
-    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    POOL_OUTPUT_ITEM()
     float m = -INFINITY;
     int best = -1;
     for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
@@ -93,12 +92,7 @@ __kernel void avgpool_fwd(const __global float* restrict x, __global float* rest
                           int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl,
                           int pb, int pr, int include_pad)
 {
-    const int c = get_global_id(0);
-    if (c >= C) return;
-    const int ow = get_global_id(1);
-    const int noh = get_global_id(2);
-    const int n = noh / OH, oh = noh - n * OH;
-    const int hs = oh * sh - pt, ws = ow * sw - pl;
+    POOL_OUTPUT_ITEM()
     float s = 0.0f;
     for (int ih = max(hs, 0); ih < min(hs + kh, H); ih++)
         for (int iw = max(ws, 0); iw < min(ws + kw, W); iw++)
