@@ -172,6 +172,7 @@ POOL_CASES = [
      (2, 6, 6, 1)),
     ("global_avgpool", dict(keepdims=True), (2, 5, 3, 17)),
     ("global_avgpool", dict(keepdims=False), (1, 7, 7, 3)),
+    ("global_avgpool", dict(keepdims=False), (3, 7, 7, 150)),  # whole 64-channel chunks and a partial one
     ("pad", dict(pads=(0, 0, 1, 1), value=0.0), (2, 5, 7, 3)),
     ("pad", dict(pads=(2, 1, 0, 3), value=-1.5), (1, 4, 3, 17)),
 ]
@@ -193,6 +194,16 @@ def test_pool_reference_grads(npbe, case):
     op, attrs, shape = case
     node = make_node(op, attrs=attrs)
     check_reference_grads(npbe, node, [rand(shape, 12)])
+
+
+def test_pool_portable_variants(npbe, clbe, monkeypatch):
+    """The GPU-style kernels of the ops that have a CPU-style one too (global average pool, pad) on PoCL."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", True)
+    for op, attrs, shape in POOL_CASES:
+        if op in ("global_avgpool", "pad"):
+            check_op(npbe, clbe, make_node(op, attrs=attrs), [rand(shape, 13)])
 
 
 def test_maxpool_ties(npbe, clbe):

@@ -46,6 +46,8 @@ DW_SMALL_ITEM = 32
 # Convolutions (groups 1, not pointwise) with at most this many input channels run the direct kernel forward
 # (conv1 on RGB images) instead of im2col + GEMM.
 DIRECT_MAX_CIN = 4
+# Channels per work-item of the CPU-style global average pool (four float16 registers).
+GAP_CW = 64
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -545,7 +547,11 @@ def global_avgpool_fwd(be, node, xs, training):
     N, H, W, C = x.shape
     shape = (N, 1, 1, C) if node.attrs.get("keepdims", False) else (N, C)
     y = rt.empty(shape)
-    rt.launch(rt.kernel("pool", "global_avgpool_fwd"), (C, N), None, x, y, i32(H * W), i32(C))
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("pool", "global_avgpool_fwd_rows", {"GAP_CW": GAP_CW}), (-(-C // GAP_CW), N), (1, 1), x, y,
+                  i32(H * W), i32(C))
+    else:
+        rt.launch(rt.kernel("pool", "global_avgpool_fwd"), (C, N), None, x, y, i32(H * W), i32(C))
     return [y], (x.shape,)
 
 
