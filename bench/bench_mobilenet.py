@@ -127,6 +127,7 @@ def train_layer_times(ex, be, step, batch, reps=2):
     """Per-layer time of a training step, forward and backward apart (a finish around every op), with GFLOP/s
     (backward counted as twice the forward's multiply-adds) and the fraction of the GEMM peak."""
     from transfercl_cli.ops.shapes import infer_shapes, macs
+    from transfercl_cli.plan import fused_label
 
     shapes = infer_shapes(ex.graph)
     acc = {}
@@ -154,7 +155,7 @@ def train_layer_times(ex, be, step, batch, reps=2):
         for kind, flops in (("fwd", 2 * m), ("bwd", 4 * m)):
             if (n.name, kind) in acc:
                 t = acc[(n.name, kind)] / reps
-                rows.append((n.name, n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else ""), kind, t * 1e3,
+                rows.append((n.name, fused_label(n), kind, t * 1e3,
                              flops / t / 1e9 if t > 0 and flops else 0.0))
     _print_layer_rows(rows, peak)
 
@@ -173,6 +174,7 @@ def _print_layer_rows(rows, peak):
 def layer_times(eg, be, x, reps=3):
     """Per-layer forward time (each node run alone after finish), GFLOP/s and the fraction of the GEMM peak."""
     from transfercl_cli.ops.shapes import infer_shapes, macs
+    from transfercl_cli.plan import fused_label
 
     shapes = infer_shapes(eg)
     env = {next(iter(eg.inputs)): be.asarray(x)}
@@ -193,7 +195,7 @@ def layer_times(eg, be, x, reps=3):
         for t, yv in zip(n.outputs, ys):
             env[t] = yv
         m = macs(n, [shapes[t] for t in n.inputs], shapes[n.outputs[0]]) * len(x)
-        rows.append((n.name, n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else ""), "fwd", best * 1e3,
+        rows.append((n.name, fused_label(n), "fwd", best * 1e3,
                      2 * m / best / 1e9 if best > 0 else 0))
     _print_layer_rows(rows, gemm_peak(be))
 

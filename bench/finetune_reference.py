@@ -67,11 +67,15 @@ def torch_train(torch, plan, recipe, feats, y_train, test_feats, y_test, seed):
     """Train the suffix (conv_pw_13 + BN + ReLU6 + GAP + dense) in PyTorch; returns (initial acc, final acc, secs)."""
     import torch.nn as nn
 
+    from transfercl_cli.plan import fused_label
+
     g = plan.suffix
-    # tcl's execution graph carries the ReLU6 inside the BatchNorm node (attr act); the model is the same.
-    names = [n.op + ("+" + n.attrs["act"] if n.attrs.get("act") else "") for n in g.nodes]
+    # tcl's execution graph carries the ReLU6 and the pool inside the BatchNorm node (attrs act, pool); the model is
+    # the same.
+    names = [fused_label(n) for n in g.nodes]
     if names not in (["conv2d", "batchnorm", "relu6", "global_avgpool", "dense"],
-                     ["conv2d", "batchnorm+relu6", "global_avgpool", "dense"]):
+                     ["conv2d", "batchnorm+relu6", "global_avgpool", "dense"],
+                     ["conv2d", "batchnorm+relu6+gap", "dense"]):
         raise SystemExit(f"the torch reference expects conv2d, batchnorm, relu6, gap, dense; got {names}")
     conv_n, bn_n, dense_n = g.nodes[0], g.nodes[1], g.nodes[-1]
     torch.manual_seed(seed)

@@ -173,6 +173,40 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
         { y[o] = bn_act_s(x[o] * a[c] + (has_b ? b[c] : 0.0f), act); })
 }
 
+// BatchNorm + activation + global average pool in one pass (a BatchNorm that trains, followed by the head's pool):
+// y[n, c] = mean over the HW rows of image n of act(x * a[c] + b[c]); the (M, C) BN output never exists.
+// Grid (ceil(C / CW), N).
+__kernel void chan_affine_gap(__global const float* x, __global float* y, __global const float* a,
+                              __global const float* b, const int HW, const int N, const int C, const int act) {
+    const int c0 = get_global_id(0) * CW;
+    const int n = get_global_id(1);
+    if (c0 >= C || n >= N) return;
+    const __global float* xn = x + (size_t)n * HW * C;
+    const float inv = 1.0f / (float)HW;
+    if (c0 + CW <= C) {
+        float8 va[4], vb[4], acc[4];
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+            va[j] = LD8(a + c0 + 8 * j);
+            vb[j] = LD8(b + c0 + 8 * j);
+            acc[j] = (float8)(0.0f);
+        }
+        for (int p = 0; p < HW; ++p)
+            _Pragma("unroll") for (int j = 0; j < 4; ++j)
+                acc[j] += bn_act_v(LD8(xn + (size_t)p * C + c0 + 8 * j) * va[j] + vb[j], act);
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) ST8(y + (size_t)n * C + c0 + 8 * j, acc[j] * inv);
+    } else {
+        for (int c = c0; c < C; ++c) {
+            float acc = 0.0f;
+            for (int p = 0; p < HW; ++p) acc += bn_act_s(xn[(size_t)p * C + c] * a[c] + b[c], act);
+            y[(size_t)n * C + c] = acc * inv;
+        }
+    }
+}
+
+// The gradient g is (M, C) like x, or with a fused global average pool (N, C) for the N images of HW rows each:
+// row r then reads g[r / ghw] scaled by gscale = 1 / HW (ghw = 1, gscale = 1 otherwise).
+#define G_ROW(r) ((size_t)((r) / ghw) * C)
+
 // Gradient sums, pass 1: per (channel block, chunk) sum of g and of g * (x - mean[c]) * istd[c] (centered = 0: of
 // g * x, the gradient of a per-channel scale). With act, g is first masked by the activation's derivative at
 // x * fa[c] + fb[c].
@@ -185,7 +219,7 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
             const size_t o = (size_t)r * C + c;                                                                   \
             const T xv = LOAD(x + o);                                                                             \
             const T v = xv * va + vb;                                                                             \
-            const T gv = bn_mask_##SUF(LOAD(g + o), v, act);                                                      \
+            const T gv = bn_mask_##SUF(LOAD(g + G_ROW(r) + c) * gscale, v, act);                                 \
             sg += gv;                                                                                             \
             sgx += gv * (xv - mu);                                                                                \
         }                                                                                                         \
@@ -203,10 +237,10 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
             sg[j] = sgx[j] = (float8)(0.0f);                                                                      \
         }                                                                                                         \
         for (int r = r0; r < r1; ++r) {                                                                           \
-            const size_t o = (size_t)r * C + c0;                                                                  \
+            const size_t o = (size_t)r * C + c0, og = G_ROW(r) + c0;                                              \
             _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
                 const float8 xv = LD8(x + o + 8 * j);                                                             \
-                const float8 gv = bn_mask_v(LD8(g + o + 8 * j), xv * va[j] + vb[j], act);                         \
+                const float8 gv = bn_mask_v(LD8(g + og + 8 * j) * gscale, xv * va[j] + vb[j], act);              \
                 sg[j] += gv;                                                                                      \
                 sgx[j] += gv * (xv - mu[j]);                                                                      \
             }                                                                                                     \
@@ -222,7 +256,7 @@ __kernel void chan_gsum_partial(__global const float* x, __global const float* g
                                 __global const float* istd, const int centered, const int M, const int C,
                                 const int rows, const int nchunks, __global float* part_g,
                                 __global float* part_gx, __global const float* fa, __global const float* fb,
-                                const int act) {
+                                const int act, const int ghw, const float gscale) {
     const int c0 = get_global_id(0) * CW;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;
@@ -268,20 +302,22 @@ __kernel void bn_bwd_coeffs(__global const float* sum_g, __global const float* s
 }
 
 // dx = k1[c] * g + k2[c] * (x - mean[c]) + k3[c]. has_x = 0: dx = k1[c] * g (inference). With act, g is first
-// masked by the activation's derivative at x * fa[c] + fb[c] (x is then read either way).
+// masked by the activation's derivative at x * fa[c] + fb[c] (x is then read either way); g is addressed by G_ROW.
 __kernel void chan_bwd_apply(__global const float* x, __global const float* g, __global float* dx,
                              __global const float* k1, __global const float* k2, __global const float* k3,
                              __global const float* mean, const int has_x, const int M, const int C,
-                             __global const float* fa, __global const float* fb, const int act) {
+                             __global const float* fa, __global const float* fb, const int act, const int ghw,
+                             const float gscale) {
     FOR_ROWS_AND_CHANNELS(
         {
-            float8 gv = LD8(g + o);
+            float8 gv = LD8(g + G_ROW(m) + c) * gscale;
             if (act) gv = bn_mask_v(gv, LD8(x + o) * LD8(fa + c) + LD8(fb + c), act);
             ST8(dx + o, has_x ? gv * LD8(k1 + c) + (LD8(x + o) - LD8(mean + c)) * LD8(k2 + c) + LD8(k3 + c)
                               : gv * LD8(k1 + c));
         },
         {
-            const float gv = act ? bn_mask_s(g[o], x[o] * fa[c] + fb[c], act) : g[o];
+            const float g1 = g[G_ROW(m) + c] * gscale;
+            const float gv = act ? bn_mask_s(g1, x[o] * fa[c] + fb[c], act) : g1;
             dx[o] = has_x ? gv * k1[c] + (x[o] - mean[c]) * k2[c] + k3[c] : gv * k1[c];
         })
 }

@@ -315,6 +315,25 @@ def test_batchnorm_fused_activation(npbe, clbe, act, training, shape):
     check_reference_grads(npbe, node, [randn(2, 3, shape[-1]).astype(np.float64) * 3 + 1], training=training)
 
 
+@pytest.mark.parametrize("act", [None, "relu6"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape,keepdims", [((2, 3, 5, 17), False), ((3, 7, 7, 70), True), ((2, 1, 3, 40), False)])
+def test_batchnorm_fused_pool(npbe, clbe, act, training, shape, keepdims):
+    # plan.fold_frozen also fuses the head's global average pool: the output is (N, C) (or (N, 1, 1, C)), and the
+    # backward reads the pooled gradient once per image. C = 70: two 32-channel blocks and a tail. N >= 2: with one
+    # image, a training BN pools to beta and every input gradient vanishes.
+    node = _bn_node(shape[-1])
+    node.attrs.update(pool="global_avg", keepdims=keepdims)
+    if act:
+        node.attrs["act"] = act
+    node.params["gamma"] = RNG.uniform(2.0, 5.0, shape[-1])
+    x = randn(*shape, scale=3) + 1.0
+    y = check_op(npbe, clbe, node, [x], training=training)
+    assert y.shape == ((shape[0], 1, 1, shape[-1]) if keepdims else (shape[0], shape[-1]))
+    check_reference_grads(npbe, node, [randn(2, 2, 3, shape[-1]).astype(np.float64) * 3 + 1], training=training,
+                          max_points=60)
+
+
 def test_batchnorm_fused_activation_matches_two_nodes(npbe):
     from transfercl_cli.graph import Graph, Node
 

@@ -133,11 +133,40 @@ def test_trainable_batchnorm_carries_the_next_activation():
     g = tiny_mobilenet()
     f = fold_frozen(g, {"conv_pw_2", "conv_pw_2_bn"})
     bn = f.node("conv_pw_2_bn")
-    assert bn.attrs["act"] == "relu6" and bn.attrs["folded"] == ["conv_pw_2_relu"]
+    # ... and the head's global average pool after it (tiny_mobilenet: conv_pw_2 is the last block)
+    assert bn.attrs["act"] == "relu6" and bn.attrs["folded"] == ["conv_pw_2_relu", "global_average_pooling2d"]
+    assert bn.attrs["pool"] == "global_avg" and bn.outputs == g.node("global_average_pooling2d").outputs
     assert "conv_pw_2_relu" not in f.names() and bn.params is g.node("conv_pw_2_bn").params
     x = np.random.default_rng(6).uniform(-1, 1, (2, 9, 9, 3)).astype(np.float32)
     assert_close(run_forward(f, NumpyBackend(), {"input": x})["probs"],
                  run_forward(g, NumpyBackend(), {"input": x})["probs"], 1e-6, "BN with its activation")
+
+
+def test_trainable_batchnorm_pool_fusion_rules():
+    """A BN followed directly by the pool takes it too; an activation read twice stops the fusion after it; a
+    BatchNorm whose output is a graph output keeps it."""
+    from transfercl_cli.graph import Graph, Node
+
+    rng = np.random.default_rng(2)
+    C = 5
+    bnp = lambda: {"gamma": rng.uniform(1, 2, C), "beta": rng.normal(0, 1, C), "mean": rng.normal(0, 1, C),  # noqa: E731
+                   "var": rng.uniform(1, 2, C)}
+    attrs = {"eps": 1e-3, "momentum": 0.99}
+    g = Graph([Node("bn", "batchnorm", ["x"], ["b"], dict(attrs), bnp()),
+               Node("gap", "global_avgpool", ["b"], ["y"], {"keepdims": True})], {"x": (3, 4, C)}, ["y"])
+    f = fold_frozen(g, {"bn"})
+    assert [n.name for n in f.nodes] == ["bn"] and f.node("bn").attrs["keepdims"] and "act" not in f.node("bn").attrs
+    x = rng.normal(0, 2, (2, 3, 4, C))
+    assert_close(run_forward(f, NumpyBackend(), {"x": x})["y"], run_forward(g, NumpyBackend(), {"x": x})["y"],
+                 1e-12, "BN + pool")
+    g2 = Graph([Node("bn", "batchnorm", ["x"], ["b"], dict(attrs), bnp()), Node("r", "relu", ["b"], ["r"]),
+                Node("gap", "global_avgpool", ["r"], ["p"], {}), Node("gap2", "global_avgpool", ["r"], ["q"], {})],
+               {"x": (3, 4, C)}, ["p", "q"])
+    f2 = fold_frozen(g2, {"bn"})
+    assert f2.node("bn").attrs["folded"] == ["r"] and "pool" not in f2.node("bn").attrs
+    g3 = Graph([Node("bn", "batchnorm", ["x"], ["b"], dict(attrs), bnp()),
+                Node("gap", "global_avgpool", ["b"], ["y"], {})], {"x": (3, 4, C)}, ["b", "y"])
+    assert "pool" not in fold_frozen(g3, {"bn"}).node("bn").attrs
 
 
 @pytest.mark.parametrize("freeze,precision", [({"freeze": "none"}, "fp32"), ({"freeze": "none"}, "fp16"),

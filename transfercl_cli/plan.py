@@ -148,7 +148,8 @@ def resolve_freeze(graph, freeze, unfreeze, new_layers=()):
 
 def fold_frozen(graph, trainable):
     """The graph that runs: frozen Conv+BN folded into the conv's weights and bias, a following ReLU/ReLU6 fused into
-    the conv's epilogue (or, where the BN stays, into the BN), zero Pads into the next conv's padding. Trainable
+    the conv's epilogue (or, where the BN stays, into the BN, with a global average pool after it), zero Pads into
+    the next conv's padding. Trainable
     nodes are the same objects or share their parameter dicts, so updates made through the returned graph are seen
     by `graph`."""
     cons = graph.consumers()
@@ -201,16 +202,26 @@ def fold_frozen(graph, trainable):
                 cur.outputs = list(act.outputs)
                 skip.add(act.name)
             out_nodes.append(cur)
-        elif n.op == "batchnorm" and not n.attrs.get("act"):
-            # A BatchNorm left standing (it trains, or its conv does) carries the ReLU/ReLU6 after it: one pass
-            # instead of two forward, and no BN output kept for the backward. Its parameter dict is shared.
-            nxt = cons.get(n.outputs[0], [])
+        elif n.op == "batchnorm" and not n.attrs.get("act") and not n.attrs.get("pool"):
+            # A BatchNorm left standing (it trains, or its conv does) carries the ReLU/ReLU6 after it, and then a
+            # global average pool (a classifier head): one pass instead of two or three forward, and neither the
+            # BN output nor the activation is stored. Its parameter dict is shared.
+            attrs, outs, tail = dict(n.attrs), list(n.outputs), []
+            nxt = cons.get(outs[0], [])
             act = _clip_as_act(nxt[0]) if len(nxt) == 1 else None
-            if act and n.outputs[0] not in graph.outputs:
-                out_nodes.append(Node(n.name, n.op, list(n.inputs), list(nxt[0].outputs),
-                                      dict(n.attrs, act=act, folded=n.attrs.get("folded", []) + [nxt[0].name]),
-                                      n.params, n.source))
-                skip.add(nxt[0].name)
+            if act and outs[0] not in graph.outputs:
+                attrs["act"] = act
+                tail.append(nxt[0])
+                outs = list(nxt[0].outputs)
+                nxt = cons.get(outs[0], [])
+            if len(nxt) == 1 and nxt[0].op == "global_avgpool" and outs[0] not in graph.outputs:
+                attrs.update(pool="global_avg", keepdims=bool(nxt[0].attrs.get("keepdims", False)))
+                tail.append(nxt[0])
+                outs = list(nxt[0].outputs)
+            if tail:
+                attrs["folded"] = n.attrs.get("folded", []) + [t.name for t in tail]
+                out_nodes.append(Node(n.name, n.op, list(n.inputs), outs, attrs, n.params, n.source))
+                skip.update(t.name for t in tail)
             else:
                 out_nodes.append(n)
         else:
@@ -218,6 +229,12 @@ def fold_frozen(graph, trainable):
     g = Graph(out_nodes, dict(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))
     g.topo_check()
     return g
+
+
+def fused_label(node):
+    """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' (benchmarks and reports)."""
+    return node.op + ("+" + node.attrs["act"] if node.attrs.get("act") else "") + ("+gap" if node.attrs.get("pool")
+                                                                                      else "")
 
 
 def split_prefix(graph, trainable):

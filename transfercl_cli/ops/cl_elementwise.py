@@ -279,18 +279,20 @@ def chan_affine(rt, x, a, b=None, out=None, act=None):
     return out
 
 
-def chan_gsum(rt, x, g, mean=None, istd=None, fused=None):
+def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1):
     """(sum_g[c], sum_gx[c]) over all axes but the last: sum(g) and sum(g * (x - mean) * istd) (mean/istd None:
-    sum(g * x)). fused = (a, b, act): g is first masked by act'(x * a + b), the fused activation's derivative."""
-    C = g.shape[-1]
-    M = g.size // C
+    sum(g * x)). fused = (a, b, act): g is first masked by act'(x * a + b), the fused activation's derivative.
+    ghw > 1: g is the gradient of a fused global average pool over groups of ghw rows of x (one row per group)."""
+    C = x.shape[-1]
+    M = x.size // C
     nch, rows = chunking(M, C)
     sg, sgx = rt.empty((C,)), rt.empty((C,))
     pg, pgx = (sg, sgx) if nch == 1 else (rt.empty((nch, C)), rt.empty((nch, C)))
     centered = mean is not None
     fa, fb, act = fused or (g, g, None)
     run(rt, BN, "chan_gsum_partial", (-(-C // BN_CW), nch), x, g, mean if centered else g, istd if centered else g,
-        i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]))
+        i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]), i32(ghw),
+        f32(1.0 / ghw))
     if nch > 1:
         run(rt, BN, "chan_gsum_final", (C,), pg, pgx, i32(nch), i32(C), sg, sgx)
         pg.release()
@@ -665,10 +667,17 @@ def _bn_gb(be, node):
     return g, b
 
 
+def bn_pool_shape(node, x_shape):
+    """Output shape of a BatchNorm that carries the following global average pool (attr pool, plan.fold_frozen)."""
+    C = x_shape[-1]
+    return (x_shape[0],) + (1,) * (len(x_shape) - 2) + (C,) if node.attrs.get("keepdims") else (x_shape[0], C)
+
+
 @register(B, "batchnorm")
 def batchnorm_fwd(be, node, xs, training):
     """BatchNorm, with the ReLU/ReLU6 that plan.fold_frozen fused into it (attr act): the BN output is never stored;
-    the backward recomputes the activation's mask from the saved input and the affine coefficients."""
+    the backward recomputes the activation's mask from the saved input and the affine coefficients. With attr pool
+    (a following global average pool, also fused) the output is the per-image channel mean of that."""
     rt = be.rt
     x = xs[0]
     C = x.shape[-1]
@@ -693,7 +702,14 @@ def batchnorm_fwd(be, node, xs, training):
             beta if beta is not None else rm, rm, rv, i32(gamma is not None), i32(beta is not None), i32(C),
             f32(eps), istd, a, b)
         mean = rm
-    y = chan_affine(rt, x, a, b, act=act)
+    if node.attrs.get("pool"):
+        N = x.shape[0]
+        y = rt.empty(bn_pool_shape(node, x.shape))
+        if x.size:
+            run(rt, BN, "chan_affine_gap", (-(-C // BN_CW), N), x, y, a, b, i32(M // max(N, 1)), i32(N), i32(C),
+                i32(BN_ACT[act]))
+    else:
+        y = chan_affine(rt, x, a, b, act=act)
     fused = (a, b, act) if act else None
     if not act:
         a.release()
@@ -712,11 +728,12 @@ def batchnorm_bwd(be, node, saved, gys, need):
     gamma, beta = _bn_gb(be, node)
     want_p = need.params and (gamma is not None or beta is not None)
     fa, fb, act = fused or (g, g, None)
+    ghw = M // max(x.shape[0], 1) if node.attrs.get("pool") else 1  # g is (N, C): one row per image of ghw rows
     gx = None
     gp = {}
     sg = sgx = None
     if want_p or (need.inputs[0] and training):
-        sg, sgx = chan_gsum(rt, x, g, mean, istd, fused)
+        sg, sgx = chan_gsum(rt, x, g, mean, istd, fused, ghw)
     if need.inputs[0]:
         gx = rt.empty(x.shape)
         if training:
@@ -724,13 +741,13 @@ def batchnorm_bwd(be, node, saved, gys, need):
             run(rt, BN, "bn_bwd_coeffs", (C,), sg, sgx, gamma if gamma is not None else istd,
                 i32(gamma is not None), istd, i32(M), i32(C), k1, k2, k3)
             run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k1, k2, k3, mean, i32(1),
-                i32(M), i32(C), fa, fb, i32(BN_ACT[act]))
+                i32(M), i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
             for t in (k1, k2, k3):
                 t.release()
         else:
             k = chan_affine(rt, gamma, istd) if gamma is not None else istd  # gamma * istd (one row of C)
             run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
-                i32(C), fa, fb, i32(BN_ACT[act]))
+                i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
             if k is not istd:
                 k.release()
     if want_p:

@@ -483,6 +483,8 @@ def batchnorm_fwd(be, node, xs, training):
     y = (x - mean) * (gamma * istd) + beta
     act = node.attrs.get("act")  # a ReLU/ReLU6 fused by plan.fold_frozen
     out = ACTS[act][0](node, y) if act else y
+    if node.attrs.get("pool"):  # and the global average pool after it (plan.fold_frozen)
+        out = out.mean(axis=tuple(range(1, x.ndim - 1)), keepdims=bool(node.attrs.get("keepdims")))
     return [_out(out, x.dtype)], Saved(be, x=x, y=y, mean=mean, istd=istd, training=bool(training))
 
 
@@ -494,6 +496,9 @@ def batchnorm_bwd(be, node, saved, gys, need):
     axes = tuple(range(x.ndim - 1))
     M = x.size // C
     gamma = be.param(node, "gamma") if be.has_param(node, "gamma") else np.ones(C, x.dtype)
+    if node.attrs.get("pool"):  # the pooled gradient spreads evenly over each image's pixels
+        hw = x.size // (x.shape[0] * C)
+        g = np.broadcast_to(g.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (C,)) / hw, x.shape)
     act = node.attrs.get("act")
     if act:
         g = ACTS[act][1](node, saved["y"], g)

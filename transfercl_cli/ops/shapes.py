@@ -86,7 +86,8 @@ def infer_node(node, in_shapes):
                 p = node.params.get(k)
                 if p is not None and p.size > 1 and (not x or p.shape[-1] != x[-1]):
                     raise _bad(node, f"per-channel {k} of length {p.shape[-1]} does not match input shape {x}")
-        return [x]
+        if not (op == "batchnorm" and a.get("pool")):
+            return [x]
     if op == "conv2d":
         _need_rank(node, x, 3)
         h, w, c = x
@@ -131,7 +132,7 @@ def infer_node(node, in_shapes):
         pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
         cm = bool(a.get("ceil_mode", False))
         return [(pool_out(x[0], kh, sh, pt, pb, 1, cm), pool_out(x[1], kw, sw, pl, pr, 1, cm), x[2])]
-    if op == "global_avgpool":
+    if op == "global_avgpool" or (op == "batchnorm" and a.get("pool")):  # (a BN that carries the pool after it)
         _need_rank(node, x, 3)
         return [(1, 1, x[2]) if a.get("keepdims", False) else (x[2],)]
     if op == "flatten":
@@ -179,7 +180,7 @@ def macs(node, in_shapes, out_shape):
     if op in ("maxpool", "avgpool"):
         kh, kw = node.attrs["kernel"]
         return out_n * kh * kw
-    if op == "global_avgpool":
+    if op == "global_avgpool" or op == "batchnorm":
         return int(np.prod(in_shapes[0]))
     if op in NO_MACS:
         return 0
