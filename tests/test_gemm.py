@@ -229,3 +229,35 @@ def test_autotune_picks_and_caches(rt, tmp_path, monkeypatch):
     monkeypatch.setenv("TCL_NO_AUTOTUNE", "1")
     assert cl_gemm.tuned_variant(rt) == cl_gemm.default_variant(rt)
     cl_gemm._TUNED.clear()
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_shape_tuner_tries_plans_then_keeps_one(rt, monkeypatch, trans_a):
+    """The per-shape tuner alternates its plans over the first calls of a shape, then keeps the fastest; every plan
+    gives bit-identical results (only the blocking changes, not the summation order) that match the reference."""
+    if not rt.is_cpu:
+        pytest.skip("the per-shape tuner belongs to the CPU variant")
+    monkeypatch.delenv("TCL_NO_AUTOTUNE", raising=False)
+    monkeypatch.setattr(cl_gemm, "SHAPE_TUNE_MIN_FLOP", 0)
+    monkeypatch.setattr(cl_gemm, "_SHAPE_TUNERS", {})
+    monkeypatch.setattr(cl_gemm, "_TUNED", {rt.info.id: cl_gemm.default_variant(rt)})
+    record = cl_gemm._ShapeTuner.record
+    # Measured times replaced by fixed ones: plan 1 is the fastest.
+    monkeypatch.setattr(cl_gemm._ShapeTuner, "record", lambda self, i, s: record(self, i, 0.5 if i == 1 else 1.0))
+    rng = np.random.default_rng(5)
+    M, K, N = 300, 1100, 70  # K split into chunks and several row blocks: each variation changes something
+    a = rng.standard_normal((K, M) if trans_a else (M, K), dtype=np.float32)
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    da, db, out = rt.to_device(a), rt.to_device(b), rt.empty((M, N))
+    results = []
+    for _ in range(15):
+        cl_gemm.gemm(rt, da, db, out, trans_a=trans_a)
+        results.append(out.get())
+    cfg = cl_gemm._shape_variant(cl_gemm.VARIANTS[cl_gemm.default_variant(rt)], M, N, K, trans_a, False)
+    plans, times, best = cl_gemm.shape_tuning_state(rt, cfg, M, N, K, trans_a, False)
+    assert len(plans) >= 3 and [len(t) for t in times] == [cl_gemm.SHAPE_TUNE_CALLS] * len(plans)
+    assert best == 1
+    assert len({p["kc"] for p in plans}) == 1 and len({tuple(sorted(p.items())) for p in plans}) == len(plans)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    assert_close(results[0], _ref(a, b, trans_a, False), 1e-5, "tuned gemm")

@@ -5,6 +5,8 @@
 
 Also the `dense` op of the opencl backend.
 """
+import time
+
 import numpy as np
 
 from . import register
@@ -54,7 +56,8 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     if cfg["kind"] == "gpu":
         _gemm_gpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
         return out
-    _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
+    _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act],
+              tune=variant is None and _online_tuning())
     return out
 
 
@@ -136,8 +139,6 @@ def _candidates(rt):
 def _autotune(rt):
     """Time the candidates on the tuning shape: build and warm each, then alternate them for a few rounds (so
     load from other processes hits all alike) and keep each one's best time. Stops early at the time budget."""
-    import time
-
     t_start = time.perf_counter()
     cands = _candidates(rt)
     M, K, N = _TUNE_SHAPE
@@ -170,8 +171,6 @@ def _autotune(rt):
 
 def _time_variant(rt, name, a, b, out):
     """One timed run (seconds) of a variant on the tuning operands, after a first call that builds and warms it."""
-    import time
-
     key = (rt.info.id, name)
     if key not in _WARM:
         gemm(rt, a, b, out, variant=name)
@@ -208,12 +207,81 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
+# Per-shape tuning while training runs: training repeats the same few GEMM shapes thousands of times, and how many
+# row blocks a work-item should take (gi) or how long its k chunks are (kb) depends on the shape in ways the plan's
+# cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with 4x the row blocks,
+# smaller ones 5% slower). The first calls of a shape alternate a few such plans, timed; then the fastest median is
+# kept for the process. Only gi and kb vary, so every candidate sums in the same order: results are bit-identical.
+SHAPE_TUNE_MIN_FLOP = 2e8  # smaller GEMMs keep the plan (the finish around a timed call would cost too much)
+SHAPE_TUNE_CALLS = 3  # timed calls per candidate (0: no per-shape tuning)
+_SHAPE_TUNERS = {}
+
+
+def _online_tuning():
+    import os
+
+    return os.environ.get(AUTOTUNE_ENV, "") in ("", "0")
+
+
+class _ShapeTuner:
+    def __init__(self, plans):
+        self.plans = plans
+        self.times = [[] for _ in plans]
+        self.calls = 0
+        self.best = None if len(plans) > 1 else 0
+
+    def pick(self):
+        """Index of the plan for this call, and whether to time it."""
+        if self.best is not None:
+            return self.best, False
+        return self.calls % len(self.plans), True
+
+    def record(self, i, seconds):
+        self.times[i].append(seconds)
+        self.calls += 1
+        if self.calls >= SHAPE_TUNE_CALLS * len(self.plans):
+            self.best = int(np.argmin([np.median(t) for t in self.times]))
+
+
+def shape_plan_candidates(plan, nbi):
+    """The default plan and its variations tried by the per-shape tuner (same kc: same summation order)."""
+    out = [plan]
+    for ov in ({"gi": min(nbi, 64, plan["gi"] * 4)}, {"gi": min(nbi, 64, plan["gi"] * 2)}, {"kb": plan["kc"]}):
+        p = dict(plan, **ov)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def shape_tuning_state(rt, cfg, M, N, K, trans_a, trans_b):
+    """(plans, times per plan, chosen index or None) of the per-shape tuner, for benchmarks and tests."""
+    t = _SHAPE_TUNERS.get(_tuner_key(rt, cfg, M, N, K, trans_a, trans_b))
+    return None if t is None else (t.plans, t.times, t.best)
+
+
+def _tuner_key(rt, cfg, M, N, K, trans_a, trans_b):
+    return (rt.info.id, tuple(sorted((k, v) for k, v in cfg.items() if k != "tune")), M, N, K, trans_a, trans_b)
+
+
+def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act, tune=False):
     i32 = np.int32
     MR, NV = int(cfg["MR"]), int(cfg["NV"])
     NR = 16 * NV
     nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
     plan = _cpu_plan(cfg, M, N, K, trans_a, trans_b)
+    tuner = None
+    if tune and SHAPE_TUNE_CALLS and 2.0 * M * N * K >= SHAPE_TUNE_MIN_FLOP:
+        key = _tuner_key(rt, cfg, M, N, K, trans_a, trans_b)
+        tuner = _SHAPE_TUNERS.get(key)
+        if tuner is None:
+            tuner = _SHAPE_TUNERS[key] = _ShapeTuner(shape_plan_candidates(plan, nbi))
+        pick, timed = tuner.pick()
+        plan = tuner.plans[pick]
+        if timed:
+            rt.finish()
+            t0 = time.perf_counter()
+        else:
+            tuner = None
     apack = plan["apack"]
     defs = {"MR": MR, "NV": NV}
     kern = lambda name: rt.kernel("gemm", name, defs)  # noqa: E731  (one program per configuration)
@@ -263,6 +331,9 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
                   np.float32(alpha), i32(int(accumulate)), bias_arg, i32(bias is not None), i32(act))
     for t in scratch:
         t.release()  # later commands on the in-order queue run after this GEMM: reusing the buffers is safe
+    if tuner is not None:
+        rt.finish()
+        tuner.record(pick, time.perf_counter() - t0)
 
 
 _AUX = {"GEMM_GPU_ONLY": 1}  # the small kernels build without the CPU variant's code
