@@ -208,10 +208,11 @@ def _cdiv(a, b):
 
 
 # Per-shape tuning while training runs: training repeats the same few GEMM shapes thousands of times, and how many
-# row blocks a work-item should take (gi) or how long its k chunks are (kb) depends on the shape in ways the plan's
-# cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with 4x the row blocks,
-# smaller ones 5% slower). The first calls of a shape alternate a few such plans, timed; then the fastest median is
-# kept for the process. Only gi and kb vary, so every candidate sums in the same order: results are bit-identical.
+# row blocks a work-item should take (gi), how long its k chunks are (kb) or whether A is packed depends on the shape
+# in ways the plan's cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with
+# 4x the row blocks, smaller ones 5% slower). The first calls of a shape alternate a few such plans, timed; then the
+# fastest median is kept for the process. Only the blocking and A's packing vary, never kc, so every candidate sums
+# in the same order: results are bit-identical.
 SHAPE_TUNE_MIN_FLOP = 2e8  # smaller GEMMs keep the plan (the finish around a timed call would cost too much)
 SHAPE_TUNE_CALLS = 3  # timed calls per candidate (0: no per-shape tuning)
 _SHAPE_TUNERS = {}
@@ -244,9 +245,11 @@ class _ShapeTuner:
 
 
 def shape_plan_candidates(plan, nbi):
-    """The default plan and its variations tried by the per-shape tuner (same kc: same summation order)."""
+    """The default plan and its variations tried by the per-shape tuner: 4x and 2x the row blocks per work-item,
+    one k chunk per split, A packed or read in place. The same kc, so the same summation order."""
     out = [plan]
-    for ov in ({"gi": min(nbi, 64, plan["gi"] * 4)}, {"gi": min(nbi, 64, plan["gi"] * 2)}, {"kb": plan["kc"]}):
+    for ov in ({"gi": min(nbi, 64, plan["gi"] * 4)}, {"gi": min(nbi, 64, plan["gi"] * 2)}, {"kb": plan["kc"]},
+               {"apack": 1 - plan["apack"]}):
         p = dict(plan, **ov)
         if p not in out:
             out.append(p)
