@@ -239,6 +239,7 @@ def test_shape_tuner_tries_plans_then_keeps_one(rt, monkeypatch, trans_a):
         pytest.skip("the per-shape tuner belongs to the CPU variant")
     monkeypatch.delenv("TCL_NO_AUTOTUNE", raising=False)
     monkeypatch.setattr(cl_gemm, "SHAPE_TUNE_MIN_FLOP", 0)
+    monkeypatch.setattr(cl_gemm, "SHAPE_TUNE_AFTER", 2)
     monkeypatch.setattr(cl_gemm, "_SHAPE_TUNERS", {})
     monkeypatch.setattr(cl_gemm, "_TUNED", {rt.info.id: cl_gemm.default_variant(rt)})
     record = cl_gemm._ShapeTuner.record
@@ -249,11 +250,13 @@ def test_shape_tuner_tries_plans_then_keeps_one(rt, monkeypatch, trans_a):
     a = rng.standard_normal((K, M) if trans_a else (M, K), dtype=np.float32)
     b = rng.standard_normal((K, N), dtype=np.float32)
     da, db, out = rt.to_device(a), rt.to_device(b), rt.empty((M, N))
+    cfg = cl_gemm._shape_variant(cl_gemm.VARIANTS[cl_gemm.default_variant(rt)], M, N, K, trans_a, False)
     results = []
-    for _ in range(15):
+    for i in range(16):
         cl_gemm.gemm(rt, da, db, out, trans_a=trans_a)
         results.append(out.get())
-    cfg = cl_gemm._shape_variant(cl_gemm.VARIANTS[cl_gemm.default_variant(rt)], M, N, K, trans_a, False)
+        if i < 2:  # the first calls of a shape run the default plan, untimed
+            assert not any(cl_gemm.shape_tuning_state(rt, cfg, M, N, K, trans_a, False)[1])
     plans, times, best = cl_gemm.shape_tuning_state(rt, cfg, M, N, K, trans_a, False)
     assert len(plans) >= 3 and [len(t) for t in times] == [cl_gemm.SHAPE_TUNE_CALLS] * len(plans)
     assert best == 1

@@ -210,10 +210,12 @@ def _cdiv(a, b):
 # Per-shape tuning while training runs: training repeats the same few GEMM shapes thousands of times, and how many
 # row blocks a work-item should take (gi), how long its k chunks are (kb) or whether A is packed depends on the shape
 # in ways the plan's cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with
-# 4x the row blocks, smaller ones 5% slower). The first calls of a shape alternate a few such plans, timed; then the
-# fastest median is kept for the process. Only the blocking and A's packing vary, never kc, so every candidate sums
-# in the same order: results are bit-identical.
+# 4x the row blocks, smaller ones 5% slower). Once a shape has proved to repeat, its next calls alternate a few such
+# plans, timed; then the fastest median is kept for the process. Short jobs (an evaluation, a benchmark's few steps)
+# never tune. Only the blocking varies, never kc, so every candidate sums in the same order: results are
+# bit-identical, and the candidates' scratch buffers have about the default plan's sizes (the pool reuses them).
 SHAPE_TUNE_MIN_FLOP = 2e8  # smaller GEMMs keep the plan (the finish around a timed call would cost too much)
+SHAPE_TUNE_AFTER = 20  # calls of a shape with the default plan before tuning starts
 SHAPE_TUNE_CALLS = 3  # timed calls per candidate (0: no per-shape tuning)
 _SHAPE_TUNERS = {}
 
@@ -228,6 +230,7 @@ class _ShapeTuner:
     def __init__(self, plans):
         self.plans = plans
         self.times = [[] for _ in plans]
+        self.seen = 0
         self.calls = 0
         self.best = None if len(plans) > 1 else 0
 
@@ -235,6 +238,9 @@ class _ShapeTuner:
         """Index of the plan for this call, and whether to time it."""
         if self.best is not None:
             return self.best, False
+        self.seen += 1
+        if self.seen <= SHAPE_TUNE_AFTER:
+            return 0, False
         return self.calls % len(self.plans), True
 
     def record(self, i, seconds):
@@ -245,11 +251,12 @@ class _ShapeTuner:
 
 
 def shape_plan_candidates(plan, nbi):
-    """The default plan and its variations tried by the per-shape tuner: 4x and 2x the row blocks per work-item,
-    one k chunk per split, A packed or read in place. The same kc, so the same summation order."""
+    """The default plan and its variations tried by the per-shape tuner: 4x and 2x the row blocks per work-item, one
+    k chunk per split. The same kc and packing, so the same summation order and about the same scratch sizes (reading
+    A in place instead was 1.2-2x slower on the shapes where the plan packs it, and packing it where the plan does not
+    would add an A-sized buffer to the pool)."""
     out = [plan]
-    for ov in ({"gi": min(nbi, 64, plan["gi"] * 4)}, {"gi": min(nbi, 64, plan["gi"] * 2)}, {"kb": plan["kc"]},
-               {"apack": 1 - plan["apack"]}):
+    for ov in ({"gi": min(nbi, 64, plan["gi"] * 4)}, {"gi": min(nbi, 64, plan["gi"] * 2)}, {"kb": plan["kc"]}):
         p = dict(plan, **ov)
         if p not in out:
             out.append(p)
