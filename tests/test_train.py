@@ -279,3 +279,14 @@ def test_numpy_fallback_device_trains_with_a_warning(tiny_setup):
         res = run_recipe(tmp_path, dict(base, device="numpy"), "np_dev", train=dict(base["train"], epochs=2))
     assert res["meta"]["device"] == "numpy" and len(res["history"]) == 2
     assert all(np.isfinite(h["train_loss"]) for h in res["history"])
+
+
+def test_no_progress_bars_when_output_is_not_a_terminal(tiny_setup):
+    """In a script or a log file (CliRunner's streams are not terminals) only the per-epoch lines appear: no bar
+    redraws."""
+    tmp_path, base = tiny_setup
+    rec = write_recipe(tmp_path / "p.yaml", **dict(base, train=dict(base["train"], epochs=2),
+                                                     output=str(tmp_path / "p")))
+    res = CliRunner().invoke(main, ["finetune", rec], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "epoch   2/2" in res.output and "\r" not in res.output and "img/s]" not in res.output

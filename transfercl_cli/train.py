@@ -227,7 +227,7 @@ class Session:
                      f"{', ...' if len(tr) > 12 else ''}")
         lines.append(f"frozen     {len(p.frozen)} layers with parameters (BatchNorm in inference mode; "
                      f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} layers carry the "
-                     "BatchNorm/activation/padding after them)")
+                     "BatchNorm/activation/padding/pool after them)")
         if r["precision"] == "fp16":
             lines.append("precision  fp16: cached features and the activations kept for the backward pass are stored "
                          "as float16 (half their memory); arithmetic stays float32")
@@ -255,9 +255,11 @@ class Session:
 
 
 def _bar(total, desc, quiet):
+    """A progress bar on a terminal only: piped into a log file or a script (cron, termux-job-scheduler) it would write
+    every redraw; the per-epoch lines carry the same numbers."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, leave=False, dynamic_ncols=True)
 
 
 def compute_prefix_features(session, items, quiet=False):
@@ -554,8 +556,6 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     # The log holds exactly the epochs of the checkpoint (an epoch interrupted after its line was written is redone).
     write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-    from tqdm import tqdm
-
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, t["epochs"]):
@@ -563,8 +563,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
             t0 = time.perf_counter()
             tot_loss, tot_correct, tot_n, step = 0.0, 0, 0, 0
             n_train = len(src["train"])
-            bar = tqdm(total=n_train, desc=f"epoch {epoch + 1}/{t['epochs']}", unit="img", disable=quiet,
-                       leave=False, dynamic_ncols=True)
+            bar = _bar(n_train, f"epoch {epoch + 1}/{t['epochs']}", quiet)
             for x, y, _ in src["train"].batches(epoch, bs):
                 loss, correct = trainer.step(x, y, lr, epoch * 100003 + step)
                 step += 1
