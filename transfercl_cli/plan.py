@@ -149,9 +149,8 @@ def resolve_freeze(graph, freeze, unfreeze, new_layers=()):
 def fold_frozen(graph, trainable):
     """The graph that runs: frozen Conv+BN folded into the conv's weights and bias, a following ReLU/ReLU6 fused into
     the conv's epilogue (or, where the BN stays, into the BN, with a global average pool after it), zero Pads into
-    the next conv's padding. Trainable
-    nodes are the same objects or share their parameter dicts, so updates made through the returned graph are seen
-    by `graph`."""
+    the next conv's padding. Trainable nodes are the same objects or share their parameter dicts, so updates made
+    through the returned graph are seen by `graph`."""
     cons = graph.consumers()
     out_nodes = []
     skip = set()

@@ -208,8 +208,8 @@ def _cdiv(a, b):
 
 
 # Per-shape tuning while training runs: training repeats the same few GEMM shapes thousands of times, and how many
-# row blocks a work-item should take (gi), how long its k chunks are (kb) or whether A is packed depends on the shape
-# in ways the plan's cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with
+# row blocks a work-item should take (gi) or how long its k chunks are (kb) depends on the shape in ways the plan's
+# cache model does not capture (the weight gradient of conv_pw_13 at batch 163 ran 11% faster with
 # 4x the row blocks, smaller ones 5% slower). Once a shape has proved to repeat, its next calls alternate a few such
 # plans, timed; then the fastest median is kept for the process. Short jobs (an evaluation, a benchmark's few steps)
 # never tune. Only the blocking varies, never kc, so every candidate sums in the same order: results are
