@@ -10,32 +10,35 @@ typedef float8 F8U __attribute__((aligned(4)));
 // Activations, chosen by the runtime argument `act` (uniform per launch; one program for all of them, which keeps
 // the first build short). ACT_F is the forward, ACT_DF the input gradient from the saved tensor s (the input x, or
 // the output y where the op saves it: see SAVES_Y in cl_elementwise.py); P0, P1 are attributes. The same code
-// serves the float8 body and the scalar tail (T = float8 or float). Comparisons and ?: instead of fmax/fmin/clamp/select: PoCL emits those
-// built-ins as function calls that spill the vector registers.
+// serves the float8 body and the scalar tail (T = float8 or float). Comparisons and ?: instead of
+// fmax/fmin/clamp/select: PoCL emits those built-ins as function calls that spill the vector registers.
 // act: 0 copy, 1 relu, 2 relu6, 3 clip(P0, P1), 4 leaky_relu(P0), 5 sigmoid, 6 tanh, 7 swish,
 //      8 hard_sigmoid: clip(P0 x + P1, 0, 1), 9 hard_swish: x relu6(x + 3) / 6, 10 affine: P0 x + P1.
 #define DEF_ACT(T, SUF)                                                                                           \
 inline T act_f_##SUF(const T x, const int act, const float P0, const float P1) {                                  \
     switch (act) {                                                                                                \
-    case 1: return x > (T)(0.0f) ? x : (T)(0.0f);                                                                            \
-    case 2: return x > (T)(6.0f) ? (T)(6.0f) : (x > (T)(0.0f) ? x : (T)(0.0f));                                                                \
-    case 3: { const T lo = x > (T)(P0) ? x : (T)(P0); return lo < (T)(P1) ? lo : (T)(P1); }                                                               \
-    case 4: return x > (T)(0.0f) ? x : x * P0;                                                              \
+    case 1: return x > (T)(0.0f) ? x : (T)(0.0f);                                                                 \
+    case 2: return x > (T)(6.0f) ? (T)(6.0f) : (x > (T)(0.0f) ? x : (T)(0.0f));                                   \
+    case 3: { const T lo = x > (T)(P0) ? x : (T)(P0); return lo < (T)(P1) ? lo : (T)(P1); }                       \
+    case 4: return x > (T)(0.0f) ? x : x * P0;                                                                    \
     case 5: return (T)(1.0f) / ((T)(1.0f) + exp(-x));                                                             \
     case 6: return tanh(x);                                                                                       \
     case 7: return x / ((T)(1.0f) + exp(-x)); /* exp overflow gives x / inf = 0, the right limit */               \
-    case 8: { const T t = x * P0 + P1, u = t > (T)(0.0f) ? t : (T)(0.0f); return u < (T)(1.0f) ? u : (T)(1.0f); }                                                      \
-    case 9: { const T t = x + (T)(3.0f), u = t > (T)(0.0f) ? t : (T)(0.0f); return x * (u < (T)(6.0f) ? u : (T)(6.0f)) * (T)(1.0f / 6.0f); }                             \
+    case 8: { const T t = x * P0 + P1, u = t > (T)(0.0f) ? t : (T)(0.0f); return u < (T)(1.0f) ? u : (T)(1.0f); } \
+    case 9: {                                                                                                     \
+        const T t = x + (T)(3.0f), u = t > (T)(0.0f) ? t : (T)(0.0f);                                             \
+        return x * (u < (T)(6.0f) ? u : (T)(6.0f)) * (T)(1.0f / 6.0f);                                            \
+    }                                                                                                             \
     case 10: return x * P0 + P1;                                                                                  \
     default: return x;                                                                                            \
     }                                                                                                             \
 }                                                                                                                 \
 inline T act_df_##SUF(const T s, const T g, const int act, const float P0, const float P1) {                      \
     switch (act) {                                                                                                \
-    case 1: return s > (T)(0.0f) ? g : (T)(0.0f);                                                           \
-    case 2: return ((s > (T)(0.0f)) & (s < (T)(6.0f))) ? g : (T)(0.0f);                                       \
-    case 3: return ((s > (T)(P0)) & (s < (T)(P1))) ? g : (T)(0.0f);                                           \
-    case 4: return s > (T)(0.0f) ? g : g * P0;                                                              \
+    case 1: return s > (T)(0.0f) ? g : (T)(0.0f);                                                                 \
+    case 2: return ((s > (T)(0.0f)) & (s < (T)(6.0f))) ? g : (T)(0.0f);                                           \
+    case 3: return ((s > (T)(P0)) & (s < (T)(P1))) ? g : (T)(0.0f);                                               \
+    case 4: return s > (T)(0.0f) ? g : g * P0;                                                                    \
     case 5: return g * s * ((T)(1.0f) - s);                                                                       \
     case 6: return g * ((T)(1.0f) - s * s);                                                                       \
     case 7: {                                                                                                     \
@@ -44,9 +47,9 @@ inline T act_df_##SUF(const T s, const T g, const int act, const float P0, const
     }                                                                                                             \
     case 8: {                                                                                                     \
         const T t = s * P0 + P1;                                                                                  \
-        return ((t > (T)(0.0f)) & (t < (T)(1.0f))) ? g * P0 : (T)(0.0f);                                      \
+        return ((t > (T)(0.0f)) & (t < (T)(1.0f))) ? g * P0 : (T)(0.0f);                                          \
     }                                                                                                             \
-    case 9: return s > (T)(3.0f) ? g : (s > (T)(-3.0f) ? g * (s * (T)(2.0f / 6.0f) + (T)(0.5f)) : (T)(0.0f));  \
+    case 9: return s > (T)(3.0f) ? g : (s > (T)(-3.0f) ? g * (s * (T)(2.0f / 6.0f) + (T)(0.5f)) : (T)(0.0f));     \
     case 10: return g * P0;                                                                                       \
     default: return g;                                                                                            \
     }                                                                                                             \
@@ -115,12 +118,12 @@ __kernel void bin_row(__global const float* a, __global const float* v, __global
 }
 
 // Flat index I over dims d0..d5 -> coordinates i1..i5 and r (= i0).
-#define UNRAVEL6(I)                                                                                             \
-    int r = (I);                                                                                                \
-    const int i5 = r % d5; r /= d5;                                                                             \
-    const int i4 = r % d4; r /= d4;                                                                             \
-    const int i3 = r % d3; r /= d3;                                                                             \
-    const int i2 = r % d2; r /= d2;                                                                             \
+#define UNRAVEL6(I)                                                                                               \
+    int r = (I);                                                                                                  \
+    const int i5 = r % d5; r /= d5;                                                                               \
+    const int i4 = r % d4; r /= d4;                                                                               \
+    const int i3 = r % d3; r /= d3;                                                                               \
+    const int i2 = r % d2; r /= d2;                                                                               \
     const int i1 = r % d1; r /= d1;
 
 // General broadcast over up to 6 (collapsed) dims d0..d5 of the output; sa*/sb* are the inputs' element strides

@@ -232,8 +232,8 @@ def fold_frozen(graph, trainable):
 
 def fused_label(node):
     """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' (benchmarks and reports)."""
-    return node.op + ("+" + node.attrs["act"] if node.attrs.get("act") else "") + ("+gap" if node.attrs.get("pool")
-                                                                                      else "")
+    act = "+" + node.attrs["act"] if node.attrs.get("act") else ""
+    return node.op + act + ("+gap" if node.attrs.get("pool") else "")
 
 
 def split_prefix(graph, trainable):
@@ -422,7 +422,8 @@ def estimate_memory(plan, batch):
         restored = []
         if plan.half_saved:  # held tensors come back to float for this backward
             restored = [pool.take(nbytes(t)) for t, j in held_by.items() if j == i and t in kept]
-        ins = [pool.take(nbytes(t)) for t in n.inputs if t in grad_t or t in g.inputs]
+        gin = [t for t in n.inputs if t in grad_t or t in g.inputs]
+        ins = [pool.take(nbytes(t)) for t in gin]
         # GEMM panels of the input and of the output gradient
         tmp = [pool.take(max(nbytes(t) for t in n.inputs)), pool.take(nbytes(n.outputs[0]))]
         for cap in tmp + restored:
@@ -430,7 +431,7 @@ def estimate_memory(plan, batch):
         for t in n.outputs:
             if t in grads:
                 pool.give(grads.pop(t))
-        for t, cap in zip([t for t in n.inputs if t in grad_t or t in g.inputs], ins):
+        for t, cap in zip(gin, ins):
             if t in grads:
                 pool.give(cap)  # summed into the existing gradient (fan-out)
             else:

@@ -4,6 +4,7 @@ Every OpenCL op in tcl goes through one `Runtime`: it owns the context and the i
 `kernels/*.cl` sources with `-D` options, and hands out float32 `DeviceArray`s from a pool so that a training
 step that repeats the same shapes allocates nothing.
 """
+import functools
 import hashlib
 import os
 import threading
@@ -53,6 +54,7 @@ def _import_cl():
     return cl
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_files():
     """{file name: path or resource} of the kernels/*.cl sources (installed package first, then the source tree)."""
     try:

@@ -23,6 +23,7 @@ import numpy as np
 from ..runtime import DeviceArray
 from . import register
 from .ref_conv import conv_geometry, pool_geometry
+from .shapes import global_pool_shape
 
 i32 = np.int32
 _ACT = {None: 0, "": 0, "linear": 0, "none": 0, "relu": 1, "relu6": 2}
@@ -545,8 +546,7 @@ def global_avgpool_fwd(be, node, xs, training):
     rt = be.rt
     x = xs[0]
     N, H, W, C = x.shape
-    shape = (N, 1, 1, C) if node.attrs.get("keepdims", False) else (N, C)
-    y = rt.empty(shape)
+    y = rt.empty(global_pool_shape(x.shape, node.attrs.get("keepdims", False)))
     if _cpu_style(rt):
         rt.launch(rt.kernel("pool", "global_avgpool_fwd_rows", {"GAP_CW": GAP_CW}), (-(-C // GAP_CW), N), (1, 1), x, y,
                   i32(H * W), i32(C))

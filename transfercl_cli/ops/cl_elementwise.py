@@ -13,6 +13,7 @@ import numpy as np
 from . import register
 from .ref_elementwise import (Saved, check_labels, dropout_advance, dropout_plan, lrn_params, bn_eps, bn_momentum,
                               reshape_target, _attr)
+from .shapes import global_pool_shape
 
 B = "opencl"
 EW = "elementwise"
@@ -667,12 +668,6 @@ def _bn_gb(be, node):
     return g, b
 
 
-def bn_pool_shape(node, x_shape):
-    """Output shape of a BatchNorm that carries the following global average pool (attr pool, plan.fold_frozen)."""
-    C = x_shape[-1]
-    return (x_shape[0],) + (1,) * (len(x_shape) - 2) + (C,) if node.attrs.get("keepdims") else (x_shape[0], C)
-
-
 @register(B, "batchnorm")
 def batchnorm_fwd(be, node, xs, training):
     """BatchNorm, with the ReLU/ReLU6 that plan.fold_frozen fused into it (attr act): the BN output is never stored;
@@ -704,7 +699,7 @@ def batchnorm_fwd(be, node, xs, training):
         mean = rm
     if node.attrs.get("pool"):
         N = x.shape[0]
-        y = rt.empty(bn_pool_shape(node, x.shape))
+        y = rt.empty(global_pool_shape(x.shape, node.attrs.get("keepdims", False)))
         if x.size:
             run(rt, BN, "chan_affine_gap", (-(-C // BN_CW), N), x, y, a, b, i32(M // max(N, 1)), i32(N), i32(C),
                 i32(BN_ACT[act]))

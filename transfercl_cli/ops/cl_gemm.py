@@ -5,6 +5,7 @@
 
 Also the `dense` op of the opencl backend.
 """
+import os
 import time
 
 import numpy as np
@@ -221,8 +222,6 @@ _SHAPE_TUNERS = {}
 
 
 def _online_tuning():
-    import os
-
     return os.environ.get(AUTOTUNE_ENV, "") in ("", "0")
 
 

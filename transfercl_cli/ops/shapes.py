@@ -74,6 +74,12 @@ def resolve_reshape(total, shape, node=None):
     return tuple(shape)
 
 
+def global_pool_shape(shape, keepdims):
+    """(N, H, W, C) -> (N, 1, 1, C) with keepdims, else (N, C): the output of a global average pool (the op, or a
+    BatchNorm that carries it)."""
+    return (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],) if keepdims else (shape[0], shape[-1])
+
+
 def infer_node(node, in_shapes):
     """Output shapes (list, without batch) of one node given its input shapes."""
     op, a = node.op, node.attrs
@@ -134,7 +140,7 @@ def infer_node(node, in_shapes):
         return [(pool_out(x[0], kh, sh, pt, pb, 1, cm), pool_out(x[1], kw, sw, pl, pr, 1, cm), x[2])]
     if op == "global_avgpool" or (op == "batchnorm" and a.get("pool")):  # (a BN that carries the pool after it)
         _need_rank(node, x, 3)
-        return [(1, 1, x[2]) if a.get("keepdims", False) else (x[2],)]
+        return [global_pool_shape((None,) + x, a.get("keepdims", False))[1:]]
     if op == "flatten":
         return [(int(np.prod(x)) if x else 1,)]
     if op == "reshape":
