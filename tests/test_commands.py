@@ -88,12 +88,16 @@ def test_predict_real_mobilenet_golden_images():
     assert res[1]["top"][0]["index"] == 967 and res[1]["top"][0]["label"] == "espresso"
 
 
-def test_predict_corrupt_image_is_reported_not_fatal(tmp_path):
+def test_predict_corrupt_image_is_reported_and_fails_the_exit_code(tmp_path):
+    """The readable images are still predicted; the unreadable one is named on stderr and the exit code says a
+    script must not trust the whole batch."""
     pytest.importorskip("h5py")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    r = invoke("predict", MODEL, bad, "--labels", LABELS, "--device", "cpu")
-    assert r.exit_code == 0 and "unreadable" in r.output
+    good = os.path.join(SAMPLE, "images", "chelsea.png")
+    r = invoke("predict", MODEL, good, bad, "--labels", LABELS, "--device", "cpu")
+    assert r.exit_code == 2 and "unreadable" in r.stdout and "tabby" in r.stdout
+    assert "1 of 2 images could not be read" in r.stderr and "bad.jpg" in r.stderr
 
 
 def test_inspect_real_model_and_recipe(tmp_path):

@@ -78,7 +78,7 @@ def test_yaml_file_and_syntax_error(tmp_path):
 def test_safe_load_rejects_python_objects(tmp_path):
     p = tmp_path / "evil.yaml"
     p.write_text("model: !!python/object/apply:os.system ['echo pwned']\ndata: {root: x}\n")
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="not allowed in recipes"):
         load_recipe(str(p))
 
 

@@ -133,8 +133,14 @@ def test_same_seed_same_result_and_resume_equivalence(tiny_setup):
 def test_resume_refuses_a_different_recipe(tiny_setup):
     tmp_path, base = tiny_setup
     run_recipe(tmp_path, base, "x", train=dict(base["train"], epochs=1), output=str(tmp_path / "rx"))
-    with pytest.raises(TclError, match="recipe differs"):
-        run_recipe(tmp_path, base, "y", resume=True, output=str(tmp_path / "rx"), train=dict(base["train"], lr=0.5))
+    for change in ({"optimizer": "adam"}, {"label_smoothing": 0.1}, {"seed": 4}):
+        with pytest.raises(TclError, match="recipe differs"):
+            run_recipe(tmp_path, base, "y", resume=True, output=str(tmp_path / "rx"),
+                       train=dict(base["train"], **change))
+    # The learning rate and its schedule may change (a diverged run continues with a lower rate).
+    res = run_recipe(tmp_path, base, "y", resume=True, output=str(tmp_path / "rx"),
+                     train=dict(base["train"], epochs=2, lr=0.01, schedule="cosine"))
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
 
 
 def test_corrupt_image_is_skipped_and_listed(tiny_setup):

@@ -1,4 +1,5 @@
 """The `tcl` command line: parses arguments, calls the library, prints. The work happens in the library modules."""
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,34 @@ def _fail(e, verbose):
     msg = str(e) if isinstance(e, TclError) else f"{type(e).__name__}: {e}"
     click.echo(f"Error: {msg}", err=True)
     sys.exit(getattr(e, "exit_code", 1))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line on stderr: 'note: ...' for what tcl tells the user (TclNote), 'warning: ...' else."""
+    from .errors import TclNote
+
+    kind = "note" if issubclass(category, TclNote) else "warning"
+    click.echo(f"{kind}: {message}", err=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a cron or job-scheduler time-out, `kill`) stops a run like Ctrl-C: the run directory records
+    'interrupted' and keeps its last finished epoch, instead of dying mid-step."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class TclGroup(click.Group):
@@ -53,7 +82,13 @@ class TclGroup(click.Group):
 @click.option("--verbose", is_flag=True, help="Show full tracebacks on errors.")
 def main(verbose):
     """TransferCL: fine-tune pretrained networks (Keras .h5, ONNX) on any OpenCL device."""
+    import warnings
+
     _State.verbose = verbose
+    warnings.showwarning = _show_warning
+    from .errors import TclNote
+
+    warnings.simplefilter("always", TclNote)  # each command's notes, even when a process runs several commands
 
 
 def model_options(f):
@@ -131,7 +166,8 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
                  "output": output and os.path.abspath(output)}
     r = load_recipe(recipe, overrides)
     echo = (lambda *a: None) if (quiet or as_json) else (lambda m: click.echo(m))
-    res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo, force=force)
+    with _sigterm_as_ctrl_c():
+        res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo, force=force)
     if as_json:
         click.echo(json.dumps(res if dry_run else {"run_dir": res["run_dir"], "metrics": res["metrics"],
                                                     "meta": res["meta"]}, indent=2, default=str))
@@ -181,14 +217,20 @@ def predict(model, images, labels, top, device, as_json, model_config, input_siz
               input_size=input_size or None)
     if as_json:
         click.echo(json.dumps(res, indent=2))
-        return
-    for r in res:
-        click.echo(r["image"])
-        if "error" in r:
-            click.echo(f"  unreadable: {r['error']}")
-            continue
-        for t in r["top"]:
-            click.echo(f"  {t['probability']:7.4f}  {t['index']:>5}  {t['label']}")
+    else:
+        for r in res:
+            click.echo(r["image"])
+            if "error" in r:
+                click.echo(f"  unreadable: {r['error']}")
+                continue
+            for t in r["top"]:
+                click.echo(f"  {t['probability']:7.4f}  {t['index']:>5}  {t['label']}")
+    failed = [r for r in res if "error" in r]
+    if failed:
+        shown = "; ".join(f"{r['image']} ({r['error']})" for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        click.echo(f"Error: {len(failed)} of {len(res)} images could not be read: {shown}. Re-export or delete "
+                   "those files; the other images' predictions are above.", err=True)
+        sys.exit(2)
 
 
 @main.command()

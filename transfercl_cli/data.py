@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError, closest
+from .errors import DataError, TclNote, closest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_ALIASES = {
@@ -52,7 +52,7 @@ class BadImage(DataError):
         self.reason = str(reason)
 
 
-class BadImageWarning(UserWarning):
+class BadImageWarning(TclNote):
     """Issued by ImageLoader for each unreadable image it skips (once per file)."""
 
 
@@ -308,6 +308,39 @@ def open_image(path):
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
         reason = str(e) or type(e).__name__
         raise BadImage(path if not isinstance(path, Image.Image) else "<image>", reason) from e
+
+
+def check_image(path):
+    """None when ``path`` decodes as an image, else the reason it does not (a dangling symlink, an empty file,
+    truncated or corrupt data, not an image). JPEGs decode at reduced scale (draft mode): every byte is still read,
+    so truncation shows, at a fraction of the cost of a full decode."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        return "dangling symbolic link" if os.path.islink(path) else "file not found"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as f:
+            if f.format == "JPEG":
+                f.draft("RGB", (max(1, f.size[0] // 8), max(1, f.size[1] // 8)))
+            f.load()
+        return None
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        return str(e) or type(e).__name__
+
+
+def find_unreadable(paths, num_workers=2):
+    """[(path, reason)] for the paths that are not readable images, in the order given (decoded in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    if num_workers > 1 and len(paths) > 8:
+        with ThreadPoolExecutor(num_workers, thread_name_prefix="tcl-image-check") as pool:
+            reasons = list(pool.map(check_image, paths, chunksize=16))
+    else:
+        reasons = [check_image(p) for p in paths]
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
 def _to_rgb(img):

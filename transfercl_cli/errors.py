@@ -33,6 +33,14 @@ class DataError(TclError):
     """A dataset folder is missing, empty, or unusable."""
 
 
+class DamagedFile(TclError):
+    """A file tcl wrote (weights, checkpoint, cache index, model.json) is truncated, corrupt or not tcl's."""
+
+
+class TclNote(UserWarning):
+    """Something the user must be told that is not an error (the CLI prints it as one 'note:' line on stderr)."""
+
+
 def closest(name, candidates):
     """The candidate closest to `name`, for 'did you mean' hints (None when nothing is close)."""
     import difflib

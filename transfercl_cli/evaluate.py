@@ -8,11 +8,59 @@ import numpy as np
 from .errors import DataError, ModelError, TclError
 
 
+def num_outputs(graph):
+    """Number of classes the graph's output has (None when shapes cannot be inferred, e.g. a dynamic input)."""
+    from .ops.shapes import infer_shapes
+
+    try:
+        return int(np.prod(infer_shapes(graph)[graph.outputs[0]]))
+    except Exception:  # noqa: BLE001 - unknown sizes: the first batch's output is checked instead
+        return None
+
+
 def _labels_for(graph, labels_file=None):
+    """Class names in output order: the --labels file (one per line), else the model's own. A names list whose
+    length differs from the model's outputs would label every prediction wrongly: refused."""
     if labels_file:
-        with open(labels_file, encoding="utf-8") as f:
-            return [ln.strip() for ln in f if ln.strip()]
-    return list(graph.meta.get("classes") or [])
+        if not os.path.isfile(labels_file):
+            raise DataError(f"The labels file '{labels_file}' does not exist.", "Check the path.")
+        try:
+            with open(labels_file, encoding="utf-8") as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise DataError(f"The labels file '{labels_file}' is not UTF-8 text ({e.reason}).",
+                            "Save it as UTF-8, one class name per line.") from None
+        where = f"the labels file '{labels_file}'"
+    else:
+        names = list(graph.meta.get("classes") or [])
+        where = "the model's class list"
+    k = num_outputs(graph)
+    if names and k is not None and len(names) != k:
+        raise DataError(f"{where[0].upper() + where[1:]} has {len(names)} class names, but the model has {k} outputs, "
+                        "so every prediction would get the wrong name.",
+                        "Give one class name per output, in output order (ImageNet label files with a 'background' "
+                        "first line have 1001 lines for 1000 outputs: drop that line).")
+    return names
+
+
+def image_paths(args):
+    """The images named on the command line: files as given, folders replaced by the images inside them (sorted,
+    recursively). A path that does not exist, or a folder without images, is an error before any work starts."""
+    from .data import IMAGE_EXTENSIONS, _image_files
+
+    out = []
+    for path in args:
+        if os.path.isdir(path):
+            found = _image_files(path, IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"The folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).",
+                                "Name image files or folders that contain them.")
+            out.extend(found)
+        elif os.path.lexists(path):
+            out.append(path)
+        else:
+            raise DataError(f"The image '{path}' does not exist.", "Check the path.")
+    return out
 
 
 def _model_preprocess(graph, overrides=None):
@@ -51,28 +99,37 @@ class Predictor:
 
 
 def predict(model, images, labels=None, top=5, device=None, **load_opts):
-    """Top-k classes per image: [{"image", "top": [{"index", "label", "probability"}]}]."""
+    """Top-k classes per image: [{"image", "top": [{"index", "label", "probability"}]}], or {"image", "error"} for
+    an image that cannot be read (the CLI then exits non-zero). Folders in `images` stand for the images inside."""
     from .data import BadImage
     from .runfile import load_any_model
 
+    images = image_paths(images)
     graph = load_any_model(model, **load_opts)
     names = _labels_for(graph, labels)
     pre = _model_preprocess(graph)
     pr = Predictor(graph, device)
     out = []
     for path in images:
-        if not os.path.exists(path):
-            raise DataError(f"The image '{path}' does not exist.", "Check the path.")
         try:
             x = pre(path)[None]
         except BadImage as e:
             out.append({"image": path, "error": e.reason})
             continue
         p = pr.probs(x)[0]
+        _check_width(p, names)
         idx = np.argsort(-p)[:top]
         out.append({"image": path, "top": [{"index": int(i), "label": names[i] if i < len(names) else str(int(i)),
                                             "probability": float(p[i])} for i in idx]})
     return out
+
+
+def _check_width(p, names):
+    """The model's real output width against the class names (when shapes could not be inferred up front)."""
+    if names and p.shape[-1] != len(names):
+        raise DataError(f"The model gives {p.shape[-1]} outputs but {len(names)} class names were given, so every "
+                        "prediction would get the wrong name.",
+                        "Give one class name per output, in output order (--labels FILE).")
 
 
 def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None, out_dir=None, batch_size=32,
@@ -131,9 +188,18 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
     t0 = time.perf_counter()
     for x, y, p in loader:
         probs.append(pr.probs(x))
+        _check_width(probs[-1], classes)
         ys.append(y)
         paths.extend(p)
     dt = time.perf_counter() - t0
+    if bad:
+        import warnings
+
+        from .data import BadImageWarning
+
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        warnings.warn(f"{len(bad)} unreadable image(s) skipped, not counted in the accuracy: {shown}.",
+                      BadImageWarning, stacklevel=2)
     probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
     ys = np.concatenate(ys).astype(np.int64) if ys else np.zeros(0, np.int64)
     metrics = compute_metrics(ys, np.argmax(probs, 1), probs, classes, paths=paths)
@@ -142,15 +208,30 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
             "bad_images": [{"path": p, "reason": r} for p, r in bad]}
     out_dir = out_dir or (model if is_run else None)
     if out_dir:
-        history = None
-        mpath = os.path.join(model, "metrics.jsonl") if is_run else None
-        if mpath and os.path.exists(mpath):
-            import json
-
-            with open(mpath) as f:
-                history = [json.loads(ln) for ln in f if ln.strip()]
+        history = read_history(os.path.join(model, "metrics.jsonl")) if is_run else None
         write_report(out_dir, metrics, meta, history=history)
     return metrics, meta
+
+
+def read_history(path):
+    """The epochs of a run's metrics.jsonl for the training curves; a damaged log costs the curves (with a note),
+    not the evaluation."""
+    import json
+    import warnings
+
+    from .errors import TclNote
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            history = [json.loads(ln) for ln in f if ln.strip()]
+        if all(isinstance(h, dict) and "epoch" in h for h in history):
+            return history
+    except (ValueError, UnicodeDecodeError):
+        pass
+    warnings.warn(f"'{path}' is damaged; the report has no training curves.", TclNote, stacklevel=2)
+    return None
 
 
 def evaluate_graph_on_run(run_dir, graph, device=None, split="test"):

@@ -54,6 +54,7 @@ def write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+            _sync(f)
 
 
 def write_json(path, obj):
@@ -67,10 +68,51 @@ def save_npz(path, arrays):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+            _sync(f)
 
 
-def load_npz(path):
+def _sync(f):
+    """Data on disk before the rename that publishes it: after a power cut the new name never points at an empty
+    or partial file."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _damaged(path, what, cause, fix):
+    from .errors import DamagedFile
+
+    return DamagedFile(f"The {what} '{path}' is damaged or not a file tcl wrote ({cause}).", fix)
+
+
+def load_npz(path, what="weights file", fix=None):
+    """Every array of an .npz, never unpickling: an object array, a truncated archive or a file that is not an
+    .npz becomes one clear error (errors.DamagedFile) naming the file, instead of numpy's exception."""
+    import zipfile
+    import zlib
+
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    fix = fix or "Restore the file from a copy, or re-create it (re-run `tcl finetune`, or `--force` to start over)."
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise _damaged(path, what, "it holds Python objects, which tcl never unpickles, for safety", fix) from e
+        raise _damaged(path, what, str(e) or type(e).__name__, fix) from e
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+        raise _damaged(path, what, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, fix) from e
+
+
+def load_json(path, what="file", fix=None):
+    """A JSON file tcl wrote; truncated, not UTF-8 or not JSON becomes errors.DamagedFile naming the file."""
+    fix = fix or "Restore the file from a copy, or re-create it (re-run `tcl finetune`, or `--force` to start over)."
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise _damaged(path, what, str(e).splitlines()[0] if str(e) else type(e).__name__, fix) from e

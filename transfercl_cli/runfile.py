@@ -2,14 +2,14 @@
 
 A run directory can itself be the `model` of a new recipe (continue fine-tuning) or of `tcl evaluate/predict`.
 """
-import json
 import os
 
 import numpy as np
 
-from .errors import ModelError
-from .fsutil import jsonable as _jsonable, load_npz, save_npz, write_json
+from .errors import DamagedFile, ModelError
+from .fsutil import jsonable as _jsonable, load_json, load_npz, save_npz, write_json
 from .graph import Graph, Node
+from .runstate import weights_file
 
 MODEL_JSON = "model.json"
 WEIGHTS = {"final": "weights.npz", "best": "best.npz"}
@@ -31,37 +31,113 @@ def save_run_model(graph, run_dir, weights_name="weights.npz"):
     save_npz(os.path.join(run_dir, weights_name), graph.params())
 
 
+_DAMAGED_FIX = ("Restore the run directory from a copy, or re-create it with `tcl finetune` (`--force` to replace "
+                "the damaged run).")
+
+
+def _spec_error(path, cause):
+    return DamagedFile(f"The run model file '{path}' is damaged or not a file tcl wrote ({cause}).", _DAMAGED_FIX)
+
+
+def _check_spec(spec, path):
+    """model.json has the structure graph_to_json writes (else DamagedFile naming the file and what is wrong)."""
+    if not isinstance(spec, dict):
+        raise _spec_error(path, f"it holds a JSON {type(spec).__name__}, not an object")
+    if spec.get("format", "transfercl-graph") != "transfercl-graph":
+        raise _spec_error(path, f"its format is {spec.get('format')!r}, not 'transfercl-graph'")
+    for key, typ in (("nodes", list), ("inputs", dict), ("outputs", list)):
+        if key not in spec:
+            raise _spec_error(path, f"the key '{key}' is missing")
+        if not isinstance(spec[key], typ):
+            raise _spec_error(path, f"'{key}' is a {type(spec[key]).__name__}, not a {typ.__name__}")
+    if not spec["nodes"] or not spec["inputs"] or not spec["outputs"]:
+        raise _spec_error(path, "it lists no layers, inputs or outputs")
+    for name, shape in spec["inputs"].items():
+        if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+            raise _spec_error(path, f"the input '{name}' has the shape {shape!r}, not a list of whole numbers")
+    if not all(isinstance(t, str) for t in spec["outputs"]):
+        raise _spec_error(path, "'outputs' must be a list of tensor names")
+    meta = spec.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _spec_error(path, "'meta' is not an object")
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise _spec_error(path, f"'meta.classes' is {classes!r:.60}, not a list of class names")
+    if meta.get("preprocess") is not None and not isinstance(meta["preprocess"], dict):
+        raise _spec_error(path, f"'meta.preprocess' is {meta['preprocess']!r:.60}, not an object")
+    for i, nd in enumerate(spec["nodes"]):
+        if not isinstance(nd, dict):
+            raise _spec_error(path, f"layer #{i} is a {type(nd).__name__}, not an object")
+        label = f"layer #{i} ({nd['name']!r})" if isinstance(nd.get("name"), str) else f"layer #{i}"
+        for key, typ in (("name", str), ("op", str), ("inputs", list), ("outputs", list), ("attrs", dict),
+                         ("params", dict)):
+            if key not in nd:
+                raise _spec_error(path, f"{label} has no '{key}'")
+            if not isinstance(nd[key], typ):
+                raise _spec_error(path, f"{label}: '{key}' is a {type(nd[key]).__name__}, not a {typ.__name__}")
+        if not nd["outputs"] or not all(isinstance(t, str) for t in nd["inputs"] + nd["outputs"]):
+            raise _spec_error(path, f"{label}: 'inputs'/'outputs' must be lists of tensor names")
+        for k, shape in nd["params"].items():
+            if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                    for v in shape)):
+                raise _spec_error(path, f"{label}: the parameter '{k}' has the shape {shape!r}")
+
+
 def load_run_model(run_dir, which="best"):
     path = os.path.join(run_dir, MODEL_JSON)
     if not os.path.exists(path):
         raise ModelError(f"'{run_dir}' is a folder but not a tcl run directory (no {MODEL_JSON}).",
                          "Pass the run directory `tcl finetune` wrote (its `output`), or a .h5/.onnx model file.")
-    with open(path) as f:
-        spec = json.load(f)
+    spec = load_json(path, what="run model file", fix=_DAMAGED_FIX)
+    _check_spec(spec, path)
     wname = WEIGHTS.get(which, which)
-    wpath = os.path.join(run_dir, wname)
-    if not os.path.exists(wpath):
-        wpath = os.path.join(run_dir, WEIGHTS["final"])
+    # An unfinished run gives its last finished epoch (with a note), or is refused when no epoch finished.
+    wpath = weights_file(run_dir, which)
     if not os.path.exists(wpath):
         raise ModelError(f"The run directory '{run_dir}' has no weights ({wname}).",
                          "The run may have stopped before its first epoch ended; run `tcl finetune --resume`.")
-    params = load_npz(wpath)
+    params = load_npz(wpath, what="weights file", fix=_DAMAGED_FIX)
     nodes = []
     for nd in spec["nodes"]:
         ps = {}
         for k, shape in nd["params"].items():
             key = f"{nd['name']}/{k}"
             if key not in params:
-                raise ModelError(f"The weights file {wpath} lacks '{key}'.", "The run directory is damaged; "
-                                 "re-run `tcl finetune`.")
-            ps[k] = params[key].astype(np.float32).reshape(shape)
+                raise DamagedFile(f"The weights file '{wpath}' lacks '{key}', which {MODEL_JSON} lists.",
+                                  _DAMAGED_FIX)
+            a = params[key]
+            if a.dtype.kind not in "fiub" or a.size != int(np.prod(shape)):
+                raise DamagedFile(f"The weights file '{wpath}' holds '{key}' as {a.dtype} {tuple(a.shape)}, but "
+                                  f"{MODEL_JSON} says a float array of shape {tuple(shape)}.", _DAMAGED_FIX)
+            ps[k] = a.astype(np.float32).reshape(shape)
         attrs = {k: tuple(v) if isinstance(v, list) and k in ("kernel", "strides", "dilations", "pads", "perm", "shape")
                  else v for k, v in nd["attrs"].items()}
         nodes.append(Node(nd["name"], nd["op"], nd["inputs"], nd["outputs"], attrs, ps, nd.get("source", "")))
     g = Graph(nodes, {k: tuple(v) for k, v in spec["inputs"].items()}, spec["outputs"], spec.get("name", "model"),
               spec.get("meta", {}))
+    _check_graph(g, path)
     g.meta["run_dir"] = os.path.abspath(run_dir)
     return g
+
+
+def _check_graph(g, path):
+    """The layers fit together (every tensor written before it is read, shapes and attributes consistent)."""
+    from .ops.shapes import infer_shapes
+
+    try:
+        g.topo_check()
+        infer_shapes(g)
+    except ModelError as e:
+        raise _spec_error(path, e.message.rstrip(".")) from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise _spec_error(path, f"its layers do not fit together: {type(e).__name__}: {e}") from None
+    if g.meta.get("preprocess"):
+        from .train import resolve_preprocess
+
+        try:
+            resolve_preprocess({}, g)
+        except (ValueError, TypeError, KeyError) as e:
+            raise _spec_error(path, f"its preprocessing 'meta.preprocess' is unusable: {e}") from None
 
 
 def load_any_model(path, **opts):

@@ -3,23 +3,41 @@
 recipe -> data splits -> plan (cut, head, freeze, fold, cache point) -> frozen-prefix feature cache -> epochs of
 forward/loss/backward/optimizer on the device -> checkpoints, metrics.jsonl -> final evaluation report.
 """
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 
 from .errors import DataError, RecipeError, TclError
-from .fsutil import load_npz, save_npz, write_json, write_text
+from .fsutil import load_json, load_npz, save_npz, write_json, write_text
+from .runstate import FINISHED, STATE_FILE, write_state
 
 RUN_FILES = ("checkpoint.json", "checkpoint.npz", "optimizer.npz", "best.npz", "weights.npz", "model.json",
-             "metrics.jsonl", "report.json", "report.md", "confusion_matrix.png", "training_curves.png")
+             "metrics.jsonl", "report.json", "report.md", "confusion_matrix.png", "training_curves.png", STATE_FILE)
 PARAM_TRAINED = ("weight", "bias", "gamma", "beta", "scale", "offset")  # BN mean/var are statistics, not trained
+# Keys that may differ when resuming (a diverged run continues from its last good epoch with a lower lr, say);
+# everything else must match the run's recipe, or the resumed run would not be the run the checkpoint belongs to.
+RESUME_MAY_CHANGE = ("epochs", "lr", "schedule", "step_size", "gamma", "warmup_epochs", "clip_grad_norm",
+                     "early_stopping")
+# A training loss this many times the first epoch's is a runaway (the loss is unclamped: lse - z_y).
+RUNAWAY_FACTOR = 100.0
 
 
 class TrainingDiverged(TclError):
     pass
+
+
+class NonFinite(Exception):
+    """Raised inside a training step when the loss, the logits or the gradient norm is NaN or infinite."""
+
+    def __init__(self, what, value):
+        super().__init__(what)
+        self.what = what
+        self.value = value
 
 
 class Interrupted(TclError):
@@ -175,6 +193,28 @@ def class_weight_vector(spec, classes, train_items):
     return w
 
 
+def exclude_unreadable(splits, strict=False):
+    """Find the images of every split that do not decode, drop them from the splits (so the plan's counts are what
+    trains) and warn once with the count and the first paths; with data.strict, refuse instead. Returns
+    [(path, reason)]. The splits are computed before the exclusion, so a file going bad moves no other file."""
+    from .data import BadImageWarning, find_unreadable
+
+    items = [p for name in ("train", "val", "test") for p, _ in splits[name]]
+    bad = find_unreadable(items)
+    if not bad:
+        return []
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if strict:
+        raise DataError(f"{len(bad)} of the dataset's {len(items)} images cannot be read (data.strict is on): {shown}.",
+                        "Delete or re-export those files, or set data.strict: false to skip them with a warning.")
+    warnings.warn(f"{len(bad)} unreadable image(s) skipped, not counted in the splits: {shown}. Set data.strict: "
+                  "true to make this an error.", BadImageWarning, stacklevel=2)
+    drop = {p for p, _ in bad}
+    for name in ("train", "val", "test"):
+        splits.splits[name] = [(p, y) for p, y in splits[name] if p not in drop]
+    return bad
+
+
 class Session:
     """Everything a run needs, resolved before any work starts (so every input error comes first)."""
 
@@ -189,6 +229,11 @@ class Session:
         d = recipe["data"]
         self.splits = recipe_splits(d)
         self.classes = list(self.splits.classes)
+        self.bad_images = exclude_unreadable(self.splits, strict=d.get("strict", False))
+        if recipe["train"]["early_stopping"] and not self.splits["val"]:
+            raise RecipeError("Recipe key 'train.early_stopping' needs a validation split, and this dataset has none.",
+                              "Set data.val (e.g. `val: 0.1`), add a val/ folder next to train/, or remove "
+                              "train.early_stopping.")
         if not self.splits["train"]:
             raise DataError(f"The dataset '{d['root']}' has no training images after the split.",
                             "Add images, or lower data.val and data.test.")
@@ -335,18 +380,20 @@ class Trainer:
             labels = be.asarray(ys)
             loss, glogits = be.fn("softmax_xent")(be, out, labels, label_smoothing=t["label_smoothing"],
                                                  class_weights=cw)
-            correct += int(np.sum(np.argmax(be.to_host(out), axis=1) == ys))
+            logits = be.to_host(out)
+            correct += int(np.sum(np.argmax(logits, axis=1) == ys))
             be.release(out)
             be.release(labels)
-            if not math.isfinite(loss):
+            # The logits are on the host anyway (accuracy): checking them costs nothing, and a non-finite logit can
+            # hide behind a finite loss.
+            bad = ("the training loss", loss) if not math.isfinite(loss) else \
+                ("the logits", float(logits[~np.isfinite(logits)][0])) if not np.isfinite(logits).all() else None
+            if bad:
                 self.ex.end_step()
                 be.release(glogits)
                 for g in (grads or {}).values():
                     be.release(g)
-                raise TrainingDiverged(
-                    f"The training loss became {loss} at step {step_id}.",
-                    "The last good checkpoint is kept in the run directory. Lower train.lr (e.g. by 10x), enable "
-                    "train.clip_grad_norm, or check the input scaling (input.scale/offset or mean/std).")
+                raise NonFinite(*bad)
             total_loss += loss * share
             if share != 1.0:
                 be.fn("scale_inplace")(be, glogits, share)
@@ -361,6 +408,10 @@ class Trainer:
                     be.release(v)
         if t["clip_grad_norm"]:
             norm = math.sqrt(be.fn("grad_norm_sq")(be, list(grads.values())))
+            if not math.isfinite(norm):
+                for g in grads.values():
+                    be.release(g)
+                raise NonFinite("the gradient norm", norm)
             if norm > t["clip_grad_norm"]:
                 for g in grads.values():
                     be.fn("scale_inplace")(be, g, t["clip_grad_norm"] / norm)
@@ -440,22 +491,77 @@ def _cross_entropy(probs, y):
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
 
 
-def _save_checkpoint(run_dir, trainer, epoch, history, best, initial=None):
+# checkpoint.npz holds one finished epoch whole: the parameters under their own 'layer/param' names (so it loads as
+# a weights file), the optimizer state, the trainable parameters of the best epoch and the bookkeeping. One file
+# replaced by one rename is the commit point: a crash or a full disk leaves the previous epoch's checkpoint, never
+# the parameters of one epoch with the optimizer state or history of another.
+OPT, BEST, META = "__optimizer__/", "__best__/", "__meta__"
+
+
+def _save_checkpoint(run_dir, trainer, epoch, history, best, initial, best_params):
+    """Commit the finished 0-based `epoch` (the caller has synced and checked the parameters); checkpoint.json is a
+    readable copy of the bookkeeping, written after the commit."""
     s = trainer.s
-    s.be.sync_params_to_host(trainer.graph)
-    save_npz(os.path.join(run_dir, "checkpoint.npz"), s.plan.graph.params())
-    save_npz(os.path.join(run_dir, "optimizer.npz"), trainer.opt.state_arrays())
-    write_json(os.path.join(run_dir, "checkpoint.json"), {"epoch": epoch, "history": history, "best": best,
-                                                          "initial_accuracy": initial,
-                                                          "recipe": _recipe_digest(s.recipe)})
+    meta = {"epoch": epoch, "history": history, "best": best, "initial_accuracy": initial,
+            "recipe": _recipe_digest(s.recipe), "recipe_core": _recipe_digest(s.recipe, RESUME_MAY_CHANGE)}
+    arrays = dict(s.plan.graph.params())
+    arrays.update({OPT + k: v for k, v in trainer.opt.state_arrays().items()})
+    arrays.update({BEST + k: v for k, v in best_params.items()})
+    arrays[META] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
+    save_npz(os.path.join(run_dir, "checkpoint.npz"), arrays)
+    write_json(os.path.join(run_dir, "checkpoint.json"), meta)
 
 
-def _recipe_digest(recipe):
+def _read_checkpoint(run_dir, fix):
+    """(meta, parameters, optimizer state, best trainable parameters) of a run's checkpoint. Checkpoints of earlier
+    versions (bookkeeping in checkpoint.json, optimizer state in optimizer.npz) are read too."""
+    arrays = load_npz(os.path.join(run_dir, "checkpoint.npz"), "checkpoint", fix)
+    if META in arrays:
+        try:
+            meta = json.loads(arrays.pop(META).tobytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+    else:
+        meta = load_json(os.path.join(run_dir, "checkpoint.json"), "checkpoint", fix)
+        arrays.update({OPT + k: v for k, v in load_npz(os.path.join(run_dir, "optimizer.npz"),
+                                                        "optimizer state", fix).items()})
+    if not isinstance(meta, dict) or not isinstance(meta.get("epoch"), int) or not isinstance(meta.get("history"),
+                                                                                             list):
+        from .errors import DamagedFile
+
+        raise DamagedFile(f"The checkpoint in '{run_dir}' is damaged or not a file tcl wrote (no epoch record).",
+                          fix)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+    params = {k: v for k, v in arrays.items() if not k.startswith(("__optimizer__/", "__best__/"))}
+    return meta, params, part(OPT), part(BEST)
+
+
+def _write_best(run_dir, graph, best_params):
+    """best.npz: the current parameters with the best epoch's trainable ones (frozen layers never change)."""
+    save_npz(os.path.join(run_dir, "best.npz"), dict(graph.params(), **best_params))
+
+
+def _best_matches(run_dir, best_params):
+    path = os.path.join(run_dir, "best.npz")
+    try:
+        have = load_npz(path)
+    except (OSError, TclError):
+        return False
+    return all(k in have and np.array_equal(have[k], v) for k, v in best_params.items())
+
+
+def _trainable_arrays(graph, trainable):
+    return {f"{n.name}/{k}": v.copy() for n in graph.nodes if n.name in trainable for k, v in n.params.items()}
+
+
+def _recipe_digest(recipe, may_change=("epochs",)):
     import hashlib
 
     keep = {k: recipe[k] for k in ("model", "cut_after", "head", "freeze", "unfreeze", "data", "augment", "input",
                                    "precision")}
-    keep["train"] = {k: v for k, v in recipe["train"].items() if k != "epochs"}
+    # data.strict only decides whether unreadable images are an error; it changes nothing a checkpoint holds.
+    keep["data"] = {k: v for k, v in keep["data"].items() if k != "strict"}
+    keep["train"] = {k: v for k, v in recipe["train"].items() if k not in may_change}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -467,39 +573,66 @@ def _load_params_into(graph, arrays):
                 n.params[k] = arrays[key].astype(np.float32).reshape(n.params[k].shape)
 
 
-def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=False):
-    """Run a recipe end to end. Returns a dict summary (also written to the run directory)."""
-    import yaml
+def nonfinite_params(graph, names):
+    """'layer/param' of every parameter (BatchNorm statistics included) of the layers `names` holding NaN/Inf."""
+    return [f"{n.name}/{k}" for n in graph.nodes if n.name in names for k, v in n.params.items()
+            if not np.isfinite(v).all()]
 
-    from .report import compute_metrics, format_table, write_report
-    from .runfile import save_run_model
 
-    t_start = time.perf_counter()
-    session = Session(recipe, log=log)
-    session.bad_images = []
-    plan_text = session.describe()
-    log(plan_text)
-    if dry_run:
-        return {"dry_run": True, "plan": plan_text}
-    run_dir = recipe["output"]
-    os.makedirs(run_dir, exist_ok=True)
-    t = recipe["train"]
+def runaway_loss(loss, history, num_classes):
+    """True when an epoch's training loss is orders of magnitude above the run's first epoch (a learning rate that
+    sends the weights off without any NaN yet). The floor keeps a near-zero first loss from flagging noise."""
+    if not history:
+        return False
+    ref = max(history[0]["train_loss"], 0.1 * math.log(max(num_classes, 2)))
+    return loss > RUNAWAY_FACTOR * ref
+
+
+def _lr_cause(t, epoch):
+    lr = lr_at(t, epoch)
+    if lr > t["lr"] * (1 + 1e-9):
+        return (f"the learning rate: the '{t['schedule']}' schedule raised it to {lr:.3g} in this epoch (train.lr is "
+                f"{t['lr']:g}{', train.gamma ' + format(t['gamma'], 'g') if t['schedule'] == 'step' else ''})",
+                "Fix the schedule (train.gamma below 1 lowers the rate) or lower train.lr")
+    return f"the learning rate (train.lr {lr:.3g} in this epoch)", "Lower train.lr (e.g. by 10x)"
+
+
+def diverged(run_dir, t, epoch, what, history):
+    """The one-paragraph error for a run that diverged in the 0-based `epoch`."""
+    cause, fix = _lr_cause(t, epoch)
+    first = f" (the first epoch's training loss was {history[0]['train_loss']:.4g})" if history else ""
+    kept = (f"the checkpoint of epoch {history[-1]['epoch']}, the last good one, is kept in {run_dir}"
+            if history else f"no epoch had finished, so {run_dir} holds no trained weights")
+    return TrainingDiverged(
+        f"Training diverged in epoch {epoch + 1}: {what}{first}. The likely cause is {cause}. Nothing non-finite "
+        f"was written: {kept}.",
+        f"{fix}, or set train.clip_grad_norm (e.g. 1.0), then continue from the last good epoch with `tcl finetune "
+        "RECIPE --resume` (the learning rate and schedule may change on resume), or start over with --force.")
+
+
+def _prepare_run_dir(session, run_dir, resume, force, log):
+    """Check the output folder and load what --resume continues from. Returns (start_epoch, history, best, initial,
+    optimizer arrays or None, best trainable parameters)."""
+    recipe = session.recipe
     ckpt_json = os.path.join(run_dir, "checkpoint.json")
-    start_epoch, history, best, resumed_initial = 0, [], None, None
     if resume:
-        if not os.path.exists(ckpt_json):
+        if not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
             raise TclError(f"--resume: the run directory '{run_dir}' has no checkpoint.",
                            "Start the run without --resume (or point --output at the run to continue).")
-        with open(ckpt_json) as f:
-            ck = json.load(f)
+        fix = "The run directory is damaged: start the run again with --force (or restore the file)."
+        ck, params, opt, best_params = _read_checkpoint(run_dir, fix)
         if ck.get("recipe") != _recipe_digest(recipe):
-            raise TclError(f"--resume: the recipe differs from the one the run in '{run_dir}' was started with "
-                           "(only train.epochs may change).", "Use the same recipe, or a new --output.")
-        _load_params_into(session.plan.graph, load_npz(os.path.join(run_dir, "checkpoint.npz")))
+            if ck.get("recipe_core") != _recipe_digest(recipe, RESUME_MAY_CHANGE):
+                raise TclError(f"--resume: the recipe differs from the one the run in '{run_dir}' was started with "
+                               f"(only train.{', train.'.join(RESUME_MAY_CHANGE)} may change).",
+                               "Use the same recipe, or a new --output.")
+            log("note: resuming with changed training settings (learning rate, schedule, clipping or epochs)")
+        _load_params_into(session.plan.graph, params)
         # Folded copies were made from the original parameters; only trainable layers changed, and those are shared.
-        start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck.get("best")
-        resumed_initial = ck.get("initial_accuracy")
-    elif os.path.exists(ckpt_json) or os.path.exists(os.path.join(run_dir, "model.json")):
+        if ck.get("best") and best_params and not _best_matches(run_dir, best_params):
+            _write_best(run_dir, session.plan.graph, best_params)  # a crash came between the commit and best.npz
+        return ck["epoch"] + 1, ck["history"], ck.get("best"), ck.get("initial_accuracy"), opt, best_params
+    if os.path.exists(ckpt_json) or os.path.exists(os.path.join(run_dir, "model.json")):
         if not force:
             raise TclError(f"The output directory '{run_dir}' already holds a run.",
                            "Continue it with --resume, replace it with --force, or choose another --output.")
@@ -507,99 +640,205 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
         for f in RUN_FILES:
             if os.path.exists(os.path.join(run_dir, f)):
                 os.unlink(os.path.join(run_dir, f))
+    return 0, [], None, None, None, {}
+
+
+def _cached_sources(session, quiet, log, epochs_left):
+    """{split: (features, rows, ok)} from the feature cache (empty when the plan does not cache), and cache info."""
+    splits, plan = session.splits, session.plan
+    if not plan.use_cache:
+        return {}, None
+    feats = {}
+    all_items = splits["train"] + splits["val"] + splits["test"]
+    data, rows, ok, cache = compute_prefix_features(session, all_items, quiet=quiet)
+    off = 0
+    for name in ("train", "val", "test"):
+        n = len(splits[name])
+        feats[name] = (data, rows[off:off + n], ok[off:off + n])
+        off += n
+    info = {"hits": cache.hits, "misses": cache.misses, "compute_seconds": round(cache.compute_seconds, 2),
+            "seconds_per_image": cache.seconds_per_image, "dir": cache.dir,
+            "seconds_saved_now": round(cache.seconds_saved(), 2),
+            "seconds_saved_over_epochs": round((cache.seconds_per_image or 0) * len(all_items)
+                                               * (max(1, epochs_left) + 1) - cache.compute_seconds, 1)}
+    log(f"cache      {cache.hits} hits, {cache.misses} computed in {cache.compute_seconds:.1f} s; recomputing the "
+        f"prefix every epoch would have cost about {info['seconds_saved_over_epochs']:.0f} s more")
+    return feats, info
+
+
+def _train_epoch(trainer, src, t, epoch, quiet):
+    """One pass over the training split. Returns (mean loss, accuracy, images, seconds); raises NonFinite."""
+    lr = lr_at(t, epoch)
+    t0 = time.perf_counter()
+    tot_loss, tot_correct, tot_n, step = 0.0, 0, 0, 0
+    bar = _bar(len(src), f"epoch {epoch + 1}/{t['epochs']}", quiet)
+    try:
+        for x, y, _ in src.batches(epoch, t["batch_size"]):
+            loss, correct = trainer.step(x, y, lr, epoch * 100003 + step)
+            step += 1
+            tot_loss += loss * len(y)
+            tot_correct += correct
+            tot_n += len(y)
+            bar.update(len(y))
+            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_correct / tot_n:.3f}")
+    finally:
+        bar.close()
+    trainer.be.finish()
+    return tot_loss / max(tot_n, 1), tot_correct / max(tot_n, 1), tot_n, time.perf_counter() - t0
+
+
+def _epochs_finished(history):
+    return history[-1]["epoch"] if history else 0
+
+
+def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=False):
+    """Run a recipe end to end. Returns a dict summary (also written to the run directory)."""
+    t_start = time.perf_counter()
+    session = Session(recipe, log=log)
+    plan_text = session.describe()
+    log(plan_text)
+    if dry_run:
+        return {"dry_run": True, "plan": plan_text}
+    run_dir = recipe["output"]
+    _check_output_is_not_an_input(recipe, resume)
+    os.makedirs(run_dir, exist_ok=True)
+    with run_dir_lock(run_dir):
+        start_epoch, history, best, initial, opt_state, best_params = _prepare_run_dir(session, run_dir, resume,
+                                                                                       force, log)
+        try:
+            write_state(run_dir, "training", _epochs_finished(history), recipe["train"]["epochs"])
+            return _run(session, run_dir, (start_epoch, history, best, initial, opt_state, best_params), quiet, log,
+                        t_start)
+        except BaseException as e:
+            # However the run ends early, state.json says so (a reader then uses the last finished epoch, or
+            # refuses).
+            state = ("interrupted" if isinstance(e, (KeyboardInterrupt, Interrupted)) else
+                     "diverged" if isinstance(e, TrainingDiverged) else "failed")
+            with contextlib.suppress(Exception):  # the original error matters more than a failed state write
+                write_state(run_dir, state, _epochs_finished(history), recipe["train"]["epochs"], detail=str(e))
+            raise
+
+
+def _check_output_is_not_an_input(recipe, resume):
+    """A run directory that is also the recipe's model or inside its data would be replaced (--force) or mixed
+    with the images while it is read."""
+    out = os.path.realpath(recipe["output"])
+    model = os.path.realpath(recipe["model"])
+    if out == model and not resume:
+        raise RecipeError(f"The recipe's output '{recipe['output']}' is its model: starting a run there would "
+                          "replace the model it starts from.",
+                          "Write the new run elsewhere (`output:` or -o), or continue that run with --resume.")
+    root = os.path.realpath(recipe["data"]["root"])
+    if out == root or out.startswith(root + os.sep):
+        raise RecipeError(f"The recipe's output '{recipe['output']}' is inside its data folder '{root}': the run's "
+                          "files would be mixed with the images.", "Write the run elsewhere (`output:` or -o).")
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir):
+    """One `tcl finetune` per run directory at a time (a cron job overlapping a manual run would interleave two
+    runs' checkpoints). An advisory lock that the OS drops when the process dies, so a killed run never blocks the
+    next; on systems without fcntl there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(os.path.join(run_dir, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip()
+            raise TclError(f"Another `tcl finetune` is writing the run directory '{run_dir}'"
+                           f"{f' (process {who})' if who else ''}.",
+                           "Wait for it to finish, or choose another --output.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(session, run_dir, resumed, quiet, log, t_start):
+    import yaml
+
+    from .report import compute_metrics, format_table, write_report
+    from .runfile import graph_to_json, save_run_model
+
+    recipe, plan, splits = session.recipe, session.plan, session.splits
+    start_epoch, history, best, initial, opt_state, best_params = resumed
+    t = recipe["train"]
     write_text(os.path.join(run_dir, "recipe.resolved.yaml"),
                yaml.safe_dump(json.loads(json.dumps(dict(recipe), default=str)), sort_keys=False))
     write_json(os.path.join(run_dir, "classes.json"), session.classes)
-
-    splits = session.splits
-    plan = session.plan
-    cache_info = None
-    feats = {}
-    if plan.use_cache:
-        all_items = splits["train"] + splits["val"] + splits["test"]
-        data, rows, ok, cache = compute_prefix_features(session, all_items, quiet=quiet)
-        off = 0
-        for name in ("train", "val", "test"):
-            n = len(splits[name])
-            feats[name] = (data, rows[off:off + n], ok[off:off + n])
-            off += n
-        epochs_run = max(1, t["epochs"] - start_epoch)
-        cache_info = {"hits": cache.hits, "misses": cache.misses, "compute_seconds": round(cache.compute_seconds, 2),
-                      "seconds_per_image": cache.seconds_per_image, "dir": cache.dir,
-                      "seconds_saved_now": round(cache.seconds_saved(), 2),
-                      "seconds_saved_over_epochs": round((cache.seconds_per_image or 0) * len(all_items)
-                                                         * (epochs_run + 1) - cache.compute_seconds, 1)}
-        log(f"cache      {cache.hits} hits, {cache.misses} computed in {cache.compute_seconds:.1f} s; recomputing the "
-            f"prefix every epoch would have cost about {cache_info['seconds_saved_over_epochs']:.0f} s more")
+    feats, cache_info = _cached_sources(session, quiet, log, t["epochs"] - start_epoch)
     trainer = Trainer(session)
-    if resume:
-        trainer.opt.load_state(load_npz(os.path.join(run_dir, "optimizer.npz")))
+    if opt_state is not None:
+        trainer.opt.load_state(opt_state)
     src = {name: Source(session, splits[name], feats.get(name), augment=(name == "train"), shuffle=(name == "train"))
            for name in ("train", "val", "test")}
     bs = t["batch_size"]
     es = t["early_stopping"]
     eval_split = "test" if len(src["test"]) else ("val" if len(src["val"]) else "train")
-    initial = resumed_initial if resume else None
-    if not resume:
+    if not history:
         # Accuracy of the untrained head, so the report shows what fine-tuning changed.
         probs0, y0, _ = predict_source(trainer, src[eval_split], bs)
         if len(y0):
             initial = float(np.mean(np.argmax(probs0, 1) == y0))
             log(f"before     {eval_split} accuracy {initial:.4f} with the new head untrained")
+        # The structure only: weights.npz is written when the run finishes, so an unfinished run never offers
+        # untrained weights as its result (state.json tells readers to use the last finished epoch instead).
+        write_json(os.path.join(run_dir, "model.json"), graph_to_json(plan.graph))
     metric_name = (es or {}).get("metric", "val_accuracy")
     has_val = len(src["val"]) > 0
     bad_epochs = 0
     if history and es and best:
         bad_epochs = history[-1]["epoch"] - best["epoch"]
-    if not resume:
-        save_run_model(plan.graph, run_dir, "weights.npz")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     # The log holds exactly the epochs of the checkpoint (an epoch interrupted after its line was written is redone).
     write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, t["epochs"]):
-            lr = lr_at(t, epoch)
-            t0 = time.perf_counter()
-            tot_loss, tot_correct, tot_n, step = 0.0, 0, 0, 0
-            n_train = len(src["train"])
-            bar = _bar(n_train, f"epoch {epoch + 1}/{t['epochs']}", quiet)
-            for x, y, _ in src["train"].batches(epoch, bs):
-                loss, correct = trainer.step(x, y, lr, epoch * 100003 + step)
-                step += 1
-                tot_loss += loss * len(y)
-                tot_correct += correct
-                tot_n += len(y)
-                bar.update(len(y))
-                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_correct / tot_n:.3f}")
-            bar.close()
-            session.be.finish()
-            dt = time.perf_counter() - t0
-            rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tot_loss / max(tot_n, 1),
-                   "train_accuracy": tot_correct / max(tot_n, 1), "seconds": round(dt, 3),
-                   "images_per_sec": round(tot_n / dt, 1) if dt > 0 else None}
+            try:
+                loss, acc, n, dt = _train_epoch(trainer, src["train"], t, epoch, quiet)
+            except NonFinite as e:
+                raise diverged(run_dir, t, epoch, f"{e.what} became {e.value}", history) from None
+            session.be.sync_params_to_host(trainer.graph)
+            bad = nonfinite_params(trainer.graph, plan.trainable)
+            if bad:
+                raise diverged(run_dir, t, epoch, f"the parameters {', '.join(bad[:4])} became non-finite", history)
+            if runaway_loss(loss, history, len(session.classes)):
+                raise diverged(run_dir, t, epoch, f"the training loss rose to {loss:.4g}", history)
+            rec = {"epoch": epoch + 1, "lr": lr_at(t, epoch), "train_loss": loss, "train_accuracy": acc,
+                   "seconds": round(dt, 3), "images_per_sec": round(n / dt, 1) if dt > 0 else None}
             if has_val:
                 probs, yv, _ = predict_source(trainer, src["val"], bs)
                 rec["val_loss"] = _cross_entropy(probs, yv)
                 rec["val_accuracy"] = float(np.mean(np.argmax(probs, 1) == yv)) if len(yv) else float("nan")
             history.append(rec)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
             improved = False
             if has_val:
                 v = rec[metric_name]
                 improved = best is None or (v > best["value"] if metric_name == "val_accuracy" else v < best["value"])
             if improved:
                 best = {"epoch": epoch + 1, "value": rec[metric_name], "metric": metric_name}
+                best_params = _trainable_arrays(plan.graph, plan.trainable)
                 bad_epochs = 0
-                session.be.sync_params_to_host(trainer.graph)
-                save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
             else:
                 bad_epochs += 1
-            _save_checkpoint(run_dir, trainer, epoch, history, best, initial)
+            _save_checkpoint(run_dir, trainer, epoch, history, best, initial, best_params)  # the commit point
+            if improved:
+                _write_best(run_dir, plan.graph, best_params)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            write_state(run_dir, "training", epoch + 1, t["epochs"])
             if not quiet:
-                msg = (f"epoch {epoch + 1:>3}/{t['epochs']}  loss {rec['train_loss']:.4f}  acc "
-                       f"{rec['train_accuracy']:.4f}")
+                msg = f"epoch {epoch + 1:>3}/{t['epochs']}  loss {rec['train_loss']:.4f}  acc {rec['train_accuracy']:.4f}"
                 if has_val:
                     msg += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_accuracy']:.4f}"
                 log(msg + f"  {rec['images_per_sec']} img/s")
@@ -608,19 +847,18 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
                 break
     except KeyboardInterrupt:
         raise Interrupted(f"Interrupted during epoch {epoch + 1}. The checkpoint of the last finished epoch is in "
-                       f"{run_dir}.", "Continue with `tcl finetune RECIPE --resume`.") from None
+                          f"{run_dir}.", "Continue with `tcl finetune RECIPE --resume`.") from None
     finally:
         for so in src.values():
             if so.loader is not None:
                 so.loader.close()
-    session.be.sync_params_to_host(trainer.graph)
     save_run_model(plan.graph, run_dir, "weights.npz")
     if best is None:
         # No validation split: the final weights are the best we know.
         save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
         eval_weights = "final"
     else:
-        _load_params_into(plan.graph, load_npz(os.path.join(run_dir, "best.npz")))
+        _load_params_into(plan.graph, best_params)
         session.be.forget_params()
         trainer = Trainer(session)
         eval_weights = f"best (epoch {best['epoch']}, {best['metric']} {best['value']:.4f})"
@@ -636,6 +874,7 @@ def finetune(recipe, resume=False, dry_run=False, quiet=False, log=print, force=
             "initial_accuracy": initial,
             "bad_images": [{"path": p, "reason": r} for p, r in _dedup(session.bad_images)]}
     write_report(run_dir, metrics, meta, history=history)
+    write_state(run_dir, FINISHED, _epochs_finished(history), t["epochs"])
     log(format_table(metrics))
     if initial is not None:
         log(f"{split} accuracy {initial:.4f} before fine-tuning -> {metrics['accuracy']:.4f} after "

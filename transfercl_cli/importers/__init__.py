@@ -69,6 +69,31 @@ def _sniff(path):
     return None
 
 
+def _npz_not_a_model(path):
+    """An .npz holds only weights: the model is the run directory around it (model.json + weights)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(folder, "model.json")):
+        fix = (f"Pass the run directory that holds it, '{folder}' (tcl reads model.json and the weights from it), "
+               "or a Keras .h5 or ONNX model file.")
+    else:
+        fix = ("Pass the tcl run directory the weights came from (the folder with model.json and weights.npz or "
+               "best.npz), or a Keras .h5 or ONNX model file (`tcl export-weights --format onnx` writes one).")
+    return ModelError(f"'{path}' is an .npz weights archive, not a model: it holds arrays but not the layers they "
+                      "belong to.", fix)
+
+
+def _is_npz(path):
+    """A zip of .npy arrays only (numpy's .npz), whatever its name says."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
 def load_model(path, config=None, input_size=None, **opts):
     """Read a model file into a Graph (NHWC, canonical ops). See the module docstring for the options."""
     path = os.fspath(path)
@@ -78,15 +103,24 @@ def load_model(path, config=None, input_size=None, **opts):
         raise ModelError(f"'{path}' is a folder, not a model file (TensorFlow SavedModel folders are not supported).",
                          "Save the model as Keras .h5 (`model.save('model.h5')`) or convert it to ONNX (tf2onnx).")
     if input_size is not None:
-        input_size = tuple(int(v) for v in input_size)
-        if len(input_size) != 2 or min(input_size) <= 0:
-            raise ModelError(f"input_size must be (height, width), got {input_size}.",
-                             "Pass e.g. input_size=(224, 224).")
+        try:
+            hw = tuple(int(v) for v in input_size)
+        except (TypeError, ValueError):
+            hw = ()
+        if len(hw) != 2 or min(hw) <= 0:
+            raise ModelError(f"The input size must be a positive height and width in pixels, got {input_size!r}.",
+                             "Set `input.size` in the recipe (e.g. `size: 224` or `[224, 224]`), pass "
+                             "`--input-size 224 224` on the command line, or input_size=(224, 224) in Python.")
+        input_size = hw
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        raise _npz_not_a_model(path)
     kind = {".h5": "h5", ".hdf5": "h5", ".keras": "keras", ".onnx": "onnx"}.get(ext)
     sniffed = _sniff(path)
     if kind is None or (kind == "onnx" and sniffed in ("h5", "keras")):
         kind = sniffed or "onnx"
+    if kind == "keras" and _is_npz(path):
+        raise _npz_not_a_model(path)
     if kind == "onnx" and config is not None:
         raise ModelError("The `config` option is for Keras weights-only .h5 files, not ONNX models.",
                          "Drop the config argument.")

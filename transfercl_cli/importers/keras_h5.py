@@ -465,7 +465,8 @@ def _input_shape_of(ctx, layer_cfg, fallback=None):
     if len(shp) == 3 and (shp[0] is None or shp[1] is None):
         if ctx.input_size is None:
             raise ModelError("The model accepts any image size, so tcl needs one.",
-                             "Pass input_size=(H, W) (the CLI's --input-size).")
+                             "Set `input.size` in the recipe (e.g. `size: 224`), pass `--input-size H W` on the "
+                             "command line, or input_size=(H, W) in Python.")
         shp[0], shp[1] = ctx.input_size
     if any(v is None for v in shp):
         raise ModelError(f"The model's input shape {['N'] + shp} has unknown dimensions.",

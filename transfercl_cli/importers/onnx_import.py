@@ -377,7 +377,8 @@ class _Converter:
                 if dims[hw[0]] is None or dims[hw[1]] is None:
                     if self.input_size is None:
                         raise ModelError(f"Model input '{vi.name}' accepts any image size, so tcl needs one.",
-                                         "Pass input_size=(H, W) (the CLI's --input-size).")
+                                         "Set `input.size` in the recipe (e.g. `size: 224`), pass "
+                                         "`--input-size H W` on the command line, or input_size=(H, W) in Python.")
                     dims[hw[0]], dims[hw[1]] = self.input_size
                 if any(d is None for d in dims):
                     raise ModelError(f"Model input '{vi.name}' has unknown dimensions {dims}.",
