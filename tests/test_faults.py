@@ -406,3 +406,27 @@ def test_a_run_never_replaces_its_own_model_or_lands_in_its_data(tiny_setup):
     inside = write_recipe(tmp / "in.yaml", **dict(base, output=os.path.join(base["data"]["root"], "cat", "run")))
     res = cli("finetune", inside, "--quiet")
     assert res.exit_code == 2 and "inside its data folder" in res.output
+
+
+def test_damaged_checkpoint_or_state_is_a_clear_error_and_changes_nothing(tiny_setup):
+    tmp, base = tiny_setup
+    run = tmp / "dmg"
+    run_recipe(tmp, base, "dmg", train=dict(base["train"], epochs=1), output=str(run))
+    rec = write_recipe(tmp / "dmg.yaml", **dict(base, output=str(run)))
+    # checkpoint.json is only a readable copy: garbage there does not stop a resume (checkpoint.npz is the truth).
+    good_json = (run / "checkpoint.json").read_bytes()
+    (run / "checkpoint.json").write_text('{"epoch": 0, "hist')
+    ck = (run / "checkpoint.npz").read_bytes()
+    (run / "checkpoint.npz").write_bytes(ck[: len(ck) // 2])
+    before = snapshot(run)
+    res = cli("finetune", rec, "--quiet", "--resume")
+    assert res.exit_code == 2 and "checkpoint" in res.output and "damaged" in res.output, res.output
+    assert "Traceback" not in res.output and "Internal error" not in res.output
+    assert snapshot(run) == before
+    (run / "checkpoint.npz").write_bytes(ck)
+    assert cli("finetune", rec, "--quiet", "--resume").exit_code == 0
+    assert json.loads((run / "checkpoint.json").read_bytes())["epoch"] == 3 and good_json
+    (run / "state.json").write_text("{not json")
+    for cmd in (("evaluate", run), ("predict", run, first_image(base["data"]["root"]))):
+        res = cli(*cmd)
+        assert res.exit_code == 2 and "state.json" in res.output and "damaged" in res.output, res.output
