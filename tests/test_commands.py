@@ -228,3 +228,26 @@ def test_export_onnx_keeps_the_untouched_source_graph(tmp_path, rt):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     theirs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     assert np.max(np.abs(theirs - ours)) <= 1e-4 * np.max(np.abs(ours))
+
+
+def test_predict_and_evaluate_take_the_models_preprocessing_from_flags_or_a_recipe(tmp_path):
+    """A model file that does not say how its images were prepared (a torchvision ONNX export wants ImageNet mean/std)
+    gets it from --mean/--std/--scale/--offset or --recipe; the flags give exactly what the same recipe keys give."""
+    pytest.importorskip("h5py")
+    img = os.path.join(SAMPLE, "images", "chelsea.png")
+
+    def top(*extra):
+        r = invoke("predict", MODEL, img, "--labels", LABELS, "--top", "1", "--json", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)[0]["top"][0]["probability"]
+
+    default = top()
+    assert top("--scale", "0.00784313725490196", "--offset", "-1") == pytest.approx(default, abs=1e-6)
+    imagenet = top("--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
+    assert abs(imagenet - default) > 1e-3
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"model": MODEL, "data": str(tmp_path), "input": {
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+    assert top("--recipe", rec) == pytest.approx(imagenet, abs=1e-6)
+    r = CliRunner().invoke(main, ["predict", MODEL, img, "--mean", "0.5,0.5", "--std", "1"])
+    assert r.exit_code == 2 and "input.mean" in r.output and "exactly 3" in r.output

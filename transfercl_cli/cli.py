@@ -100,6 +100,33 @@ def model_options(f):
     return f
 
 
+def preprocess_options(f):
+    """--mean/--std/--scale/--offset/--resize/--channel-order: the recipe's `input` keys, for models whose file does
+    not say how images were prepared (a torchvision ONNX export wants ImageNet mean/std, not [-1, 1])."""
+    numbers = lambda name: click.option(  # noqa: E731
+        f"--{name}", type=str, metavar="X[,X,X]",
+        help=f"As the recipe's input.{name}: one number or three, comma-separated.")
+    for name in ("offset", "scale", "std", "mean"):
+        f = numbers(name)(f)
+    f = click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), help="As the recipe's input.channel_order.")(f)
+    f = click.option("--resize", type=click.Choice(["shorter_crop", "stretch"]), help="As the recipe's input.resize.")(f)
+    return f
+
+
+def _numbers(v):
+    if v is None:
+        return None
+    parts = [p.strip() for p in v.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _preprocess_flags(recipe, mean, std, scale, offset, resize, channel_order):
+    from .evaluate import input_overrides
+
+    return input_overrides(recipe, mean=_numbers(mean), std=_numbers(std), scale=_numbers(scale),
+                           offset=_numbers(offset), resize=resize, channel_order=channel_order)
+
+
 DEVICE_HELP = ("OpenCL device: an id (0:1), a type (gpu, cpu), part of a platform/device name (pocl, adreno), or "
                "'numpy' for the slow reference fallback. Default: $TCL_DEVICE, else the first GPU, else the first CPU.")
 
@@ -187,13 +214,16 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @model_options
-def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_json, model_config, input_size):
+@preprocess_options
+def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_json, model_config, input_size,
+             mean, std, scale, offset, resize, channel_order):
     """Measure a model or run directory on labelled images: accuracy, per-class scores, confusion matrix."""
     from .evaluate import evaluate as run
     from .report import format_table
 
+    pre = _preprocess_flags(None, mean, std, scale, offset, resize, channel_order)
     metrics, meta = run(model, data=data, recipe=recipe, split=split, device=device, labels=labels, out_dir=output,
-                        batch_size=batch_size, config=model_config, input_size=input_size or None)
+                        batch_size=batch_size, preprocess=pre, config=model_config, input_size=input_size or None)
     if as_json:
         click.echo(json.dumps({"metrics": metrics, "meta": meta}, indent=2, default=str))
     else:
@@ -207,13 +237,18 @@ def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line, in output order.")
 @click.option("--top", "-k", type=int, default=5, show_default=True)
 @click.option("--device", type=str, help=DEVICE_HELP)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Take the preprocessing from a recipe's `input`.")
 @click.option("--json", "as_json", is_flag=True)
 @model_options
-def predict(model, images, labels, top, device, as_json, model_config, input_size):
-    """Top-K classes with probabilities for each image (a model file or a fine-tuned run directory)."""
+@preprocess_options
+def predict(model, images, labels, top, device, recipe, as_json, model_config, input_size, mean, std, scale, offset,
+            resize, channel_order):
+    """Top-K classes with probabilities for each image or folder of images (a model file or a fine-tuned run
+    directory)."""
     from .evaluate import predict as run
 
-    res = run(model, list(images), labels=labels, top=top, device=device, config=model_config,
+    pre = _preprocess_flags(recipe, mean, std, scale, offset, resize, channel_order)
+    res = run(model, list(images), labels=labels, top=top, device=device, preprocess=pre, config=model_config,
               input_size=input_size or None)
     if as_json:
         click.echo(json.dumps(res, indent=2))

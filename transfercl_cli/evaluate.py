@@ -98,16 +98,37 @@ class Predictor:
         return self.be.rt.info.name if hasattr(self.be, "rt") else "numpy"
 
 
-def predict(model, images, labels=None, top=5, device=None, **load_opts):
+def input_overrides(recipe=None, **flags):
+    """A recipe-style `input` section from --recipe R and/or the --mean/--std/--scale/--offset/--resize/
+    --channel-order flags (flags win), validated like a recipe. None when nothing was given (the model's own)."""
+    from .recipe import SCHEMA, _validate, load_recipe
+
+    section = dict(load_recipe(recipe)["input"]) if recipe else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not section and not given:
+        return None
+    if given.keys() & {"mean", "std"}:
+        section.pop("scale", None)
+        section.pop("offset", None)
+    if given.keys() & {"scale", "offset"}:
+        section.pop("mean", None)
+        section.pop("std", None)
+    section.update(given)
+    return _validate({"input": {k: v for k, v in section.items() if v is not None}},
+                     {"input": SCHEMA["input"]})["input"]
+
+
+def predict(model, images, labels=None, top=5, device=None, preprocess=None, **load_opts):
     """Top-k classes per image: [{"image", "top": [{"index", "label", "probability"}]}], or {"image", "error"} for
-    an image that cannot be read (the CLI then exits non-zero). Folders in `images` stand for the images inside."""
+    an image that cannot be read (the CLI then exits non-zero). Folders in `images` stand for the images inside.
+    `preprocess`: a recipe-style `input` section (see input_overrides), else the model's own preprocessing."""
     from .data import BadImage
     from .runfile import load_any_model
 
     images = image_paths(images)
     graph = load_any_model(model, **load_opts)
     names = _labels_for(graph, labels)
-    pre = _model_preprocess(graph)
+    pre = _model_preprocess(graph, preprocess)
     pr = Predictor(graph, device)
     out = []
     for path in images:
@@ -133,7 +154,7 @@ def _check_width(p, names):
 
 
 def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None, out_dir=None, batch_size=32,
-             **load_opts):
+             preprocess=None, **load_opts):
     """Evaluate a run directory (its own data split) or a model on a data folder; writes the report files."""
     from .data import ImageLoader, load_splits, recipe_splits
     from .recipe import load_recipe
@@ -180,7 +201,7 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
     if not items:
         raise DataError(f"The {split} split of '{data}' has no images.", "Choose another --split, e.g. all.")
     items = [(p, int(remap[y])) for p, y in items]
-    pre = _model_preprocess(graph, rec["input"] if rec else None)
+    pre = _model_preprocess(graph, preprocess or (rec["input"] if rec else None))
     pr = Predictor(graph, device)
     bad = []
     loader = ImageLoader(items, batch_size=batch_size, preprocess=pre, on_bad_image=lambda p, r: bad.append((p, r)))
