@@ -156,6 +156,22 @@ def test_export_h5_npz_and_int8(tiny_run, tmp_path):
     assert "int8: test accuracy" in r.output
     q = json.loads((tmp_path / "q.npz.int8.json").read_text())
     assert 0 <= q["accuracy_int8"] <= 1 and abs(q["accuracy_change"]) <= 1
+    sens = q["sensitivity"]
+    layers = [n for n in json.loads((run / "model.json").read_text())["nodes"] if n["op"] in ("conv2d", "dense")]
+    assert set(sens["cost_points"]) == {n["name"] for n in layers} and sens["calibration_images"] == 14
+    assert q["kept_float"] == [n for n, c in sens["cost_points"].items() if c > sens["threshold_points"]]
+    with np.load(tmp_path / "q.npz", allow_pickle=False) as z:
+        for n in layers:  # a layer kept float is stored float, every other one as int8 + scales
+            assert (f"{n['name']}/weight:int8" in z.files) == (n["name"] not in q["kept_float"]), n["name"]
+    # The threshold decides: below every cost all layers stay float, above every cost none does.
+    for thr, expect_all in (("-1000", True), ("1000", False)):
+        r = invoke("export-weights", run, "--format", "npz", "--int8", "--int8-threshold", thr, "--force",
+                   "-o", tmp_path / "t.npz", "--json")
+        kept = json.loads(r.stdout)["int8"]["kept_float"]
+        assert kept == ([n["name"] for n in layers] if expect_all else []), thr
+    # Keras HDF5 has no int8 weights: refused rather than writing floats that look like an int8 export.
+    r = CliRunner().invoke(main, ["export-weights", str(run), "--format", "h5", "--int8", "-o", str(tmp_path / "q.h5")])
+    assert r.exit_code == 2 and "not available with --format h5" in r.output and not (tmp_path / "q.h5").exists()
 
 
 def test_export_missing_run_dir(tmp_path):

@@ -296,3 +296,30 @@ def test_no_progress_bars_when_output_is_not_a_terminal(tiny_setup):
     res = CliRunner().invoke(main, ["finetune", rec], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "epoch   2/2" in res.output and "\r" not in res.output and "img/s]" not in res.output
+
+
+def test_batchnorm_modes_inference_keeps_statistics_batch_updates_them(tiny_setup):
+    """train.batchnorm: inference (the default) normalises a trainable pretrained BatchNorm with its moving statistics
+    and leaves them as they were, while gamma/beta train; batch uses the batch's statistics and updates the moving
+    ones. The plan says which mode each BatchNorm trains in; per-layer patterns override the default."""
+    tmp_path, base = tiny_setup
+    before = np.load(os.path.join(base["model"], "weights.npz"), allow_pickle=False)
+    for mode in ("inference", "batch"):
+        res = run_recipe(tmp_path, base, f"bn_{mode}", train=dict(base["train"], epochs=2, batchnorm=mode))
+        after = np.load(tmp_path / f"bn_{mode}" / "weights.npz", allow_pickle=False)
+        stats_same = all(np.array_equal(after[f"conv_pw_2_bn/{k}"], before[f"conv_pw_2_bn/{k}"]) for k in ("mean", "var"))
+        assert stats_same == (mode == "inference"), mode
+        assert not np.array_equal(after["conv_pw_2_bn/gamma"], before["conv_pw_2_bn/gamma"]), mode
+        gap = res["meta"]["batchnorm_gap"]
+        assert (gap is None) == (mode == "inference")
+        if gap:
+            assert gap["points"] == pytest.approx(100 * (gap["train_accuracy"] - gap["train_accuracy_inference_mode"]),
+                                                  abs=0.01)
+    rec = write_recipe(tmp_path / "bnp.yaml", **dict(base, train=dict(base["train"], batchnorm={
+        "default": "inference", "conv_pw_2_b*": "batch"}), output=str(tmp_path / "bnp")))
+    res = CliRunner().invoke(main, ["finetune", rec, "--dry-run"], catch_exceptions=False)
+    assert "conv_pw_2_bn (batch mode)" in res.output
+    rec = write_recipe(tmp_path / "bnx.yaml", **dict(base, train=dict(base["train"], batchnorm={"conv_pw_9_bn": "batch"}),
+                                                      output=str(tmp_path / "bnx")))
+    res = CliRunner().invoke(main, ["finetune", rec, "--dry-run"])
+    assert res.exit_code == 2 and "train.batchnorm.conv_pw_9_bn" in res.output and "Did you mean" in res.output

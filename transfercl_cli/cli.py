@@ -293,21 +293,27 @@ def inspect(model, recipe, batch_size, as_json, model_config, input_size):
 @click.option("--int8", is_flag=True, help="Per-channel symmetric int8 weight quantization (accuracy change measured).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--weights", type=click.Choice(["best", "final"]), default="best", show_default=True)
+@click.option("--int8-threshold", type=float, default=0.25, show_default=True, metavar="POINTS",
+              help="With --int8: layers whose quantization alone costs more accuracy points than this on the "
+                   "training split stay float.")
 @click.option("--device", type=str, help=DEVICE_HELP + " (for the int8 accuracy check)")
 @click.option("--json", "as_json", is_flag=True)
-def export_weights(run_dir, fmt, output, int8, force, weights, device, as_json):
+def export_weights(run_dir, fmt, output, int8, force, weights, int8_threshold, device, as_json):
     """Write a fine-tuned run's weights as ONNX, Keras-layout HDF5 or npz."""
     from .export_run import export_run
 
-    res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device)
+    res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device,
+                     int8_threshold=int8_threshold)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
     click.echo(f"wrote {res['path']}")
     if res.get("int8"):
         q = res["int8"]
+        kept = q["kept_float"]
         click.echo(f"int8: test accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} "
-                   f"({q['accuracy_change']:+.4f}); details in {q['report']}")
+                   f"({q['accuracy_change']:+.4f}); kept float: {', '.join(kept) if kept else 'none'}; details in "
+                   f"{q['report']}")
 
 
 @main.command()

@@ -255,6 +255,15 @@ def read_history(path):
     return None
 
 
+def run_items(run_dir, split):
+    """[(path, label)] of a run's split, as the run made it (its resolved recipe's data section)."""
+    from .data import recipe_splits
+    from .recipe import load_recipe
+
+    splits = recipe_splits(load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))["data"])
+    return splits[split]
+
+
 def evaluate_graph_on_run(run_dir, graph, device=None, split="test"):
     """Accuracy of `graph` on a run's own split (used to measure what int8 quantization changes)."""
     from .data import ImageLoader, recipe_splits

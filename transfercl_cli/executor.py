@@ -66,7 +66,9 @@ class Executor:
         if not training or n.name not in self._grad_names:
             return False
         if n.op == "batchnorm":
-            return n.name in self.trainable
+            # A trainable BatchNorm normalises with the batch's statistics (and updates its moving ones) unless the
+            # plan keeps it in inference mode (train.batchnorm: the pretrained statistics, gamma/beta still train).
+            return n.name in self.trainable and n.attrs.get("bn_mode", "batch") == "batch"
         return True
 
     def forward(self, feeds, training=False, outputs=None):

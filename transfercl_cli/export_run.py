@@ -5,12 +5,24 @@ from .errors import TclError
 from .fsutil import write_json
 
 
-def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None):
+INT8_THRESHOLD_POINTS = 0.25
+CALIBRATION_IMAGES = 512
+
+
+def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None,
+               int8_threshold=INT8_THRESHOLD_POINTS):
     from . import export as ex
     from .runfile import load_run_model
 
     if not os.path.isdir(run_dir):
         raise TclError(f"'{run_dir}' is not a run directory.", "Pass the `output` folder of a `tcl finetune` run.")
+    if int8 and fmt == "h5":
+        # Keras's HDF5 layout has no int8 weights: writing the dequantized floats would look like an int8 export
+        # and be none (the same size, float32 weights).
+        raise TclError("--int8 is not available with --format h5: Keras HDF5 weights are float32 only, so the file "
+                       "would hold float weights that merely went through int8 rounding.",
+                       "Use --format onnx --int8 (int8 initializers with DequantizeLinear) or --format npz --int8 "
+                       "(int8 arrays and scales), or export h5 without --int8.")
     graph = load_run_model(run_dir, weights)
     path = output or os.path.join(run_dir, "export", f"model{'_int8' if int8 else ''}.{fmt}")
     if os.path.exists(path) and not force:
@@ -19,9 +31,9 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
     result = {"path": path}
     g_out = graph
     if int8:
-        qgraph, qweights = ex.quantize_int8(graph)
-        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path)
-        g_out = qgraph if fmt == "h5" else graph
+        sens = int8_sensitivity(run_dir, graph, device, int8_threshold)
+        qgraph, qweights = ex.quantize_int8(graph, skip=sens["kept_float"])
+        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path, sens)
     meta = {"classes": graph.meta.get("classes"), "preprocess": graph.meta.get("preprocess")}
     if fmt == "onnx":
         ex.export_onnx(g_out, path, int8=qweights, force=force)
@@ -32,13 +44,60 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
     return result
 
 
-def _int8_accuracy(run_dir, graph, qgraph, device, path):
-    """Test-split accuracy with float32 and with int8 weights, written next to the export."""
+def int8_sensitivity(run_dir, graph, device, threshold):
+    """What quantizing each conv/dense layer alone costs on the calibration images (the training split, at most
+    CALIBRATION_IMAGES): accuracy points against the float model. Layers above `threshold` points stay float (a
+    depthwise conv whose BatchNorm scales a channel up can lose points though its own weight error is under 1%)."""
+    import numpy as np
+
+    from .evaluate import Predictor, _model_preprocess, run_items
+    from .export import quantize_int8
+
+    items = run_items(run_dir, "train")[:CALIBRATION_IMAGES]
+    pre = _model_preprocess(graph)
+    x, y = _decode(items, pre)
+    acc_f = _accuracy(Predictor(graph, device), x, y)
+    costs = {}
+    candidates = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and "weight" in n.params]
+    for name in candidates:
+        qg, _ = quantize_int8(graph, skip=[c for c in candidates if c != name])
+        costs[name] = round(100.0 * (acc_f - _accuracy(Predictor(qg, device), x, y)), 3)
+    kept = [n for n in candidates if costs[n] > threshold]
+    return {"calibration_images": int(len(y)), "calibration_accuracy_fp32": acc_f, "threshold_points": threshold,
+            "cost_points": costs, "kept_float": kept}
+
+
+def _decode(items, pre):
+    import numpy as np
+
+    from .data import ImageLoader
+
+    xs, ys = [], []
+    for xb, yb, _ in ImageLoader(items, batch_size=32, preprocess=pre, on_bad_image=lambda p, r: None):
+        xs.append(xb)
+        ys.append(yb)
+    if not xs:
+        raise TclError("No readable calibration image in the run's training split.",
+                       "Check the run's data folder (data.root in recipe.resolved.yaml).")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _accuracy(predictor, x, y, batch=32):
+    import numpy as np
+
+    correct = sum(int(np.sum(np.argmax(predictor.probs(x[i:i + batch]), 1) == y[i:i + batch]))
+                  for i in range(0, len(y), batch))
+    return correct / len(y)
+
+
+def _int8_accuracy(run_dir, graph, qgraph, device, path, sens):
+    """Test-split accuracy with float32 and with int8 weights, written next to the export with the sensitivity."""
     from .evaluate import evaluate_graph_on_run
 
     acc32 = evaluate_graph_on_run(run_dir, graph, device)
     acc8 = evaluate_graph_on_run(run_dir, qgraph, device)
     rep = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_change": acc8 - acc32,
-           "scheme": "int8 symmetric per-output-channel weights", "report": path + ".int8.json"}
+           "scheme": "int8 symmetric per-output-channel weights", "kept_float": sens["kept_float"],
+           "sensitivity": sens, "report": path + ".int8.json"}
     write_json(rep["report"], rep)
     return rep

@@ -146,6 +146,34 @@ def resolve_freeze(graph, freeze, unfreeze, new_layers=()):
     return {n.name for n in graph.nodes if n.name in trainable and n.params}
 
 
+def set_batchnorm_modes(graph, trainable, new_layers, modes):
+    """Mark each trainable pretrained BatchNorm with attr bn_mode: 'inference' (normalise with its moving statistics,
+    which stay as they are; gamma and beta train: Keras's advice for fine-tuning) or 'batch' (the batch's
+    statistics, moving ones updated). `modes`: the recipe's train.batchnorm ({default: MODE, LAYER or pattern: MODE}).
+    A BatchNorm of the new head has no statistics worth keeping and always runs in batch mode."""
+    patterns = {k: v for k, v in modes.items() if k != "default"}
+    bns = [n for n in graph.nodes if n.op == "batchnorm" and n.name in trainable and n.name not in set(new_layers)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n.name, p) for n in bns):
+            hint = closest(p, [n.name for n in bns])
+            raise RecipeError(f"Recipe key 'train.batchnorm.{p}': matches no trainable pretrained BatchNorm."
+                              + (f" Did you mean '{hint}'?" if hint else ""),
+                              "Name a BatchNorm layer that the recipe unfreezes (`tcl finetune RECIPE --dry-run` "
+                              "lists them).")
+    for n in graph.nodes:
+        if n.op != "batchnorm" or n.name not in trainable:
+            continue
+        mode = "batch" if n.name in set(new_layers) else next(
+            (m for p, m in patterns.items() if fnmatch.fnmatchcase(n.name, p)), modes.get("default", "batch"))
+        n.attrs["bn_mode"] = mode
+
+
+def batchnorm_summary(plan):
+    """'conv_pw_13_bn (inference mode)' for each trainable BatchNorm, for the plan text."""
+    return [f"{n.name} ({n.attrs.get('bn_mode', 'batch')} mode)" for n in plan.graph.nodes
+            if n.op == "batchnorm" and n.name in plan.trainable]
+
+
 def fold_frozen(graph, trainable):
     """The graph that runs: frozen Conv+BN folded into the conv's weights and bias, a following ReLU/ReLU6 fused into
     the conv's epilogue (or, where the BN stays, into the BN, with a global average pool after it), zero Pads into
@@ -308,6 +336,7 @@ def build_plan(model_graph, recipe, classes):
     cut = [n for n in all_names if n not in kept]
     new = add_head(graph, recipe["head"], len(classes), seed=recipe["train"]["seed"])
     trainable = resolve_freeze(graph, recipe["freeze"], recipe["unfreeze"], new)
+    set_batchnorm_modes(graph, trainable, new, recipe["train"].get("batchnorm") or {"default": "batch"})
     frozen = [n.name for n in graph.nodes if n.params and n.name not in trainable]
     exec_graph = fold_frozen(graph, trainable)
     plan = Plan(graph, exec_graph, trainable, frozen, cut, new, half_saved=recipe["precision"] == "fp16")

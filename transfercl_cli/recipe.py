@@ -61,6 +61,7 @@ SCHEMA = {
         "seed": ("int", 0),
         "cache": ("choice:auto,off", "auto"),
         "max_memory_mb": ("posnumber_or_null", None),
+        "batchnorm": ("batchnorm", "inference"),
     },
     "device": ("str_or_null", None),
     "precision": ("choice:fp32,fp16", "fp32"),
@@ -220,6 +221,22 @@ def _check(key, kind, v):
                 raise _err(f"{key}.{bad[0]}", f"a class weight must be 0 or more, got {out[bad[0]]:g}.")
             return out
         raise _err(key, f"expected 'auto' or a mapping class -> weight (finite numbers), got {v!r}.")
+    if kind == "batchnorm":
+        # inference | batch, or {default: MODE, LAYER_OR_PATTERN: MODE, ...} for per-layer choices.
+        modes = ("inference", "batch")
+        if isinstance(v, str):
+            v = {"default": v}
+        if not isinstance(v, dict) or not v:
+            raise _err(key, f"expected inference, batch, or a mapping {{default: inference, LAYER: batch}}, got {v!r}.")
+        out = {}
+        for layer, mode in v.items():
+            if mode not in modes:
+                hint = closest(mode, modes)
+                raise _err(f"{key}.{layer}" if layer != "default" else key, f"'{mode}' is not inference or batch."
+                           + (f" Did you mean '{hint}'?" if hint else ""))
+            out[str(layer)] = mode
+        out.setdefault("default", "inference")
+        return out
     if kind == "early_stopping":
         if v is None or v is False:
             return None

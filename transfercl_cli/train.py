@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from .errors import DataError, RecipeError, TclError
+from .errors import DataError, RecipeError, TclError, TclNote
 from .fsutil import load_json, load_npz, save_npz, write_json, write_text
 from .runstate import FINISHED, STATE_FILE, write_state
 
@@ -270,6 +270,13 @@ class Session:
                      if k in PARAM_TRAINED)
         lines.append(f"trainable  {len(tr)} layers, {ntrain:,} parameters: {', '.join(tr[:12])}"
                      f"{', ...' if len(tr) > 12 else ''}")
+        from .plan import batchnorm_summary
+
+        bns = batchnorm_summary(p)
+        if bns:
+            lines.append(f"batchnorm  training: {', '.join(bns[:6])}{', ...' if len(bns) > 6 else ''} (inference "
+                         "mode: moving statistics used and kept, gamma/beta train; batch mode: the batch's "
+                         "statistics; train.batchnorm)")
         lines.append(f"frozen     {len(p.frozen)} layers with parameters (BatchNorm in inference mode; "
                      f"{sum(1 for n in p.exec_graph.nodes if n.attrs.get('folded'))} layers carry the "
                      "BatchNorm/activation/padding/pool after them)")
@@ -562,6 +569,8 @@ def _recipe_digest(recipe, may_change=("epochs",)):
     # data.strict only decides whether unreadable images are an error; it changes nothing a checkpoint holds.
     keep["data"] = {k: v for k, v in keep["data"].items() if k != "strict"}
     keep["train"] = {k: v for k, v in recipe["train"].items() if k not in may_change}
+    if keep["train"].get("batchnorm") == {"default": "batch"}:
+        del keep["train"]["batchnorm"]  # the behaviour before the key existed: checkpoints from then still resume
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -685,6 +694,37 @@ def _train_epoch(trainer, src, t, epoch, quiet):
         bar.close()
     trainer.be.finish()
     return tot_loss / max(tot_n, 1), tot_correct / max(tot_n, 1), tot_n, time.perf_counter() - t0
+
+
+BN_GAP_POINTS = 15.0
+
+
+def batch_mode_gap(session, trainer, train_src, history, bs):
+    """With a BatchNorm training in batch mode, the accuracy the last epoch reported (batch statistics) and the
+    accuracy of the same training images in inference mode (the moving statistics a deployed model uses) can part:
+    the moving statistics lag the changed weights. Measure both and warn past BN_GAP_POINTS points. None when no
+    BatchNorm trains in batch mode (nothing to compare: training and inference normalise alike)."""
+    plan = session.plan
+    if not history or not any(n.op == "batchnorm" and n.name in plan.trainable and n.attrs.get("bn_mode") == "batch"
+                              for n in plan.graph.nodes):
+        return None
+    probs, y, _ = predict_source(trainer, train_src, bs)
+    if not len(y):
+        return None
+    infer = float(np.mean(np.argmax(probs, 1) == y))
+    reported = history[-1]["train_accuracy"]
+    gap = {"train_accuracy": reported, "train_accuracy_inference_mode": infer,
+           "points": round(100 * (reported - infer), 2)}
+    if gap["points"] > BN_GAP_POINTS:
+        warnings.warn(f"training accuracy {reported:.4f} (BatchNorm in batch mode) but {infer:.4f} on the same images "
+                      "in inference mode, as the model will be used: the BatchNorm's moving statistics lag the "
+                      "trained weights. Set train.batchnorm: inference (the pretrained statistics stay, gamma/beta "
+                      "train), or train more epochs.", TrainingNote, stacklevel=2)
+    return gap
+
+
+class TrainingNote(TclNote):
+    """Something about the training run the user should know (printed as a note)."""
 
 
 def _epochs_finished(history):
@@ -852,6 +892,7 @@ def _run(session, run_dir, resumed, quiet, log, t_start):
         for so in src.values():
             if so.loader is not None:
                 so.loader.close()
+    bn_gap = batch_mode_gap(session, trainer, src["train"], history, bs)
     save_run_model(plan.graph, run_dir, "weights.npz")
     if best is None:
         # No validation split: the final weights are the best we know.
@@ -871,7 +912,7 @@ def _run(session, run_dir, resumed, quiet, log, t_start):
             "device": session.be.rt.info.name if hasattr(session.be, "rt") else "numpy",
             "images_per_sec": round(len(yt) / dt, 1) if dt > 0 else None, "epochs": len(history),
             "train_seconds": round(time.perf_counter() - t_start, 1), "cache": cache_info,
-            "initial_accuracy": initial,
+            "initial_accuracy": initial, "batchnorm_gap": bn_gap,
             "bad_images": [{"path": p, "reason": r} for p, r in _dedup(session.bad_images)]}
     write_report(run_dir, metrics, meta, history=history)
     write_state(run_dir, FINISHED, _epochs_finished(history), t["epochs"])
