@@ -267,3 +267,41 @@ def test_predict_and_evaluate_take_the_models_preprocessing_from_flags_or_a_reci
     assert top("--recipe", rec) == pytest.approx(imagenet, abs=1e-6)
     r = CliRunner().invoke(main, ["predict", MODEL, img, "--mean", "0.5,0.5", "--std", "1"])
     assert r.exit_code == 2 and "input.mean" in r.output and "exactly 3" in r.output
+
+
+def test_exports_come_back_in_with_their_classes_and_preprocessing(tiny_run, tmp_path):
+    """finetune -> export (onnx, npz, npz int8, onnx int8) -> predict/evaluate with tcl: the float exports give the
+    run's own probabilities and class names; the two int8 exports agree with each other."""
+    pytest.importorskip("onnx")
+    run, data = tiny_run
+    imgs = [os.path.join(data, c, sorted(os.listdir(os.path.join(data, c)))[0]) for c in ("cat", "dog")]
+
+    def probs(model):
+        r = invoke("predict", model, *imgs, "--json", "--top", "2")
+        assert r.exit_code == 0, r.output
+        return [{t["label"]: t["probability"] for t in x["top"]} for x in json.loads(r.stdout)]
+
+    ref = probs(run)
+    paths = {}
+    for fmt, extra in (("onnx", ()), ("npz", ()), ("npz", ("--int8",)), ("onnx", ("--int8",))):
+        p = tmp_path / f"m{'_int8' if extra else ''}.{fmt}"
+        r = invoke("export-weights", run, "--format", fmt, "-o", p, *extra)
+        assert r.exit_code == 0, r.output
+        paths[(fmt, bool(extra))] = p
+    for fmt in ("onnx", "npz"):
+        got = probs(paths[(fmt, False)])
+        for a, b in zip(got, ref):
+            assert set(a) == {"cat", "dog"} and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in b), fmt
+    # The int8 npz gives the fake-quantized run's probabilities (its weights are q * scale).
+    from transfercl_cli.evaluate import Predictor, _model_preprocess
+    from transfercl_cli.export import quantize_int8
+    from transfercl_cli.runfile import load_run_model
+
+    q = json.loads((tmp_path / "m_int8.npz.int8.json").read_text())
+    qg, _ = quantize_int8(load_run_model(str(run)), skip=q["kept_float"])
+    pre = _model_preprocess(qg)
+    expect = Predictor(qg, "cpu").probs(np.stack([pre(p) for p in imgs]))
+    for a, e in zip(probs(paths[("npz", True)]), expect):
+        assert a["cat"] == pytest.approx(e[0], abs=1e-4) and a["dog"] == pytest.approx(e[1], abs=1e-4)
+    r = invoke("evaluate", paths[("npz", False)], "--data", data, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["metrics"]["num_samples"] == 20, r.output

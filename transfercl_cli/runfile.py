@@ -97,6 +97,13 @@ def load_run_model(run_dir, which="best"):
         raise ModelError(f"The run directory '{run_dir}' has no weights ({wname}).",
                          "The run may have stopped before its first epoch ended; run `tcl finetune --resume`.")
     params = load_npz(wpath, what="weights file", fix=_DAMAGED_FIX)
+    g = _graph_from_spec(spec, params, path, wpath)
+    g.meta["run_dir"] = os.path.abspath(run_dir)
+    return g
+
+
+def _graph_from_spec(spec, params, path, wpath):
+    """The Graph a checked model.json-style spec describes, with its parameters from `params` (`layer/param`)."""
     nodes = []
     for nd in spec["nodes"]:
         ps = {}
@@ -116,8 +123,31 @@ def load_run_model(run_dir, which="best"):
     g = Graph(nodes, {k: tuple(v) for k, v in spec["inputs"].items()}, spec["outputs"], spec.get("name", "model"),
               spec.get("meta", {}))
     _check_graph(g, path)
-    g.meta["run_dir"] = os.path.abspath(run_dir)
     return g
+
+
+def load_npz_export(path):
+    """A model exported by `tcl export-weights --format npz` (PATH and its PATH.json sidecar, int8 or float)."""
+    from .export import load_npz_params
+
+    side_path = path + ".json"
+    side = load_json(side_path, "npz export sidecar", "Export the model again (`tcl export-weights RUN --format npz`).")
+    if not isinstance(side, dict) or side.get("format") != "transfercl-npz" or not isinstance(side.get("params"), dict):
+        raise DamagedFile(f"'{side_path}' is not the sidecar of a tcl npz export.",
+                          "Export the model again (`tcl export-weights RUN --format npz`).")
+    spec = {"name": side.get("model", "model"), "inputs": side.get("inputs"), "outputs": side.get("outputs"),
+            "meta": {k: v for k, v in (("classes", side.get("classes")), ("preprocess", side.get("preprocessing")))
+                     if v is not None},
+            "nodes": [dict(nd, params={k.split("/", 1)[1]: info.get("shape") for k, info in side["params"].items()
+                                       if isinstance(info, dict) and k.split("/", 1)[0] == nd.get("name")})
+                      for nd in side.get("nodes") or [] if isinstance(nd, dict)]}
+    _check_spec(spec, side_path)
+    try:
+        params = load_npz_params(path)
+    except Exception as e:  # noqa: BLE001 - numpy raises many types for a damaged archive
+        raise DamagedFile(f"The npz export '{path}' is damaged or not a file tcl wrote ({type(e).__name__}: {e}).",
+                          "Export the model again (`tcl export-weights RUN --format npz`).") from None
+    return _graph_from_spec(spec, params, side_path, path)
 
 
 def _check_graph(g, path):
@@ -147,6 +177,8 @@ def load_any_model(path, **opts):
                          "Check the path (recipe paths are relative to the recipe file).")
     if os.path.isdir(path):
         return load_run_model(path, opts.get("weights") or "best")
+    if path.lower().endswith(".npz") and os.path.exists(path + ".json"):
+        return load_npz_export(path)
     from .importers import load_model
 
     return load_model(path, config=opts.get("config"), input_size=opts.get("input_size"))
