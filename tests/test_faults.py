@@ -156,7 +156,7 @@ def test_interrupted_run_serves_its_last_finished_epoch_or_refuses(tiny_setup, m
 
     with pytest.warns(UserWarning, match="unfinished"):
         g = load_run_model(str(run))
-    ck = npz(run / "checkpoint.npz")
+    ck = dict(npz(run / "frozen.npz"), **npz(run / "checkpoint.npz"))  # frozen layers once, trained per checkpoint
     for n in g.nodes:
         for k, v in n.params.items():
             np.testing.assert_array_equal(v, ck[f"{n.name}/{k}"].reshape(v.shape))

@@ -323,3 +323,25 @@ def test_batchnorm_modes_inference_keeps_statistics_batch_updates_them(tiny_setu
                                                       output=str(tmp_path / "bnx")))
     res = CliRunner().invoke(main, ["finetune", rec, "--dry-run"])
     assert res.exit_code == 2 and "train.batchnorm.conv_pw_9_bn" in res.output and "Did you mean" in res.output
+
+
+def test_run_directory_keeps_one_copy_of_the_frozen_layers(tiny_setup):
+    """frozen.npz holds the layers that never change, once; weights/best/checkpoint hold only what trained, and
+    the run still loads (and exports) as the whole model."""
+    from transfercl_cli.runfile import load_run_model
+
+    tmp_path, base = tiny_setup
+    run_recipe(tmp_path, base, "one", train=dict(base["train"], epochs=1))
+    run = tmp_path / "one"
+    spec = json.loads((run / "model.json").read_text())
+    every = {f"{n['name']}/{k}" for n in spec["nodes"] for k in n["params"]}
+    frozen = set(np.load(run / "frozen.npz", allow_pickle=False).files)
+    trained = {"conv_pw_2/weight", "conv_pw_2_bn/gamma", "conv_pw_2_bn/beta", "conv_pw_2_bn/mean", "conv_pw_2_bn/var",
+               "head_dense/weight", "head_dense/bias"}
+    assert frozen == every - trained
+    for f in ("weights.npz", "best.npz"):
+        assert set(np.load(run / f, allow_pickle=False).files) == trained, f
+    ck = set(np.load(run / "checkpoint.npz", allow_pickle=False).files)
+    assert {k for k in ck if not k.startswith("__")} == trained
+    g = load_run_model(str(run))
+    assert set(g.params()) == every

@@ -12,6 +12,7 @@ from .graph import Graph, Node
 from .runstate import weights_file
 
 MODEL_JSON = "model.json"
+FROZEN = "frozen.npz"
 WEIGHTS = {"final": "weights.npz", "best": "best.npz"}
 
 
@@ -97,6 +98,9 @@ def load_run_model(run_dir, which="best"):
         raise ModelError(f"The run directory '{run_dir}' has no weights ({wname}).",
                          "The run may have stopped before its first epoch ended; run `tcl finetune --resume`.")
     params = load_npz(wpath, what="weights file", fix=_DAMAGED_FIX)
+    frozen = os.path.join(run_dir, FROZEN)
+    if os.path.exists(frozen):  # a run stores its frozen layers once; each weights file holds the trained ones
+        params = dict(load_npz(frozen, what="frozen weights file", fix=_DAMAGED_FIX), **params)
     g = _graph_from_spec(spec, params, path, wpath)
     g.meta["run_dir"] = os.path.abspath(run_dir)
     return g

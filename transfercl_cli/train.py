@@ -16,7 +16,7 @@ from .errors import DataError, RecipeError, TclError, TclNote
 from .fsutil import load_json, load_npz, save_npz, write_json, write_text
 from .runstate import FINISHED, STATE_FILE, write_state
 
-RUN_FILES = ("checkpoint.json", "checkpoint.npz", "optimizer.npz", "best.npz", "weights.npz", "model.json",
+RUN_FILES = ("checkpoint.json", "checkpoint.npz", "optimizer.npz", "best.npz", "weights.npz", "frozen.npz", "model.json",
              "metrics.jsonl", "report.json", "report.md", "confusion_matrix.png", "training_curves.png", STATE_FILE)
 PARAM_TRAINED = ("weight", "bias", "gamma", "beta", "scale", "offset")  # BN mean/var are statistics, not trained
 # Keys that may differ when resuming (a diverged run continues from its last good epoch with a lower lr, say);
@@ -498,10 +498,12 @@ def _cross_entropy(probs, y):
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
 
 
-# checkpoint.npz holds one finished epoch whole: the parameters under their own 'layer/param' names (so it loads as
-# a weights file), the optimizer state, the trainable parameters of the best epoch and the bookkeeping. One file
-# replaced by one rename is the commit point: a crash or a full disk leaves the previous epoch's checkpoint, never
-# the parameters of one epoch with the optimizer state or history of another.
+# checkpoint.npz holds one finished epoch whole: the trainable layers' parameters under their own 'layer/param' names
+# (so it loads as a weights file, over frozen.npz), the optimizer state, the trainable parameters of the best epoch
+# and the bookkeeping. One file replaced by one rename is the commit point: a crash or a full disk leaves the
+# previous epoch's checkpoint, never the parameters of one epoch with the optimizer state or history of another.
+# The frozen layers never change, so frozen.npz holds them once for the whole run (a phone keeps one copy of a
+# ResNet-50's 100 MB, not four).
 OPT, BEST, META = "__optimizer__/", "__best__/", "__meta__"
 
 
@@ -511,7 +513,7 @@ def _save_checkpoint(run_dir, trainer, epoch, history, best, initial, best_param
     s = trainer.s
     meta = {"epoch": epoch, "history": history, "best": best, "initial_accuracy": initial,
             "recipe": _recipe_digest(s.recipe), "recipe_core": _recipe_digest(s.recipe, RESUME_MAY_CHANGE)}
-    arrays = dict(s.plan.graph.params())
+    arrays = _trainable_arrays(s.plan.graph, s.plan.trainable)
     arrays.update({OPT + k: v for k, v in trainer.opt.state_arrays().items()})
     arrays.update({BEST + k: v for k, v in best_params.items()})
     arrays[META] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
@@ -544,8 +546,8 @@ def _read_checkpoint(run_dir, fix):
 
 
 def _write_best(run_dir, graph, best_params):
-    """best.npz: the current parameters with the best epoch's trainable ones (frozen layers never change)."""
-    save_npz(os.path.join(run_dir, "best.npz"), dict(graph.params(), **best_params))
+    """best.npz: the best epoch's trainable parameters (the frozen ones are in frozen.npz)."""
+    save_npz(os.path.join(run_dir, "best.npz"), best_params)
 
 
 def _best_matches(run_dir, best_params):
@@ -807,7 +809,7 @@ def _run(session, run_dir, resumed, quiet, log, t_start):
     import yaml
 
     from .report import compute_metrics, format_table, write_report
-    from .runfile import graph_to_json, save_run_model
+    from .runfile import graph_to_json
 
     recipe, plan, splits = session.recipe, session.plan, session.splits
     start_epoch, history, best, initial, opt_state, best_params = resumed
@@ -833,6 +835,8 @@ def _run(session, run_dir, resumed, quiet, log, t_start):
         # The structure only: weights.npz is written when the run finishes, so an unfinished run never offers
         # untrained weights as its result (state.json tells readers to use the last finished epoch instead).
         write_json(os.path.join(run_dir, "model.json"), graph_to_json(plan.graph))
+        save_npz(os.path.join(run_dir, "frozen.npz"), {k: v for k, v in plan.graph.params().items()
+                                                       if k.split("/", 1)[0] not in plan.trainable})
     metric_name = (es or {}).get("metric", "val_accuracy")
     has_val = len(src["val"]) > 0
     bad_epochs = 0
@@ -893,10 +897,10 @@ def _run(session, run_dir, resumed, quiet, log, t_start):
             if so.loader is not None:
                 so.loader.close()
     bn_gap = batch_mode_gap(session, trainer, src["train"], history, bs)
-    save_run_model(plan.graph, run_dir, "weights.npz")
+    save_npz(os.path.join(run_dir, "weights.npz"), _trainable_arrays(plan.graph, plan.trainable))
     if best is None:
         # No validation split: the final weights are the best we know.
-        save_npz(os.path.join(run_dir, "best.npz"), plan.graph.params())
+        save_npz(os.path.join(run_dir, "best.npz"), _trainable_arrays(plan.graph, plan.trainable))
         eval_weights = "final"
     else:
         _load_params_into(plan.graph, best_params)
