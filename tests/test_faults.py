@@ -174,21 +174,23 @@ def test_interrupted_run_serves_its_last_finished_epoch_or_refuses(tiny_setup, m
         assert "Traceback" not in res.output
 
 
-# Runs `tcl finetune RECIPE --quiet ...` and kills itself with SIGKILL on the N-th call of train.FUNCTION
-# (KILL_AT=FUNCTION:N): a crash at a chosen point, with nothing flushed or cleaned up.
+# Runs `tcl finetune RECIPE --quiet ...` and kills itself with SIGKILL on the N-th call of a function
+# (KILL_AT=module.Class.method:N, in transfercl_cli): a crash at a chosen point, with nothing flushed or cleaned up.
 KILL_SCRIPT = r"""
-import os, signal, sys
-from transfercl_cli import train
+import importlib, os, signal, sys
 from transfercl_cli.cli import main
 where, at = os.environ["KILL_AT"].split(":")
-owner = train.Trainer if where == "step" else train
-real, n = getattr(owner, where), {"n": 0}
+mod, *path, name = where.split(".")
+owner = importlib.import_module("transfercl_cli." + mod)
+for p in path:
+    owner = getattr(owner, p)
+real, n = getattr(owner, name), {"n": 0}
 def killer(*a, **kw):
     n["n"] += 1
     if n["n"] == int(at):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **kw)
-setattr(owner, where, killer)
+setattr(owner, name, killer)
 main(["finetune", sys.argv[1], "--quiet"] + sys.argv[2:])
 """
 
@@ -203,7 +205,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tiny_setup)
     tmp, base = tiny_setup
     full = run_recipe(tmp, base, "full")
     rec = write_recipe(tmp / "k.yaml", **dict(base, output=str(tmp / "k")))
-    assert _killed_run(rec, "step:8") == -signal.SIGKILL  # step 8 is in epoch 3
+    assert _killed_run(rec, "train.Trainer.step:8") == -signal.SIGKILL  # step 8 is in epoch 3
     run = tmp / "k"
     assert state(run)["state"] == "training" and state(run)["epochs_finished"] == 2
     assert json.loads((run / "checkpoint.json").read_text())["epoch"] == 1
@@ -225,7 +227,7 @@ def test_kill_9_between_checkpoint_and_best_weights_loses_nothing(tiny_setup):
     tmp, base = tiny_setup
     run_recipe(tmp, base, "full_b")
     rec = write_recipe(tmp / "kb.yaml", **dict(base, output=str(tmp / "kb")))
-    assert _killed_run(rec, "_write_best:1") == -signal.SIGKILL
+    assert _killed_run(rec, "rundir.RunDir.write_best:1") == -signal.SIGKILL
     run = tmp / "kb"
     ck = json.loads((run / "checkpoint.json").read_text())
     assert len((run / "metrics.jsonl").read_text().splitlines()) == ck["epoch"]  # one line behind the checkpoint

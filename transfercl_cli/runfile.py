@@ -166,7 +166,7 @@ def _check_graph(g, path):
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise _spec_error(path, f"its layers do not fit together: {type(e).__name__}: {e}") from None
     if g.meta.get("preprocess"):
-        from .train import resolve_preprocess
+        from .session import resolve_preprocess
 
         try:
             resolve_preprocess({}, g)
