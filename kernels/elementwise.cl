@@ -82,8 +82,10 @@ __kernel void act_bwd(__global const float* s, __global const float* g, __global
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Binary add / mul; op (runtime, uniform per launch): 0 add, 1 mul.
-#define BIN(a, b) (op ? (a) * (b) : (a) + (b))
+// Binary ops; op (runtime, uniform per launch): 0 add, 1 mul, 2 sub (a - b), 3 div (a / b), 4 b - a, 5 b / a
+// (4 and 5: sub / div with the operands swapped, so that the broadcast one is always b).
+#define BIN(a, b) (op == 0 ? (a) + (b) : op == 1 ? (a) * (b) : op == 2 ? (a) - (b) : op == 3 ? (a) / (b)          \
+                   : op == 4 ? (b) - (a) : (b) / (a))
 
 // Same shapes (out may alias a: the accumulation of a third input).
 __kernel void bin_same(__global const float* a, __global const float* b, __global float* out, const int n,

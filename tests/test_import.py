@@ -758,37 +758,7 @@ def test_keras2_nested_functional_in_sequential(tmp_path):
     assert rel(forward(g, np32(), x)[0], ref) <= 1e-4
 
 
-def test_keras_any_size_input_needs_input_size(tmp_path):
-    L = k3_layer
-    layers = [L("InputLayer", "inp", None, batch_shape=[None, None, None, 3]),
-              L("GlobalAveragePooling2D", "gap", ["inp"], keepdims=True)]
-    config = {"class_name": "Functional", "config": {"name": "any", "layers": layers,
-                                                     "input_layers": [["inp", 0, 0]],
-                                                     "output_layers": [["gap", 0, 0]]}}
-    write_legacy_h5(tmp_path / "any.h5", config, {"gap": []})
-    with pytest.raises(ModelError, match="input_size"):
-        load_model(tmp_path / "any.h5")
-    g = load_model(tmp_path / "any.h5", input_size=(5, 7))
-    assert g.inputs == {"inp": (5, 7, 3)} and infer_shapes(g)[g.outputs[0]] == (1, 1, 3)
-
-
-def test_keras_unsupported_layers_listed_together(tmp_path):
-    L = k3_layer
-    layers = [L("InputLayer", "inp", None, batch_shape=[None, 8, 8, 3]),
-              L("Conv2DTranspose", "up", ["inp"], filters=3, kernel_size=[2, 2]),
-              L("ReLU", "thr", ["up"], max_value=None, negative_slope=0.0, threshold=0.5),
-              L("Conv2D", "gelu_conv", ["thr"], filters=3, kernel_size=[1, 1], activation="gelu"),
-              L("UpSampling2D", "ups", ["gelu_conv"], size=[2, 2])]
-    config = {"class_name": "Functional", "config": {"name": "bad", "layers": layers,
-                                                     "input_layers": [["inp", 0, 0]],
-                                                     "output_layers": [["ups", 0, 0]]}}
-    write_legacy_h5(tmp_path / "bad.h5", config, {"up": [], "thr": [], "gelu_conv": [], "ups": []})
-    with pytest.raises(ModelError) as ei:
-        load_model(tmp_path / "bad.h5")
-    msg = str(ei.value)
-    for name, typ in (("up", "Conv2DTranspose"), ("thr", "ReLU"), ("gelu_conv", "Conv2D"), ("ups", "UpSampling2D")):
-        assert f"'{name}' ({typ})" in msg
-    assert "threshold" in msg and "gelu" in msg
+# Input of any size, and unsupported layers listed together: tests/test_import_keras.py.
 
 
 # --- file errors -----------------------------------------------------------------------------------------------------

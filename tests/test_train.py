@@ -345,3 +345,19 @@ def test_run_directory_keeps_one_copy_of_the_frozen_layers(tiny_setup):
     assert {k for k in ck if not k.startswith("__")} == trained
     g = load_run_model(str(run))
     assert set(g.params()) == every
+
+
+def test_a_model_that_rescales_inside_gets_raw_pixels():
+    """Keras Rescaling/Normalization layers at the input run inside the graph (meta preprocess in_model): the data
+    pipeline then feeds [0, 255] pixels, never the same scaling a second time; a recipe's `input` still wins."""
+    from transfercl_cli.graph import Graph
+    from transfercl_cli.session import resolve_preprocess
+
+    g = Graph([], {"x": (8, 8, 3)}, ["x"], meta={"preprocess": {"size": [8, 8], "scale": 1 / 127.5, "offset": -1.0,
+                                                                 "in_model": True}})
+    d = resolve_preprocess({}, g).to_dict()
+    assert d["scale"] == 1.0 and d["offset"] == 0.0 and d["size"] == [8, 8]
+    d = resolve_preprocess({"scale": 0.5, "offset": 0.0}, g).to_dict()
+    assert d["scale"] == 0.5
+    g.meta["preprocess"].pop("in_model")  # a hint for the pipeline (a tcl run's own): used as given
+    assert resolve_preprocess({}, g).to_dict()["scale"] == pytest.approx(1 / 127.5)

@@ -39,6 +39,17 @@ Canonical ops, their attributes and parameters (all shapes NHWC / channels-last)
   lrn           attrs size, alpha, beta, bias (across channels, last axis)
   dropout       attrs rate, seed (identity at inference)
   identity
+  (issue 14; axes count in the full rank with 0 = batch, which is never sliced, normalised or reduced; negative
+  axes from the end; semantics in ops/ref_tensor.py)
+  slice         attrs axes, starts, ends, steps (lists of equal length; Python/ONNX slicing: negative indices,
+                clamping, negative steps)  (ONNX Slice / Split, Keras Cropping2D)
+  layer_norm    attrs axis (normalise over axis..last), epsilon; params gamma, beta (the normalised dims' shape,
+                beta optional)
+  erf | sqrt | reciprocal | neg    (no attrs)
+  gelu          attrs approximate='none'|'tanh'
+  pow           attrs exponent (float constant)
+  sub | div     two inputs, numpy broadcasting (a - b, a / b)
+  reduce_mean | reduce_sum   attrs axes (list, default every axis but the batch), keepdims (default True)
 """
 import copy
 from dataclasses import dataclass, field

@@ -82,6 +82,8 @@ def inspect_model(model, recipe=None, batch_size=32, **load_opts):
                  + ("" if plan is not None else " with every layer trainable"))
     if plan is not None:
         lines.append("cache: " + (f"on ({plan.cache_tensor})" if plan.use_cache else f"off ({plan.cache_reason})"))
+    # What the importer made of layers that do nothing at inference (Keras augmentation layers, ...).
+    lines += [f"note: {note}" for note in graph.meta.get("notes", [])]
     return {"model": model, "layers": rows, "total_params": total_params, "total_macs": total_macs,
             "trainable_params": trainable_params if plan is not None else None, "memory_bytes": mem,
             "text": "\n".join(lines)}
@@ -91,3 +93,16 @@ def _recipe_classes(r):
     from .data import recipe_splits
 
     return list(recipe_splits(r["data"]).classes)
+
+
+def inspect_cut_points(model, **load_opts):
+    """`tcl inspect MODEL --cut-points`: the places worth cutting (the input of the old classifier, the ends of the
+    last blocks and residual blocks, the last block at each resolution), with positions (rows of the layer table),
+    so that an opaque ONNX name like Conv__357 is a choice a person can make."""
+    from .init_recipe import cut_points, cut_points_text
+    from .runfile import load_any_model
+
+    graph = load_any_model(model, **load_opts)
+    points = cut_points(graph)
+    return {"model": model, "layers": len(graph.nodes), "cut_points": points,
+            "text": cut_points_text(os.path.basename(os.path.normpath(model)), points, len(graph.nodes))}

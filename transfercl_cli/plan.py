@@ -362,7 +362,9 @@ HELD = {"conv2d": ("in", "act_out"), "dense": ("in", "act_out"), "batchnorm": ("
         "relu6": ("out",), "clip": ("out",), "sigmoid": ("out",), "tanh": ("out",), "swish": ("in",),
         "hard_sigmoid": ("in",), "hard_swish": ("in",), "maxpool": ("in",), "avgpool": (), "global_avgpool": (),
         "add": (), "mul": ("ins",), "scale": ("in",), "softmax": ("out",), "lrn": ("in",), "dropout": (),
-        "concat": (), "pad": (), "reshape": (), "flatten": (), "identity": (), "transpose": ()}
+        "concat": (), "pad": (), "reshape": (), "flatten": (), "identity": (), "transpose": (),
+        "slice": (), "layer_norm": ("in",), "erf": ("in",), "gelu": ("in",), "sqrt": ("out",), "pow": ("in",),
+        "reciprocal": ("out",), "neg": (), "sub": (), "div": ("in1", "out"), "reduce_mean": (), "reduce_sum": ()}
 
 
 def held_tensors(node):
@@ -375,6 +377,8 @@ def held_tensors(node):
         held.append(node.inputs[0])
     if "ins" in rule:
         held += list(node.inputs)
+    if "in1" in rule and len(node.inputs) > 1:
+        held.append(node.inputs[1])
     if "out" in rule or ("act_out" in rule and node.attrs.get("act") not in (None, "linear")):
         held += list(node.outputs)
     return held

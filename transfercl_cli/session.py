@@ -33,6 +33,10 @@ def resolve_preprocess(recipe_input, graph):
         d["offset"] = recipe_input.get("offset") if recipe_input.get("offset") is not None else 0.0
     elif hint.get("mean") is not None:
         d["mean"], d["std"] = hint["mean"], hint["std"]
+    elif hint.get("in_model"):
+        # The model rescales inside itself (Keras Rescaling/Normalization layers): it takes raw [0, 255] pixels.
+        # Applying the hint's scale here too would scale twice, a silently wrong input.
+        d["scale"], d["offset"] = 1.0, 0.0
     elif hint.get("scale") is not None:
         d["scale"], d["offset"] = hint["scale"], hint.get("offset", 0.0)
     else:

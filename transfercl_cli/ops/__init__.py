@@ -26,8 +26,8 @@ _LOADED = set()
 
 # Modules holding implementations, per backend; imported on first use.
 IMPLEMENTATIONS = {
-    "numpy": ["ref_conv", "ref_elementwise", "optim"],
-    "opencl": ["cl_gemm", "cl_conv", "cl_elementwise", "optim"],
+    "numpy": ["ref_conv", "ref_elementwise", "ref_tensor", "optim"],
+    "opencl": ["cl_gemm", "cl_conv", "cl_elementwise", "cl_tensor", "optim"],
 }
 
 

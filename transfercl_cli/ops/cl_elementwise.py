@@ -144,16 +144,23 @@ def run(rt, file, name, gsize, *args):
     return rt.launch(k, gsize, local_size(rt, k, len(gsize), len(gsize) == 1 or gsize[0] >= 8), *args)
 
 
+# Op codes of the binary kernels (elementwise.cl BIN); sub / div with swapped operands use the reversed codes.
+BIN_CODES = {"add": 0, "mul": 1, "sub": 2, "div": 3}
+BIN_SWAPPED = {"add": 0, "mul": 1, "sub": 4, "div": 5}
+
+
 def binary(rt, op, a, b, out=None):
-    """out = a (+ or *) b with numpy broadcasting; out may be a itself when a already has the result's shape."""
+    """out = a op b (op: add, mul, sub, div) with numpy broadcasting; out may be a itself when a already has the
+    result's shape."""
     shape = tuple(int(v) for v in np.broadcast_shapes(a.shape, b.shape))
+    code = i32(BIN_CODES[op])
     if tuple(a.shape) != shape and tuple(b.shape) == shape and out is None:
-        a, b = b, a  # both ops commute: keep the full operand first
+        a, b = b, a  # keep the full operand first (sub / div then compute b op a)
+        code = i32(BIN_SWAPPED[op])
     out = out if out is not None else rt.empty(shape)
     n = _size(shape)
     if not n:
         return out
-    code = i32(0 if op == "add" else 1)
     if tuple(a.shape) == shape and tuple(b.shape) == shape:
         run(rt, EW, "bin_same", _groups8(n), a, b, out, i32(n), code)
         return out

@@ -7,14 +7,18 @@ importers use while they build a graph; `macs` counts multiply-adds for `tcl ins
 import numpy as np
 
 from ..errors import ModelError
+from . import ref_tensor as _rt
 
 # Ops whose output has the shape of their (first) input.
 SAME_SHAPE = {
     "batchnorm", "relu", "relu6", "sigmoid", "tanh", "swish", "hard_swish", "clip", "leaky_relu",
     "hard_sigmoid", "softmax", "scale", "lrn", "dropout", "identity",
+    "layer_norm", "erf", "gelu", "sqrt", "pow", "reciprocal", "neg",
 }
 # Ops that only move data (no arithmetic).
-NO_MACS = {"flatten", "reshape", "transpose", "dropout", "identity", "concat", "pad"}
+NO_MACS = {"flatten", "reshape", "transpose", "dropout", "identity", "concat", "pad", "slice"}
+# Reductions: one multiply-add per input element.
+REDUCE_OPS = {"reduce_mean", "reduce_sum"}
 
 
 def pool_out(size, k, s, pb, pe, d=1, ceil_mode=False):
@@ -92,6 +96,8 @@ def infer_node(node, in_shapes):
                 p = node.params.get(k)
                 if p is not None and p.size > 1 and (not x or p.shape[-1] != x[-1]):
                     raise _bad(node, f"per-channel {k} of length {p.shape[-1]} does not match input shape {x}")
+        if op in TENSOR_CHECKS:
+            TENSOR_CHECKS[op](node, x)
         if not (op == "batchnorm" and a.get("pool")):
             return [x]
     if op == "conv2d":
@@ -114,6 +120,22 @@ def infer_node(node, in_shapes):
         return [(int(wt.shape[1]),)]
     if op in ("add", "mul"):
         return [broadcast(in_shapes, node)]
+    if op in ("sub", "div"):
+        if len(in_shapes) != 2:
+            raise _bad(node, f"takes exactly two inputs, got {len(in_shapes)}")
+        return [broadcast(in_shapes, node)]
+    if op == "slice":
+        try:
+            plan = _rt.slice_plan(node, (1,) + x)
+        except (ValueError, TypeError) as e:
+            raise _bad(node, f"cannot slice an input of shape {('N',) + x}: {e}") from None
+        return [tuple(n for _, _, n in plan[1:])]
+    if op in REDUCE_OPS:
+        try:
+            axes = _rt.reduce_axes(node, len(x) + 1)
+        except (ValueError, TypeError) as e:
+            raise _bad(node, f"cannot reduce an input of shape {('N',) + x}: {e}") from None
+        return [_rt.reduce_shape((1,) + x, axes, _rt.reduce_keepdims(node))[1:]]
     if op == "concat":
         axis = int(a.get("axis", -1))
         rank = len(x) + 1
@@ -155,6 +177,45 @@ def infer_node(node, in_shapes):
                      "Run `tcl inspect MODEL` to list unsupported layers.")
 
 
+def _check_layer_norm(node, x):
+    try:
+        ax = _rt.ln_axis(node, len(x) + 1)
+        float(_rt.ln_eps(node))
+    except (ValueError, TypeError) as e:
+        raise _bad(node, f"cannot normalise an input of shape {('N',) + x}: {e}") from None
+    if ax == 0:
+        raise _bad(node, "cannot normalise over the batch axis (axis 0)")
+    norm = tuple(x[ax - 1:])
+    for k in ("gamma", "beta"):
+        p = node.params.get(k)
+        if p is None:
+            continue
+        ps = tuple(int(v) for v in np.shape(p))
+        while ps and ps[0] == 1 and len(ps) > len(norm):
+            ps = ps[1:]
+        if (1,) * (len(norm) - len(ps)) + ps != norm:
+            raise _bad(node, f"{k} of shape {tuple(np.shape(p))} does not match the normalised dims {norm}")
+
+
+def _check_gelu(node, x):
+    try:
+        _rt.gelu_tanh(node)
+    except ValueError as e:
+        raise _bad(node, str(e)) from None
+
+
+def _check_pow(node, x):
+    try:
+        e = _rt.pow_exponent(node)
+    except (ValueError, TypeError):
+        raise _bad(node, f"the exponent must be a number, not {node.attrs.get('exponent')!r}") from None
+    if not np.isfinite(e):
+        raise _bad(node, f"the exponent must be finite, not {e}")
+
+
+TENSOR_CHECKS = {"layer_norm": _check_layer_norm, "gelu": _check_gelu, "pow": _check_pow}
+
+
 def infer_shapes(graph):
     """{tensor name: shape without batch} for every tensor of the graph (inputs included)."""
     shapes = {k: tuple(int(v) for v in s) for k, s in graph.inputs.items()}
@@ -190,6 +251,8 @@ def macs(node, in_shapes, out_shape):
         return int(np.prod(in_shapes[0]))
     if op in NO_MACS:
         return 0
+    if op in REDUCE_OPS:
+        return int(np.prod(in_shapes[0]))
     if op in ("add", "mul"):
         return out_n * max(len(in_shapes) - 1, 1)
     if op == "lrn":
