@@ -1,13 +1,23 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test` (each creates .venv and installs
-# what it needs).
+# what it needs). `tcl` itself then lives in .venv/bin: `. .venv/bin/activate` puts it on PATH in one shell,
+# `make install-user` links it into a folder on PATH for good.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TCL := $(VENV)/bin/tcl
+# Where `make install-user` links tcl: Termux's $PREFIX/bin (on PATH there), else ~/.local/bin (on PATH on Debian
+# and Ubuntu once it exists, from the next login: ~/.profile adds it).
+ifneq ($(findstring com.termux,$(PREFIX)),)
+BINDIR ?= $(PREFIX)/bin
+else
+BINDIR ?= $(HOME)/.local/bin
+endif
 
+# setuptools >= 77 reads pyproject.toml's SPDX `license = "MIT"` (also for builds without isolation, as the wheel
+# test makes).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -16,6 +26,29 @@ install: $(VENV)/.installed
 # The main job: a real fine-tune of ImageNet MobileNet V1 on the shipped dogs/cats sample, printing the report.
 demo: $(VENV)/.installed
 	$(TCL) finetune configs/sample_dogs_cats.yaml --force
+	@$(MAKE) -s --no-print-directory path-hint
+
+# How to run the README's `tcl ...` examples from here.
+path-hint:
+	@echo ""
+	@echo "tcl is installed in $(CURDIR)/$(VENV)/bin. To run the README's tcl commands:"
+	@echo "  . $(VENV)/bin/activate    # puts tcl on PATH in this shell (again in each new shell)"
+	@echo "  make install-user         # once: links tcl into $(BINDIR), for every shell and for cron"
+	@echo "  or call it by its path:   $(CURDIR)/$(TCL) --help"
+
+# A link, not `pip install --user`: Debian's system Python refuses user installs (PEP 668, externally managed),
+# and the link needs nothing but this clone's .venv (keep the clone where it is; `make uninstall-user` removes it).
+install-user: $(VENV)/.installed
+	@mkdir -p "$(BINDIR)"
+	@ln -sfn "$(CURDIR)/$(TCL)" "$(BINDIR)/tcl"
+	@echo "linked $(BINDIR)/tcl -> $(CURDIR)/$(TCL)"
+	@case ":$$PATH:" in *":$(BINDIR):"*) echo "$(BINDIR) is on PATH: run tcl --help";; \
+	  *) echo "$(BINDIR) is not on PATH in this shell: add this line to ~/.profile (or ~/.bashrc) and open a new shell:"; \
+	     echo "  export PATH=\"$(BINDIR):\$$PATH\"";; esac
+
+uninstall-user:
+	@if [ -L "$(BINDIR)/tcl" ] && [ "$$(readlink "$(BINDIR)/tcl")" = "$(CURDIR)/$(TCL)" ]; then \
+	  rm "$(BINDIR)/tcl" && echo "removed $(BINDIR)/tcl"; else echo "$(BINDIR)/tcl is not this clone's link"; fi
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -26,4 +59,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_depthwise.py
 	$(PY) bench/bench_mobilenet.py --rounds 3 --markdown bench/results/bench_mobilenet.md | tee bench/results/bench_mobilenet.txt
 
-.PHONY: install demo test bench
+.PHONY: install demo path-hint install-user uninstall-user test bench

@@ -164,7 +164,7 @@ def test_write_report_files(tmp_path):
                                                     "training_curves.png"]  # no temporaries left
     with open(out["json"]) as f:
         doc = json.load(f, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
-    assert doc["schema_version"] == 1 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["generated_at"])
+    assert doc["schema_version"] == report.SCHEMA_VERSION == 2 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["generated_at"])
     assert doc["meta"] == {"model": "m.h5", "device": "pocl cpu", "split": "test", "images_per_sec": 41.5,
                            "batch_size": 8, "shape": [224, 224, 3]}
     for k, v in m.items():
@@ -252,3 +252,92 @@ def test_empty_evaluation_and_bad_images_section(tmp_path):
     assert "| accuracy | n/a |" in md and "No images were evaluated." in md
     assert "| unreadable images (skipped) | 1 |" in md and "| x/broken.png | cannot identify image file |" in md
     assert Image.open(out["confusion_matrix"]).size[0] > 200
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reports at any scale (issue 17): a 1000-class model evaluated on a few images
+
+
+def _thousand_classes(n=6):
+    rng = np.random.default_rng(3)
+    k = 1000
+    y = np.array([5, 5, 17, 17, 900, 901][:n])
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), [5, 6, 17, 3, 900, 901][:n]] += 12  # four right, two confused (5 -> 6, 17 -> 3)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return compute_metrics(y, None, probs, [f"class_{i}" for i in range(k)], paths=[f"im{i}.jpg" for i in range(n)])
+
+
+def test_many_classes_report_lists_what_occurs(tmp_path):
+    m = _thousand_classes()
+    assert m["confusion_matrix"] is None and m["omitted_classes"] == 1000 - 6
+    assert [r["index"] for r in m["per_class"]] == [3, 5, 6, 17, 900, 901]  # in the data or predicted
+    assert sorted(map(tuple, m["confusion"])) == [(5, 5, 1), (5, 6, 1), (17, 3, 1), (17, 17, 1), (900, 900, 1),
+                                                  (901, 901, 1)]
+    assert m["macro_avg"]["num_classes"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
+    out = write_report(tmp_path, m, {"split": "all", "cache": None})
+    assert os.path.getsize(out["json"]) < 40_000  # was 3.2 MB: a dense 1000 x 1000 matrix
+    doc = json.load(open(out["json"]))
+    assert set(doc) == _documented_fields() and doc["schema_version"] == 2
+    md = open(out["markdown"]).read()
+    assert len(md.splitlines()) < 80  # was 1,040 lines
+    assert "other 994 classes are neither" in md and "| class_900 |" in md and "| class_42 |" not in md
+    assert "| **class_17** |" in md and "| cache | off |" in md
+    img = Image.open(out["confusion_matrix"])
+    # the six classes that occur, drawn large enough to read (not 1000 one-pixel cells)
+    assert _dark_blue(img) > 4 * (640 // 6 // 2) ** 2
+    table = format_table(m)
+    assert "994 classes neither in the data nor predicted" in table and "class_42" not in table
+    assert len(table.splitlines()) < 15
+
+
+def test_many_classes_confusion_image_draws_the_most_confused():
+    k = 200
+    y = np.repeat(np.arange(k), 2)
+    pred = y.copy()
+    pred[::2] = (y[::2] + 1) % k  # every class confused once
+    pred[:20] = 7  # class 7 predicted for images of classes 0-9: the most confused
+    probs = np.full((len(y), k), 0.1 / (k - 1))
+    probs[np.arange(len(y)), pred] = 0.9
+    m = compute_metrics(y, pred, probs, [f"c{i}" for i in range(k)])
+    idx, note = report.shown_classes(m)
+    assert len(idx) == 30 and 7 in idx and idx == sorted(idx) and "most confused" in note
+    img = confusion_matrix_image(m)
+    assert 400 < img.width < 1200 and 400 < img.height < 1200
+
+
+def test_report_version_1_metrics_still_draw():
+    m = compute_metrics(Y_TRUE, None, PROBS, CLASSES)
+    del m["confusion"]  # a metrics record written before schema 2: only the dense matrix
+    assert report.confusion_cells(m) == [(0, 0, 2), (0, 1, 1), (1, 1, 1), (1, 2, 1), (2, 2, 1)]
+    assert confusion_matrix_image(m).size == confusion_matrix_image(compute_metrics(Y_TRUE, None, PROBS, CLASSES)).size
+
+
+def test_meta_rows_for_people(tmp_path):
+    m = compute_metrics(Y_TRUE, None, PROBS, CLASSES)
+    cache = {"hits": 240, "misses": 60, "compute_seconds": 4.2, "seconds_per_image": 0.07, "dir": "/c/features",
+             "seconds_saved_now": 16.8, "seconds_saved_over_epochs": 612.3}
+    gap = {"train_accuracy": 0.95, "train_accuracy_inference_mode": 0.78, "points": 17.0}
+    out = write_report(tmp_path, m, {"split": "test", "cache": cache, "batchnorm_gap": gap, "initial_accuracy": None})
+    md = open(out["markdown"]).read()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| cache |"))
+    assert "{" not in row and "240 images read from the cache, 60 computed in 4.2 s; the frozen layers take 70.0 ms per image" in row
+    assert "about 612 s saved" in row and "/c/features" in row
+    assert "training accuracy 0.9500 with batch statistics, 0.7800 in inference mode (17.0 points)" in md
+    assert "| initial_accuracy | n/a |" in md
+
+
+def test_format_preprocess():
+    f = report.format_preprocess
+    assert f({"size": [224, 224], "resize": "shorter_crop", "channel_order": "RGB", "scale": 1 / 127.5,
+              "offset": -1.0}) == ("224x224 (shorter side to 256, centre crop), RGB, x * 0.007843 - 1 "
+                                   "(pixels [0, 255] -> [-1, 1])")
+    assert f({"size": [160, 128], "resize": "stretch", "channel_order": "BGR", "mean": [0.485, 0.456, 0.406],
+              "std": [0.229, 0.224, 0.225]}) == ("160x128 (stretched), BGR, (x / 255 - mean [0.485, 0.456, 0.406]) "
+                                                 "/ std [0.229, 0.224, 0.225]")
+    assert f({"size": [8, 8], "scale": 1.0, "offset": 0.0, "in_model": True}).endswith(
+        "raw pixels [0, 255], rescaled inside the model")
+    assert f({"size": [8, 8], "scale": 1.0, "offset": [-103.939, -116.779, -123.68]}).endswith(
+        "x * 1 + [-103.9, -116.8, -123.7]")
+    assert f(None) == "the model's own"

@@ -127,6 +127,32 @@ def _preprocess_flags(recipe, mean, std, scale, offset, resize, channel_order):
                            offset=_numbers(offset), resize=resize, channel_order=channel_order)
 
 
+class _StageBars:
+    """A progress callback `(stage, done, total)` drawn as one bar per stage, on a terminal only (tqdm with
+    disable=None: nothing when stderr is a log, a pipe or a test runner)."""
+
+    UNITS = {"calibration images": "img", "int8 sensitivity": "layer", "test accuracy": "pass"}
+
+    def __init__(self):
+        self.stage, self.bar = None, None
+
+    def __call__(self, stage, done, total):
+        if stage != self.stage:
+            self.close()
+            from tqdm import tqdm
+
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit=self.UNITS.get(stage, "it"), disable=None, leave=False,
+                            dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
+
+
 DEVICE_HELP = ("OpenCL device: an id (0:1), a type (gpu, cpu), part of a platform/device name (pocl, adreno), or "
                "'numpy' for the slow reference fallback. Default: $TCL_DEVICE, else the first GPU, else the first CPU.")
 
@@ -196,8 +222,11 @@ def finetune(recipe, epochs, lr, batch_size, optimizer, seed, data_root, model, 
     with _sigterm_as_ctrl_c():
         res = run(r, resume=resume, dry_run=dry_run, quiet=quiet or as_json, log=echo, force=force)
     if as_json:
-        click.echo(json.dumps(res if dry_run else {"run_dir": res["run_dir"], "metrics": res["metrics"],
-                                                    "meta": res["meta"]}, indent=2, default=str))
+        from .report import SCHEMA_VERSION
+
+        click.echo(json.dumps(res if dry_run else {"schema_version": SCHEMA_VERSION, "run_dir": res["run_dir"],
+                                                    "metrics": res["metrics"], "meta": res["meta"]},
+                              indent=2, default=str))
     elif quiet and not dry_run:
         m = res["metrics"]
         click.echo(f"{res['run_dir']}: accuracy {m['accuracy']:.4f} on {res['meta']['split']}")
@@ -225,7 +254,10 @@ def evaluate(model, data, recipe, split, labels, device, output, batch_size, as_
     metrics, meta = run(model, data=data, recipe=recipe, split=split, device=device, labels=labels, out_dir=output,
                         batch_size=batch_size, preprocess=pre, config=model_config, input_size=input_size or None)
     if as_json:
-        click.echo(json.dumps({"metrics": metrics, "meta": meta}, indent=2, default=str))
+        from .report import SCHEMA_VERSION
+
+        click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "metrics": metrics, "meta": meta}, indent=2,
+                              default=str))
     else:
         click.echo(format_table(metrics))
         click.echo(f"{meta['split']} split, {meta['images_per_sec']} images/s on {meta['device']}")
@@ -272,23 +304,88 @@ def predict(model, images, labels, top, device, recipe, as_json, model_config, i
 @click.argument("model", type=click.Path())
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Show which layers a recipe freezes, trains, cuts, adds.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="For the training memory estimate.")
+@click.option("--cut-points", is_flag=True, help="List only the sensible `cut_after` layers (the input of the old "
+              "classifier, the ends of the last blocks, the last block at each resolution) with their positions.")
 @click.option("--json", "as_json", is_flag=True)
 @model_options
-def inspect(model, recipe, batch_size, as_json, model_config, input_size):
+def inspect(model, recipe, batch_size, cut_points, as_json, model_config, input_size):
     """Table of layers: name, type, output shape, parameters, multiply-adds; totals and memory estimate."""
-    from .inspect_model import inspect_model
+    from .inspect_model import inspect_cut_points, inspect_model
 
-    res = inspect_model(model, recipe=recipe, batch_size=batch_size, config=model_config,
-                        input_size=input_size or None)
+    if cut_points:
+        res = inspect_cut_points(model, config=model_config, input_size=input_size or None)
+    else:
+        res = inspect_model(model, recipe=recipe, batch_size=batch_size, config=model_config,
+                            input_size=input_size or None)
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
     else:
         click.echo(res["text"])
 
 
+@main.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--model", "-m", required=True, type=click.Path(),
+              help="The pretrained model: a Keras .h5, an ONNX file or a tcl run directory.")
+@click.option("-o", "--output", default="recipe.yaml", show_default=True, type=click.Path(),
+              help="The recipe file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing recipe file.")
+@click.option("--device", type=str, help=DEVICE_HELP + " (for the memory budget; written into the recipe)")
+@click.option("--json", "as_json", is_flag=True, help="Print what was found and chosen as JSON.")
+@model_options
+def init(data_dir, model, output, force, device, as_json, model_config, input_size):
+    """Look at DATA_DIR (one sub-folder per class) and MODEL, and write a commented starting recipe: the cut before
+    the old classifier, what trains for this much data, a validation split with early stopping, the preprocessing
+    and a batch size that fits the memory budget."""
+    from .init_recipe import init_recipe
+    from .report import format_preprocess
+
+    s = init_recipe(data_dir, model, output, force=force, device=device, config=model_config,
+                    input_size=input_size or None)
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+        return
+    counts = ", ".join(f"{c} {n}" for c, n in list(zip(s["classes"], s["images_per_class"]))[:8])
+    more = f", ... ({len(s['classes']) - 8} more)" if len(s["classes"]) > 8 else ""
+    sp = s["splits"]
+    click.echo(f"wrote {output}")
+    click.echo(f"  data     {len(s['classes'])} classes ({counts}{more}); train {sp['train']}, val {sp['val']}, "
+               f"test {sp['test']}" + (f"; {len(s['unreadable'])} unreadable (skipped)" if s["unreadable"] else ""))
+    click.echo("  cut      " + (f"after {s['cut_after']}" if s["cut_after"] else "none")
+               + f"; new head {', '.join(h if isinstance(h, str) else next(iter(h)) for h in s['head'])}")
+    trains = ("the new head only" if s["head_only"] else f"{', '.join(s['unfreeze'])} and the new head")
+    click.echo(f"  trains   {trains} ({s['train_images_per_class']:g} training images per class)")
+    click.echo(f"  batch    {s['batch_size']} (a step needs about {s['memory_bytes'] / 2**20:.0f} MiB of the "
+               f"{s['budget_bytes'] / 2**20:.0f} MiB budget on {s['device']})")
+    click.echo(f"  input    {format_preprocess(s['input'])}")
+    click.echo(f"check the lines marked CHECK in {output}, then: tcl finetune {output} --dry-run")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--batch", "batches", type=int, nargs=2, default=(1, 8), show_default=True, metavar="SMALL LARGE",
+              help="Batch size of the latency and of the throughput (and training step) measurements.")
+@click.option("--runs", type=int, default=10, show_default=True, help="Timed runs of each measurement (medians).")
+@click.option("--train", is_flag=True, help="Also time a training step of a typical recipe (last block + new head).")
+@click.option("--device", type=str, help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@model_options
+def bench(models, batches, runs, train, device, as_json, model_config, input_size):
+    """Speed of each MODEL on the device: kernel warm-up, forward latency at batch 1, throughput at a larger batch,
+    with --train a training step; peak memory. One row per model (each in its own process when there are several)."""
+    from .bench_models import bench as run, format_rows
+
+    rows = run(list(models), batches=batches, runs=runs, train=train, device=device, config=model_config,
+               input_size=input_size or None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_rows(rows))
+
+
 @main.command("export-weights")
 @click.argument("run_dir", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["onnx", "h5", "npz"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "h5", "npz"]), required=True)
 @click.option("-o", "--output", type=click.Path(), help="Output file (default: RUN_DIR/export/model.FORMAT).")
 @click.option("--int8", is_flag=True, help="Per-channel symmetric int8 weight quantization (accuracy change measured).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
@@ -302,8 +399,12 @@ def export_weights(run_dir, fmt, output, int8, force, weights, int8_threshold, d
     """Write a fine-tuned run's weights as ONNX, Keras-layout HDF5 or npz."""
     from .export_run import export_run
 
-    res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device,
-                     int8_threshold=int8_threshold)
+    bars = _StageBars()
+    try:
+        res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device,
+                         int8_threshold=int8_threshold, progress=bars)
+    finally:
+        bars.close()
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

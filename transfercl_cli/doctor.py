@@ -66,8 +66,9 @@ def run_checks(device=None, build=True):
     for mod, required, fix in [
         ("numpy", True, "pip install numpy"), ("pyopencl", True, "pip install pyopencl (on Termux: see the README)"),
         ("click", True, "pip install click"), ("PIL", True, "pip install pillow"), ("yaml", True, "pip install pyyaml"),
-        ("tqdm", True, "pip install tqdm"), ("h5py", False, "pip install 'transfercl[h5]' for Keras .h5 files"),
-        ("onnx", False, "pip install 'transfercl[onnx]' for ONNX files"),
+        ("tqdm", True, "pip install tqdm"),
+        ("h5py", False, "pip install h5py (or, in a clone, .venv/bin/pip install -e '.[h5]') for Keras .h5 files"),
+        ("onnx", False, "pip install onnx (or, in a clone, .venv/bin/pip install -e '.[onnx]') for ONNX files"),
     ]:
         v = _version(mod)
         checks.append(Check(f"package {mod}", v is not None or not required,

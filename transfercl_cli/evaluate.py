@@ -131,18 +131,31 @@ def predict(model, images, labels=None, top=5, device=None, preprocess=None, **l
     pre = _model_preprocess(graph, preprocess)
     pr = Predictor(graph, device)
     out = []
-    for path in images:
-        try:
-            x = pre(path)[None]
-        except BadImage as e:
-            out.append({"image": path, "error": e.reason})
-            continue
-        p = pr.probs(x)[0]
-        _check_width(p, names)
-        idx = np.argsort(-p)[:top]
-        out.append({"image": path, "top": [{"index": int(i), "label": names[i] if i < len(names) else str(int(i)),
-                                            "probability": float(p[i])} for i in idx]})
+    bar = _bar(len(images), "predicting", quiet=len(images) < 2)
+    try:
+        for path in images:
+            bar.update(1)
+            try:
+                x = pre(path)[None]
+            except BadImage as e:
+                out.append({"image": path, "error": e.reason})
+                continue
+            p = pr.probs(x)[0]
+            _check_width(p, names)
+            idx = np.argsort(-p)[:top]
+            out.append({"image": path, "top": [{"index": int(i), "label": names[i] if i < len(names) else
+                                                str(int(i)), "probability": float(p[i])} for i in idx]})
+    finally:
+        bar.close()
     return out
+
+
+def _bar(total, desc, quiet=False):
+    """A progress bar on a terminal only (the rule of `tcl finetune`: piped into a log it would write every
+    redraw)."""
+    from .train import _bar as bar
+
+    return bar(total, desc, quiet)
 
 
 def _check_width(p, names):
@@ -207,11 +220,16 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
     loader = ImageLoader(items, batch_size=batch_size, preprocess=pre, on_bad_image=lambda p, r: bad.append((p, r)))
     probs, ys, paths = [], [], []
     t0 = time.perf_counter()
-    for x, y, p in loader:
-        probs.append(pr.probs(x))
-        _check_width(probs[-1], classes)
-        ys.append(y)
-        paths.extend(p)
+    bar = _bar(len(items), f"evaluating ({split})")
+    try:
+        for x, y, p in loader:
+            probs.append(pr.probs(x))
+            _check_width(probs[-1], classes)
+            ys.append(y)
+            paths.extend(p)
+            bar.update(len(y))
+    finally:
+        bar.close()
     dt = time.perf_counter() - t0
     if bad:
         import warnings

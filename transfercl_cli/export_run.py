@@ -1,4 +1,4 @@
-"""`tcl export-weights`: a run directory's weights as ONNX, Keras-layout HDF5 or npz (optionally int8)."""
+"""`tcl export-weights`: a run directory's weights as ONNX, TFLite, Keras-layout HDF5 or npz (optionally int8)."""
 import os
 
 from .errors import TclError
@@ -10,7 +10,9 @@ CALIBRATION_IMAGES = 512
 
 
 def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None,
-               int8_threshold=INT8_THRESHOLD_POINTS):
+               int8_threshold=INT8_THRESHOLD_POINTS, progress=None):
+    """`progress(stage, done, total)`, optional: called as the --int8 passes advance (stages 'calibration images',
+    'int8 sensitivity' (layers), 'test accuracy' (fp32 and int8)), for a progress bar."""
     from . import export as ex
     from .runfile import load_run_model
 
@@ -30,13 +32,21 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
     qweights = None
     result = {"path": path}
     g_out = graph
+    if int8 and fmt == "tflite":
+        from .export_tflite import build_tflite
+
+        build_tflite(graph)  # an op TFLite cannot express fails now, before the minutes of int8 passes
     if int8:
-        sens = int8_sensitivity(run_dir, graph, device, int8_threshold)
+        sens = int8_sensitivity(run_dir, graph, device, int8_threshold, progress=progress)
         qgraph, qweights = ex.quantize_int8(graph, skip=sens["kept_float"])
-        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path, sens)
+        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=progress)
     meta = {"classes": graph.meta.get("classes"), "preprocess": graph.meta.get("preprocess")}
     if fmt == "onnx":
         ex.export_onnx(g_out, path, int8=qweights, force=force)
+    elif fmt == "tflite":
+        from .export_tflite import export_tflite
+
+        export_tflite(g_out, path, int8=qweights, force=force)
     elif fmt == "h5":
         ex.export_h5(g_out, path, force=force)
     else:
@@ -44,7 +54,7 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
     return result
 
 
-def int8_sensitivity(run_dir, graph, device, threshold):
+def int8_sensitivity(run_dir, graph, device, threshold, progress=None):
     """What quantizing each conv/dense layer alone costs on the calibration images (the training split, at most
     CALIBRATION_IMAGES): accuracy points against the float model. Layers above `threshold` points stay float (a
     depthwise conv whose BatchNorm scales a channel up can lose points though its own weight error is under 1%)."""
@@ -53,29 +63,36 @@ def int8_sensitivity(run_dir, graph, device, threshold):
     from .evaluate import Predictor, _model_preprocess, run_items
     from .export import quantize_int8
 
+    progress = progress or (lambda stage, done, total: None)
     items = run_items(run_dir, "train")[:CALIBRATION_IMAGES]
     pre = _model_preprocess(graph)
-    x, y = _decode(items, pre)
+    x, y = _decode(items, pre, progress)
     acc_f = _accuracy(Predictor(graph, device), x, y)
     costs = {}
     candidates = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and "weight" in n.params]
-    for name in candidates:
+    progress("int8 sensitivity", 0, len(candidates))
+    for i, name in enumerate(candidates):
         qg, _ = quantize_int8(graph, skip=[c for c in candidates if c != name])
         costs[name] = round(100.0 * (acc_f - _accuracy(Predictor(qg, device), x, y)), 3)
+        progress("int8 sensitivity", i + 1, len(candidates))
     kept = [n for n in candidates if costs[n] > threshold]
     return {"calibration_images": int(len(y)), "calibration_accuracy_fp32": acc_f, "threshold_points": threshold,
             "cost_points": costs, "kept_float": kept}
 
 
-def _decode(items, pre):
+def _decode(items, pre, progress=None):
     import numpy as np
 
     from .data import ImageLoader
 
     xs, ys = [], []
+    done = 0
     for xb, yb, _ in ImageLoader(items, batch_size=32, preprocess=pre, on_bad_image=lambda p, r: None):
         xs.append(xb)
         ys.append(yb)
+        done += len(yb)
+        if progress:
+            progress("calibration images", done, len(items))
     if not xs:
         raise TclError("No readable calibration image in the run's training split.",
                        "Check the run's data folder (data.root in recipe.resolved.yaml).")
@@ -90,12 +107,16 @@ def _accuracy(predictor, x, y, batch=32):
     return correct / len(y)
 
 
-def _int8_accuracy(run_dir, graph, qgraph, device, path, sens):
+def _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=None):
     """Test-split accuracy with float32 and with int8 weights, written next to the export with the sensitivity."""
     from .evaluate import evaluate_graph_on_run
 
+    progress = progress or (lambda stage, done, total: None)
+    progress("test accuracy", 0, 2)
     acc32 = evaluate_graph_on_run(run_dir, graph, device)
+    progress("test accuracy", 1, 2)
     acc8 = evaluate_graph_on_run(run_dir, qgraph, device)
+    progress("test accuracy", 2, 2)
     rep = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_change": acc8 - acc32,
            "scheme": "int8 symmetric per-output-channel weights", "kept_float": sens["kept_float"],
            "sensitivity": sens, "report": path + ".int8.json"}

@@ -1,10 +1,15 @@
 """Evaluation metrics and reports: report.json, report.md, confusion_matrix.png, training_curves.png.
 
-report.json (schema_version 1)
+report.json (schema_version 2)
 ==============================
-A JSON object (strict JSON: no NaN/Infinity; numbers that are not finite are written as null). Fields:
+A JSON object (strict JSON: no NaN/Infinity; numbers that are not finite are written as null). `tcl evaluate --json`
+and `tcl finetune --json` print the same metric fields (their ``metrics`` object) and ``schema_version``. Fields:
 
-- ``schema_version`` (int): 1. Fields are only ever added within a version; a change or removal bumps it.
+- ``schema_version`` (int): 2. Fields are only ever added within a version; a change or removal bumps it.
+  Version 2 (a model with many classes evaluated on a few images wrote megabytes of zeros in version 1): with
+  more than 100 classes (``DENSE_MAX_CLASSES``), ``per_class`` lists only the classes that occur in the data or
+  the predictions and ``confusion_matrix`` is null; ``confusion`` and ``omitted_classes`` are new. With 100
+  classes or fewer every version-1 field is as it was.
 - ``generated_at`` (str): UTC time the report was written, ISO 8601 (``2024-05-01T12:00:00Z``).
 - ``tcl_version`` (str): the TransferCL version that wrote it.
 - ``meta`` (object): what was evaluated, as given by the caller; usually ``model`` (path or name), ``device``,
@@ -18,7 +23,8 @@ A JSON object (strict JSON: no NaN/Infinity; numbers that are not finite are wri
 - ``top_k_accuracy`` (object): {"k": fraction of images whose true class is among the k most probable}, for the
   requested k <= K only (by default k = 1 and 5). Ties in probability rank the lower class index first.
 - ``loss`` (float): mean cross-entropy, mean over images of -ln(p_true), with p_true clipped below at 1e-12.
-- ``per_class`` (list, one object per class, in class order): ``class`` (name), ``index`` (label), ``precision``
+- ``per_class`` (list, one object per class, in class order; with more than 100 classes only those with
+  ``support`` > 0 or ``predicted`` > 0, whose ``index`` says which): ``class`` (name), ``index`` (label), ``precision``
   = TP / (TP + FP), ``recall`` = TP / (TP + FN), ``f1`` = 2 * precision * recall / (precision + recall),
   ``support`` (true images of the class, TP + FN), ``predicted`` (images predicted as the class, TP + FP).
   Zero division: a ratio whose denominator is 0 is defined as 0 (precision of a never-predicted class, recall of
@@ -27,7 +33,12 @@ A JSON object (strict JSON: no NaN/Infinity; numbers that are not finite are wri
   in the data or the predictions (support > 0 or predicted > 0; classes in neither are left out);
   ``num_classes``: how many classes that average covers.
 - ``weighted_avg`` (object): ``precision``, ``recall``, ``f1`` averaged with weights = support; ``support`` = N.
-- ``confusion_matrix`` (K x K list of int): row = true class, column = predicted class, value = image count.
+- ``omitted_classes`` (int): classes left out of ``per_class`` (0 with 100 classes or fewer); each of them has
+  support 0, predicted 0 and every ratio 0.
+- ``confusion_matrix`` (K x K list of int, or null with more than 100 classes): row = true class, column =
+  predicted class, value = image count.
+- ``confusion`` (list of [true index, predicted index, count]): the non-zero cells of the confusion matrix, in row
+  order (true class, then predicted class), for any K.
 - ``misclassified`` (list): every wrongly predicted image, most confident first: ``index`` (position in the
   evaluated list), ``path`` (image file, or null), ``true`` and ``predicted`` (class names), ``confidence``
   (probability of the predicted class), ``true_confidence`` (probability given to the true class).
@@ -51,8 +62,14 @@ import numpy as np
 
 from .fsutil import atomic_path, jsonable, write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOSS_EPS = 1e-12
+# Above this many classes report.json keeps the confusion matrix sparse (``confusion``) and ``per_class`` lists only
+# the classes that occur: a 1000-class model evaluated on a few images wrote a 3 MB dense matrix of zeros.
+DENSE_MAX_CLASSES = 100
+# Classes drawn in confusion_matrix.png (and tabulated in report.md) at most: the ones that occur, most confused
+# first. Beyond about 30 the cells are too small to read.
+DRAW_MAX_CLASSES = 30
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,6 +127,9 @@ def compute_metrics(y_true, y_pred, probs, classes, paths=None, top_k=(1, 5)):
     macro["num_classes"] = len(present)
     weighted = {m: _ratio(sum(pc[m] * pc["support"] for pc in per_class), n) for m in ("precision", "recall", "f1")}
     weighted["support"] = int(n)
+    dense = k_cls <= DENSE_MAX_CLASSES
+    rows_i, cols_j = np.nonzero(cm)  # row-major order
+    sparse = [[int(i), int(j), int(cm[i, j])] for i, j in zip(rows_i, cols_j)]
 
     rank = np.argsort(-probs, axis=1, kind="stable")  # ties: lower class index first
     topk = {}
@@ -134,10 +154,12 @@ def compute_metrics(y_true, y_pred, probs, classes, paths=None, top_k=(1, 5)):
         "accuracy": float(np.mean(y_pred == y_true)) if n else None,
         "top_k_accuracy": topk,
         "loss": loss,
-        "per_class": per_class,
+        "per_class": per_class if dense else present,
+        "omitted_classes": 0 if dense else k_cls - len(present),
         "macro_avg": macro,
         "weighted_avg": weighted,
-        "confusion_matrix": cm.tolist(),
+        "confusion_matrix": cm.tolist() if dense else None,
+        "confusion": sparse,
         "misclassified": mis,
     }
 
@@ -148,7 +170,8 @@ def compute_metrics(y_true, y_pred, probs, classes, paths=None, top_k=(1, 5)):
 
 def format_table(metrics, max_rows=30):
     """A compact text table for the terminal: summary line, per-class precision/recall/F1/support, averages.
-    With more than ``max_rows`` classes only the lowest-F1 ones are listed."""
+    Only classes that occur in the data or the predictions are listed (a 1000-class model on a few images would
+    print 1000 rows of zeros); with more than ``max_rows`` of them only the lowest-F1 ones."""
     m = metrics
     head = [f"accuracy {_num(m['accuracy'])}"]
     for k, v in m.get("top_k_accuracy", {}).items():
@@ -156,16 +179,18 @@ def format_table(metrics, max_rows=30):
             head.append(f"top-{k} {_num(v)}")
     head.append(f"loss {_num(m['loss'])}")
     head.append(f"({m['num_samples']} images, {m['num_classes']} classes)")
-    rows = m["per_class"]
-    note = None
+    rows = _present(m)
+    notes = []
+    omitted = m["num_classes"] - len(rows)
     if len(rows) > max_rows:
+        notes.append(f"({max_rows} lowest-F1 of {len(rows)} classes shown)")
         rows = sorted(rows, key=lambda r: (r["f1"], r["index"]))[:max_rows]
-        note = f"({max_rows} lowest-F1 of {len(m['per_class'])} classes shown)"
+    if omitted:
+        notes.append(f"({omitted} class{'es' if omitted != 1 else ''} neither in the data nor predicted "
+                     f"{'are' if omitted != 1 else 'is'} not listed)")
     names = [_clip(r["class"], 28) for r in rows]
     w = max([len(s) for s in names] + [len("weighted avg")])
-    lines = ["  ".join(head)]
-    if note:
-        lines.append(note)
+    lines = ["  ".join(head)] + notes
     lines.append(f"{'class':<{w}}  {'precision':>9}  {'recall':>7}  {'f1':>7}  {'support':>7}")
     for s, r in zip(names, rows):
         lines.append(f"{s:<{w}}  {r['precision']:>9.4f}  {r['recall']:>7.4f}  {r['f1']:>7.4f}  {r['support']:>7d}")
@@ -173,6 +198,60 @@ def format_table(metrics, max_rows=30):
         lines.append(f"{label:<{w}}  {a['precision']:>9.4f}  {a['recall']:>7.4f}  {a['f1']:>7.4f}  "
                      f"{m['num_samples']:>7d}")
     return "\n".join(lines)
+
+
+def _present(metrics):
+    """The per-class rows of the classes that occur in the data or the predictions."""
+    return [r for r in metrics["per_class"] if r["support"] > 0 or r["predicted"] > 0]
+
+
+def confusion_cells(metrics):
+    """The confusion matrix's non-zero cells [(true, predicted, count)], from ``confusion`` (schema 2) or the dense
+    ``confusion_matrix`` (metrics written by version 1)."""
+    if metrics.get("confusion") is not None:
+        return [(int(i), int(j), int(c)) for i, j, c in metrics["confusion"]]
+    cm = np.asarray(metrics.get("confusion_matrix") or [], np.int64)
+    return [(int(i), int(j), int(cm[i, j])) for i, j in zip(*np.nonzero(cm))] if cm.size else []
+
+
+def shown_classes(metrics, limit=DRAW_MAX_CLASSES):
+    """(class indices, note) for drawing or tabulating the confusion matrix: every class when there are at most
+    ``limit``; else the classes that occur in the data or the predictions, and when those are still more than
+    ``limit``, the ``limit`` most confused ones (most misclassified images as the true or the predicted class, then
+    most images), in class order. ``note`` says what was left out (None when nothing was)."""
+    k = int(metrics["num_classes"])
+    if k <= limit:
+        return list(range(k)), None
+    cells = confusion_cells(metrics)
+    seen = np.zeros(k, np.int64)
+    wrong = np.zeros(k, np.int64)
+    for i, j, c in cells:
+        seen[i] += c
+        seen[j] += c
+        if i != j:
+            wrong[i] += c
+            wrong[j] += c
+    present = [i for i in range(k) if seen[i] > 0]
+    if not present:
+        return list(range(limit)), f"no images: the first {limit} of {k} classes"
+    if len(present) <= limit:
+        return present, f"{len(present)} of {k} classes: those in the data or predicted"
+    top = sorted(present, key=lambda i: (-wrong[i], -seen[i], i))[:limit]
+    return sorted(top), f"{limit} of {k} classes: the most confused of the {len(present)} in the data or predicted"
+
+
+def _sub_matrix(metrics, idx):
+    """The confusion matrix restricted to the classes ``idx`` (rows and columns), and each row's full total (its
+    images, including those predicted as classes outside ``idx``)."""
+    pos = {c: a for a, c in enumerate(idx)}
+    cm = np.zeros((len(idx), len(idx)), np.int64)
+    rows = np.zeros(len(idx), np.int64)
+    for i, j, c in confusion_cells(metrics):
+        if i in pos:
+            rows[pos[i]] += c
+            if j in pos:
+                cm[pos[i], pos[j]] += c
+    return cm, rows
 
 
 def _num(v, fmt=".4f"):
@@ -245,12 +324,95 @@ def _md(s):
     return str(s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _fmt_meta(v):
+def _fmt_meta(v, key=None):
+    """A meta value for people: numbers rounded, the feature cache and the BatchNorm check in words, other
+    mappings as `key: value` pairs (not raw JSON)."""
+    if key == "cache" and isinstance(v, dict):
+        return format_cache(v)
+    if key == "cache" and v is None:
+        return "off"
+    if key == "batchnorm_gap" and v is None:
+        return "none (no BatchNorm trains in batch mode)"
+    if key == "batchnorm_gap" and isinstance(v, dict) and {"train_accuracy", "train_accuracy_inference_mode"} <= set(v):
+        return (f"training accuracy {_num(v['train_accuracy'])} with batch statistics, "
+                f"{_num(v['train_accuracy_inference_mode'])} in inference mode ({_num(v.get('points'), '.1f')} points)")
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
-    if isinstance(v, (dict, list)):
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt_meta(x)}" for k, x in v.items()) or "none"
+    if isinstance(v, list):
+        if all(not isinstance(x, (dict, list)) for x in v):
+            return ", ".join(_fmt_meta(x) for x in v) or "none"
         return json.dumps(v)
     return str(v)
+
+
+def format_cache(info):
+    """The feature-cache record of a run (meta['cache']) as one sentence."""
+    def sec(v):
+        return "?" if not isinstance(v, (int, float)) else f"{v:.1f} s" if abs(v) < 100 else f"{v:.0f} s"
+
+    hits, misses = info.get("hits", 0), info.get("misses", 0)
+    parts = [f"{hits} image{'s' if hits != 1 else ''} read from the cache, {misses} computed "
+             f"in {sec(info.get('compute_seconds'))}"]
+    if isinstance(info.get("seconds_per_image"), (int, float)) and info["seconds_per_image"]:
+        parts.append(f"the frozen layers take {1000 * info['seconds_per_image']:.1f} ms per image")
+    saved = info.get("seconds_saved_over_epochs")
+    if isinstance(saved, (int, float)):
+        parts.append(f"about {sec(saved)} saved against recomputing the frozen layers every epoch" if saved >= 0
+                     else "no time saved in a run this short")
+    if info.get("dir"):
+        parts.append(f"in {info['dir']}")
+    return "; ".join(parts)
+
+
+def _num_list(v, fmt=".4g"):
+    v = np.asarray(v, np.float64).reshape(-1)
+    if v.size == 1:
+        return format(float(v[0]), fmt)
+    return "[" + ", ".join(format(float(x), fmt) for x in v) + "]"
+
+
+def format_preprocess(d):
+    """A preprocessing record (Preprocess.to_dict(), a recipe's resolved `input`, a model's meta['preprocess']) in
+    words, for the plan line and reports: '224x224 (shorter side to 256, centre crop), RGB, x * 0.007843 - 1
+    (pixels [0, 255] -> [-1, 1])'."""
+    if not isinstance(d, dict) or not d:
+        return "the model's own"
+    size = d.get("size")
+    if isinstance(size, (int, float)):
+        size = [size, size]
+    parts = []
+    if size:
+        h, w = int(size[0]), int(size[1])
+        resize = d.get("resize") or "shorter_crop"
+        if resize == "shorter_crop":
+            parts.append(f"{h}x{w} (shorter side to {round(min(h, w) * 256 / 224)}, centre crop)")
+        else:
+            parts.append(f"{h}x{w} (stretched)")
+    parts.append(d.get("channel_order") or "RGB")
+    if d.get("mean") is not None and d.get("std") is not None:
+        parts.append(f"(x / 255 - mean {_num_list(d['mean'])}) / std {_num_list(d['std'])}")
+    elif d.get("scale") is not None or d.get("offset") is not None:
+        sc = np.asarray(1.0 if d.get("scale") is None else d["scale"], np.float64).reshape(-1)
+        of = np.asarray(0.0 if d.get("offset") is None else d["offset"], np.float64).reshape(-1)
+        if sc.size == 1 and of.size == 1 and float(sc[0]) == 1.0 and float(of[0]) == 0.0:
+            text = "raw pixels [0, 255]"
+        else:
+            off = _num_list(of)
+            text = f"x * {_num_list(sc)}" + ("" if off == "0" else
+                                             f" - {off[1:]}" if off.startswith("-") else f" + {off}")
+            if sc.size == 1 and of.size == 1:
+                lo, hi = sorted((float(of[0]), 255 * float(sc[0]) + float(of[0])))
+                text += f" (pixels [0, 255] -> [{lo:.4g}, {hi:.4g}])"
+        parts.append(text)
+    if d.get("in_model"):
+        parts.append("rescaled inside the model")
+    return ", ".join(parts)
 
 
 def _markdown(doc):
@@ -261,7 +423,7 @@ def _markdown(doc):
     out += ["| | |", "|---|---|"]
     for key in ("model", "device", "split"):
         if key in meta:
-            out.append(f"| {key} | {_md(_fmt_meta(meta[key]))} |")
+            out.append(f"| {key} | {_md(_fmt_meta(meta[key], key))} |")
     out.append(f"| images | {doc['num_samples']} |")
     out.append(f"| classes | {k_cls} |")
     if meta.get("images_per_sec") is not None:
@@ -273,7 +435,7 @@ def _markdown(doc):
         if key == "bad_images" and isinstance(v, list):
             out.append(f"| unreadable images (skipped) | {len(v)} |")
         else:
-            out.append(f"| {_md(key)} | {_md(_fmt_meta(v))} |")
+            out.append(f"| {_md(key)} | {_md(_fmt_meta(v, key))} |")
     out.append(f"| generated | {doc['generated_at']} (tcl {doc['tcl_version']}) |")
 
     ma, wa = doc["macro_avg"], doc["weighted_avg"]
@@ -286,20 +448,30 @@ def _markdown(doc):
     out.append(f"| weighted precision / recall / F1 | {wa['precision']:.4f} / {wa['recall']:.4f} / "
                f"{wa['f1']:.4f} |")
 
-    out += ["", "## Per class", "", "| class | precision | recall | F1 | support | predicted |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for r in doc["per_class"]:
+    rows = _present(doc)
+    omitted = k_cls - len(rows)
+    out += ["", "## Per class", ""]
+    if omitted:
+        out += [f"The {len(rows)} classes in the data or the predictions; the model's other {omitted} "
+                + ("classes are neither (every figure 0) and are" if omitted != 1 else
+                   "class is neither (every figure 0) and is") + " not listed.", ""]
+    out += ["| class | precision | recall | F1 | support | predicted |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
         out.append(f"| {_md(r['class'])} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | "
                    f"{r['support']} | {r['predicted']} |")
     out.append("")
     out.append("Precision, recall or F1 whose denominator is zero are reported as 0.")
 
     out += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", ""]
-    if k_cls <= 15:
-        names = [_md(_clip(c, 16)) for c in doc["classes"]]
+    idx, note = shown_classes(doc, limit=15)
+    if idx:
+        cm, _ = _sub_matrix(doc, idx)
+        if note:
+            out += [f"{note[0].upper()}{note[1:]}.", ""]
+        names = [_md(_clip(doc["classes"][i], 16)) for i in idx]
         out.append("| true \\ predicted | " + " | ".join(names) + " |")
-        out.append("|---|" + "---:|" * k_cls)
-        for name, row in zip(names, doc["confusion_matrix"]):
+        out.append("|---|" + "---:|" * len(idx))
+        for name, row in zip(names, cm.tolist()):
             out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
         out.append("")
     out.append(f"![Confusion matrix]({doc['files']['confusion_matrix']})")
@@ -414,10 +586,12 @@ def confusion_matrix_image(metrics, title_extra=None):
     (when cells are big enough), class names on both axes, axis titles and a colour bar."""
     from PIL import Image, ImageDraw
 
-    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    classes = list(metrics["classes"])
+    idx, subset_note = shown_classes(metrics, DRAW_MAX_CLASSES)
+    cm, row_total = _sub_matrix(metrics, idx)
+    classes = [metrics["classes"][i] for i in idx]
     k = len(classes)
-    rows = cm.sum(1, keepdims=True)
+    # A row's share is of all the true class's images (also those predicted as classes not drawn).
+    rows = row_total.reshape(-1, 1)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, np.float64), where=rows > 0)
 
     cell = max(1, min(96, 640 // max(k, 1)))
@@ -433,9 +607,9 @@ def confusion_matrix_image(metrics, title_extra=None):
         labels = [_clip(c, 24) for c in classes]
         step = 1
     else:  # too many classes for names: index ticks every `step` classes
-        need = max(18, _tsize(probe, str(k - 1), tick_font)[0] + 8)  # pixels between labels
+        need = max(18, _tsize(probe, str(max(idx)), tick_font)[0] + 8)  # pixels between labels
         step = _nice_int_step(int(math.ceil(need / cell)))
-        labels = [str(i) for i in range(k)]
+        labels = [str(i) for i in idx]
     name_w = max(_tsize(probe, labels[i], name_font if show_names else tick_font)[0] for i in range(0, k, step))
     name_h = _tsize(probe, "Hg", name_font if show_names else tick_font)[1]
     x_rot = show_names and name_w > cell - 4  # rotate predicted-class names when they do not fit a cell
@@ -443,7 +617,7 @@ def confusion_matrix_image(metrics, title_extra=None):
     mat = cell * k
     pad = 20
     left = pad + 24 + 8 + name_w + 8
-    top = pad + 34
+    top = pad + 34 + (22 if subset_note else 0)
     bottom_labels = (name_w if x_rot else name_h) + 8
     bottom = bottom_labels + 8 + 24 + pad
     cbar_w, cbar_gap = 18, 24
@@ -451,12 +625,15 @@ def confusion_matrix_image(metrics, title_extra=None):
     right = cbar_gap + cbar_w + 6 + cbar_txt + 10 + 22 + pad
     acc = metrics.get("accuracy")
     title = "Confusion matrix" + (f" ({_clip(title_extra, 40)})" if title_extra else "")
-    title += f" - {int(cm.sum())} images" + (f", accuracy {acc:.1%}" if acc is not None else "")
+    title += f" - {int(metrics.get('num_samples', row_total.sum()))} images" + (
+        f", accuracy {acc:.1%}" if acc is not None else "")
     width = max(left + mat + right, _tsize(probe, title, title_font)[0] + 2 * pad, 460)
     height = top + mat + bottom
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     _text(d, (width // 2, pad), title, title_font, anchor="mt")
+    if subset_note:
+        _text(d, (width // 2, pad + 30), subset_note, label_font, anchor="mt")
 
     ox = (width - (left + mat + right)) // 2  # centre the figure under a wide title
     x0, y0 = left + ox, top

@@ -4,6 +4,7 @@ Every OpenCL op in tcl goes through one `Runtime`: it owns the context and the i
 `kernels/*.cl` sources with `-D` options, and hands out float32 `DeviceArray`s from a pool so that a training
 step that repeats the same shapes allocates nothing.
 """
+import contextlib
 import functools
 import hashlib
 import os
@@ -300,6 +301,7 @@ class Runtime:
         self.max_work_group_size = int(self.device.max_work_group_size)
         self.is_cpu = info.type == "cpu"
         self.is_pocl = "portable computing language" in info.platform_name.lower() or "pocl" in info.platform_name.lower()
+        self.is_oclgrind = "oclgrind" in info.platform_name.lower()
         self.allocated_bytes = 0
         self.peak_bytes = 0
 
@@ -307,8 +309,11 @@ class Runtime:
     def program(self, name, defines=None, options=()):
         """Build (once per process, and cached across processes) kernels/NAME.cl with -D defines."""
         opts = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())] + list(options)
-        # Full precision is required for the numpy-matching tests; no fast-math.
-        opts += ["-cl-std=CL1.2"]
+        # Full precision is required for the numpy-matching tests; no fast-math. TCL_POCL: the kernels' vector
+        # loads and stores are written element by element (see the top of kernels/gemm.cl). TCL_CL_OPTIONS: extra
+        # options for every build (the Oclgrind tests add -cl-opt-disable for its uninitialised-value check).
+        opts += ["-cl-std=CL1.2"] + (["-DTCL_POCL=1"] if self.is_pocl else [])
+        opts += os.environ.get("TCL_CL_OPTIONS", "").split()
         key = (name, tuple(opts))
         prg = self._programs.get(key)
         if prg is not None:
@@ -327,8 +332,9 @@ class Runtime:
 
     def _build(self, name, src, opts):
         cl = self.cl
-        # PoCL keeps its own kernel cache (POCL_CACHE_DIR); other platforms get program binaries stored by us.
-        use_bin = not self.is_pocl and os.environ.get("TCL_NO_BINARY_CACHE") is None
+        # PoCL keeps its own kernel cache (POCL_CACHE_DIR); other platforms get program binaries stored by us, except
+        # Oclgrind, which rebuilds a binary without the build options (checks would silently change).
+        use_bin = not self.is_pocl and not self.is_oclgrind and os.environ.get("TCL_NO_BINARY_CACHE") is None
         path = self._binary_cache_path(src, opts) if use_bin else None
         if path and os.path.exists(path):
             try:
@@ -338,7 +344,8 @@ class Runtime:
             except (cl.Error, OSError):
                 pass
         try:
-            prg = cl.Program(self.ctx, src).build(options=opts)
+            with _build_hint(self):
+                prg = cl.Program(self.ctx, src).build(options=opts)
         except cl.Error as e:
             # pyopencl puts the compiler's build log into the exception text.
             raise DeviceError(
@@ -492,6 +499,50 @@ class Runtime:
         if src.nbytes:
             self.cl.enqueue_copy(self.queue, dst.buf, src.buf, byte_count=src.nbytes)
         return dst
+
+
+# The first run on a device compiles every kernel (tens of seconds on a phone, several on PoCL), after which the
+# programs come from a cache: a build taking longer than this prints, once per process and only on a terminal, what
+# is happening, so a first run does not look hung.
+BUILD_HINT_SECONDS = 1.0
+_BUILD_HINT = {"shown": False}
+
+
+def _hint_cache_dir(rt):
+    if rt.is_pocl:
+        return os.environ.get("POCL_CACHE_DIR") or cache_dir("pocl")
+    return cache_dir("programs")
+
+
+@contextlib.contextmanager
+def _build_hint(rt):
+    """Around one program build: past BUILD_HINT_SECONDS, print 'building OpenCL kernels for DEVICE (once; cached
+    in DIR)' on stderr (from a timer, so it appears while the build runs), once per process, on a terminal only."""
+    import sys
+
+    if _BUILD_HINT["shown"] or not getattr(sys.stderr, "isatty", lambda: False)():
+        yield
+        return
+
+    def show():
+        if _BUILD_HINT["shown"]:
+            return
+        _BUILD_HINT["shown"] = True
+        msg = f"building OpenCL kernels for {rt.info.name} (once; cached in {_hint_cache_dir(rt)})"
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)  # above any progress bar on the screen
+        except Exception:  # noqa: BLE001 - a hint must never break a build
+            print(msg, file=sys.stderr, flush=True)
+
+    timer = threading.Timer(BUILD_HINT_SECONDS, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 _RUNTIMES = {}

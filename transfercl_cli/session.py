@@ -173,7 +173,9 @@ class Session:
         lines.append(f"data       {r['data']['root']}: {len(self.classes)} classes ({', '.join(self.classes[:10])}"
                      f"{', ...' if len(self.classes) > 10 else ''}); " + ", ".join(
                          f"{s} {sum(c)}" for s, c in counts.items()))
-        lines.append(f"input      {self.pre.to_dict()}")
+        from .report import format_preprocess
+
+        lines.append(f"input      {format_preprocess(self.pre.to_dict())}")
         lines.append(f"cut        after {r['cut_after'] or '(no cut)'}: {len(p.cut)} layers dropped"
                      + (f" ({', '.join(p.cut[:6])}{', ...' if len(p.cut) > 6 else ''})" if p.cut else ""))
         lines.append(f"head       {', '.join(p.new)}")

@@ -6,12 +6,13 @@
     g = load_model("model.keras")                       # Keras 3 zip (config.json + model.weights.h5)
     g = load_model("resnet.onnx")                       # ONNX, opset 9+
     g = load_model("dyn.onnx", input_size=(224, 224))   # fixes unknown spatial sizes of the input
+    g = load_model("mobilenet.tflite")                  # TFLite / LiteRT flatbuffer (float32; int8 weights dequantized)
 
 The format is chosen by the file suffix, else by the file's first bytes. Every failure is a `ModelError` naming the
-cause and the fix: a missing or damaged file, a missing optional dependency (h5py for Keras, onnx for ONNX), or
-layers tcl cannot run (all of them listed in one message, before any conversion work).
+cause and the fix: a missing or damaged file, a missing optional dependency (h5py for Keras, onnx for ONNX, tflite
+for TFLite), or layers tcl cannot run (all of them listed in one message, before any conversion work).
 
-graph.meta always holds: format ('keras_h5' | 'onnx'), source (path), input_size (H, W) for image inputs,
+graph.meta always holds: format ('keras_h5' | 'onnx' | 'tflite'), source (path), input_size (H, W) for image inputs,
 input_layout ('NHWC', or 'NCHW' when the source model took NCHW input: the graph itself always takes NHWC).
 Keras adds keras_version and, when the model starts with Rescaling/Normalization layers, preprocess =
 {"size": (H, W), "scale": s, "offset": o, "in_model": True}: the model applies y = x * s + o itself, so callers feed
@@ -26,6 +27,7 @@ from ..graph import Graph, Node
 
 H5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
+TFLITE_MAGIC = b"TFL3"  # the flatbuffer file identifier, at offset 4
 
 
 def need_h5py():
@@ -33,7 +35,8 @@ def need_h5py():
         import h5py
     except ImportError:
         raise ModelError("Reading Keras .h5 models needs the h5py package, which is not installed.",
-                         "Install it with `pip install 'transfercl[h5]'`.") from None
+                         "Install it with `pip install h5py`, run by the Python that runs tcl (in a clone set up by "
+                         "`make`: `.venv/bin/pip install h5py`, or `.venv/bin/pip install -e '.[h5]'`).") from None
     return h5py
 
 
@@ -42,7 +45,8 @@ def need_onnx():
         import onnx
     except ImportError:
         raise ModelError("Reading ONNX models needs the onnx package, which is not installed.",
-                         "Install it with `pip install 'transfercl[onnx]'`.") from None
+                         "Install it with `pip install onnx`, run by the Python that runs tcl (in a clone set up by "
+                         "`make`: `.venv/bin/pip install onnx`, or `.venv/bin/pip install -e '.[onnx]'`).") from None
     return onnx
 
 
@@ -66,6 +70,8 @@ def _sniff(path):
         return "h5"
     if head.startswith(ZIP_MAGIC):
         return "keras"
+    if head[4:8] == TFLITE_MAGIC:
+        return "tflite"
     return None
 
 
@@ -115,19 +121,24 @@ def load_model(path, config=None, input_size=None, **opts):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
         raise _npz_not_a_model(path)
-    kind = {".h5": "h5", ".hdf5": "h5", ".keras": "keras", ".onnx": "onnx"}.get(ext)
+    kind = {".h5": "h5", ".hdf5": "h5", ".keras": "keras", ".onnx": "onnx", ".tflite": "tflite",
+            ".lite": "tflite"}.get(ext)
     sniffed = _sniff(path)
-    if kind is None or (kind == "onnx" and sniffed in ("h5", "keras")):
+    if kind is None or (kind in ("onnx", "tflite") and sniffed in ("h5", "keras", "tflite")):
         kind = sniffed or "onnx"
     if kind == "keras" and _is_npz(path):
         raise _npz_not_a_model(path)
-    if kind == "onnx" and config is not None:
-        raise ModelError("The `config` option is for Keras weights-only .h5 files, not ONNX models.",
+    if kind in ("onnx", "tflite") and config is not None:
+        raise ModelError(f"The `config` option is for Keras weights-only .h5 files, not {kind.upper()} models.",
                          "Drop the config argument.")
     if kind in ("h5", "keras"):
         from .keras_h5 import load_keras
 
         g = load_keras(path, config=config, input_size=input_size, zipped=(kind == "keras"), **opts)
+    elif kind == "tflite":
+        from .tflite_import import load_tflite
+
+        g = load_tflite(path, input_size=input_size, **opts)
     else:
         from .onnx_import import load_onnx
 
