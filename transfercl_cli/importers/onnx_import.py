@@ -134,6 +134,20 @@ def _fold_fast(op, vals, a, opset):
         return [np.sqrt(x)]
     if op == "Reciprocal":
         return [(1.0 / x).astype(x.dtype)]
+    if op == "DequantizeLinear" and opset >= 10:
+        # (x - zero_point) * scale, per tensor or along `axis` (opset 13+): tcl's own int8 exports store their
+        # weights this way, and onnx's reference implementation lacks the opset-13 form in some versions.
+        scale = np.asarray(vals[1], np.float32)
+        zp = np.asarray(vals[2]) if len(vals) > 2 and vals[2] is not None else np.zeros_like(scale, dtype=x.dtype)
+        ax = a.get("axis", 1) if opset >= 13 else 1
+        if scale.ndim == 1 and scale.size > 1:
+            ax = ax + x.ndim if ax < 0 else ax
+            shape = [1] * x.ndim
+            shape[ax] = scale.size
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        if a.get("block_size", 0):
+            return None  # blocked quantization (opset 21): the reference implementation knows it
+        return [((x.astype(np.int32) - zp.astype(np.int32)).astype(np.float32) * scale).astype(np.float32)]
     if op == "Flatten":
         ax = a.get("axis", 1)
         ax = ax + x.ndim if ax < 0 else ax
