@@ -420,11 +420,14 @@ def export_weights(run_dir, fmt, output, int8, force, weights, int8_threshold, d
 @main.command()
 @click.option("--device", type=str, help=DEVICE_HELP + " (default: check every device)")
 @click.option("--json", "as_json", is_flag=True)
-def doctor(device, as_json):
+@click.option("--selftest", is_flag=True,
+              help="Also run a small network's forward and one training step on each device and compare them with "
+              "the numpy reference (pass/fail per device).")
+def doctor(device, as_json, selftest):
     """Check Python packages, OpenCL libraries, devices, kernel builds and the cache; explain any fix."""
     from .doctor import run_checks
 
-    checks = run_checks(device)
+    checks = run_checks(device, selftest=selftest)
     ok = checks[-1].ok
     if as_json:
         click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
@@ -434,6 +437,11 @@ def doctor(device, as_json):
             if c.fix and not c.ok:
                 click.echo(f"     fix: {c.fix}")
     sys.exit(0 if ok else 2)
+
+
+from .cli_federate import federate  # noqa: E402 - the group's commands live beside it; flwr loads on use
+
+main.add_command(federate)
 
 
 if __name__ == "__main__":  # pragma: no cover

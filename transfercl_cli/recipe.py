@@ -66,6 +66,22 @@ SCHEMA = {
     "device": ("str_or_null", None),
     "precision": ("choice:fp32,fp16", "fp32"),
     "output": ("path", "runs/{recipe}"),
+    # `tcl federate server/client` (README "Federated fine-tuning"); `tcl finetune` does not read this section.
+    "federated": {
+        "rounds": ("posint", 10),
+        "local_epochs": ("posint", 1),
+        "strategy": ("choice:fedavg,fedprox,fedadam", "fedavg"),
+        "fraction_fit": ("posshare", 1.0),
+        "fraction_evaluate": ("share", 1.0),
+        "min_clients": ("posint", 2),
+        "start_clients": ("posint_or_null", None),
+        "proximal_mu": ("nonneg", 0.01),
+        "server_lr": ("posnumber", 0.001),
+        "server_data": ("path_or_null", None),
+        "classes": ("strlist", []),
+        "round_timeout": ("posnumber_or_null", 1800.0),
+        "client_wait": ("posnumber", 600.0),
+    },
 }
 
 HEAD_LAYERS = ("global_avg_pool", "flatten", "dropout", "dense", "relu", "relu6", "batchnorm")
@@ -127,9 +143,19 @@ def _check(key, kind, v):
         if not isinstance(v, bool):
             raise _err(key, f"expected true or false, got {v!r}.")
         return v
+    if kind == "posint_or_null" and v is None:
+        return v
+    if kind == "posint_or_null":
+        kind = "posint"
     if kind in ("int", "posint"):
         if isinstance(v, bool) or not isinstance(v, int) or (kind == "posint" and v < 1):
             raise _err(key, f"expected a {'positive ' if kind == 'posint' else ''}whole number, got {v!r}.")
+        return v
+    if kind in ("share", "posshare"):
+        # A share of a whole, 1 included (federated.fraction_fit: 1.0 = every connected client).
+        v = _as_number(key, v)
+        if not 0 <= v <= 1 or (kind == "posshare" and v == 0):
+            raise _err(key, f"must be a fraction in {'(0' if kind == 'posshare' else '[0'}, 1], got {v:g}.")
         return v
     if kind in ("number", "posnumber", "fraction", "number_or_null", "nonneg", "posnumber_or_null"):
         if v is None and kind.endswith("_or_null"):
