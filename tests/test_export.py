@@ -558,3 +558,400 @@ def test_mobilenet_h5_matches_keras_file(tmp_path):
     assert set(g2.params()) == set(g.params())
     for k, v in g.params().items():
         assert np.array_equal(g2.params()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tensor ops: slice, layer_norm, gelu, erf, sqrt, pow, reciprocal, neg, sub, div, reduce_mean / reduce_sum,
+# each run by onnxruntime against tcl's own numpy backend (float64), in both forms the writer holds a 4-D tensor in
+# (NCHW after a convolution, NHWC straight from the input) and on a 3-D (sequence) tensor, at the opsets where the
+# ONNX spelling changes (13; 17 LayerNormalization; 18 ReduceMean's axes input; 20 Gelu)
+
+TENSOR_TOL = 1e-5
+OPSETS = (13, 17, 18, 20)
+
+
+def _tcl_forward(g, feeds):
+    from transfercl_cli.backends import NumpyBackend
+    from transfercl_cli.executor import run_forward
+
+    return run_forward(g, NumpyBackend(), feeds)
+
+
+def _feeds(g, seed, batch=2):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((batch,) + tuple(s)).astype(np.float32) for k, s in g.inputs.items()}
+
+
+def _check_onnx_vs_tcl(g, opset=13, seed=0, tol=TENSOR_TOL):
+    m = build_onnx(g, opset=opset)
+    feeds = _feeds(g, seed)
+    want = _tcl_forward(g, feeds)
+    got = run_ort(m, feeds)
+    for t in g.outputs:
+        assert got[t].shape == want[t].shape, (t, got[t].shape, want[t].shape)
+        assert rel_err(got[t], want[t]) <= tol, (t, rel_err(got[t], want[t]))
+    return m
+
+
+def _pw(name, x, y, cin, cout, rng, bias=True):
+    """A 1x1 convolution (so the ONNX graph holds its output NCHW)."""
+    p = {"weight": _w(rng, 1, 1, cin, cout, s=0.5)}
+    if bias:
+        p["bias"] = _w(rng, cout, s=0.1)
+    return Node(name, "conv2d", [x], [y], {"kernel": (1, 1), "strides": (1, 1), "dilations": (1, 1),
+                                           "pads": (0, 0, 0, 0), "groups": 1}, p, "Conv2D")
+
+
+def _positive(x, y):
+    """sigmoid(x) + 0.25: inputs for sqrt, reciprocal, pow and division."""
+    return [Node(f"{y}/sig", "sigmoid", [x], [f"{y}/s"]), Node(f"{y}/pos", "scale", [f"{y}/s"], [y],
+                                                              {"scale": 1.0, "offset": 0.25})]
+
+
+def _ln(name, x, y, axis, norm, rng, gamma=True, beta=True, eps=1e-5):
+    p = {}
+    if gamma:
+        p["gamma"] = (1 + 0.3 * rng.standard_normal(norm)).astype(np.float32)
+    if beta:
+        p["beta"] = _w(rng, *norm, s=0.3)
+    return Node(name, "layer_norm", [x], [y], {"axis": axis, "epsilon": eps}, p, "LayerNormalization")
+
+
+H, W, C = 5, 6, 8
+
+# case: (op-nodes builder(x, shape, rng) -> nodes reading x and writing "y"; which inputs it runs on)
+# shape is tcl's shape without batch: (H, W, C) or (L, C).
+TENSOR_CASES = {
+    "slice_channels": lambda x, s, r: [Node("op", "slice", [x], ["y"], {"axes": [-1], "starts": [2], "ends": [6]})],
+    "slice_crop_stride": lambda x, s, r: [Node("op", "slice", [x], ["y"], {
+        "axes": [2, 1], "starts": [0, 1], "ends": [100, -1], "steps": [2, 1]})],
+    "slice_reverse": lambda x, s, r: [Node("op", "slice", [x], ["y"], {
+        "axes": [len(s) - 1, len(s)], "starts": [-1, 100], "ends": [-100, 0], "steps": [-1, -3]})],
+    "layer_norm_last": lambda x, s, r: [_ln("op", x, "y", -1, s[-1:], r)],
+    "layer_norm_all": lambda x, s, r: [_ln("op", x, "y", 1, s, r)],
+    "layer_norm_two_gamma_only": lambda x, s, r: [_ln("op", x, "y", len(s) - 1, s[-2:], r, beta=False)],
+    "layer_norm_no_params": lambda x, s, r: [_ln("op", x, "y", -1, s[-1:], r, gamma=False, beta=False, eps=1e-3)],
+    "gelu": lambda x, s, r: [Node("op", "gelu", [x], ["y"], {"approximate": "none"})],
+    "gelu_tanh": lambda x, s, r: [Node("op", "gelu", [x], ["y"], {"approximate": "tanh"})],
+    "erf": lambda x, s, r: [Node("op", "erf", [x], ["y"])],
+    "neg": lambda x, s, r: [Node("op", "neg", [x], ["y"])],
+    "sqrt": lambda x, s, r: _positive(x, "p") + [Node("op", "sqrt", ["p"], ["y"])],
+    "reciprocal": lambda x, s, r: _positive(x, "p") + [Node("op", "reciprocal", ["p"], ["y"])],
+    "pow_2": lambda x, s, r: [Node("op", "pow", [x], ["y"], {"exponent": 2.0})],
+    "pow_3": lambda x, s, r: [Node("op", "pow", [x], ["y"], {"exponent": 3})],
+    "pow_fractional": lambda x, s, r: _positive(x, "p") + [Node("op", "pow", ["p"], ["y"], {"exponent": -1.5})],
+    "sub_broadcast": lambda x, s, r: [
+        Node("m", "reduce_mean", [x], ["m"], {"axes": list(range(1, len(s))), "keepdims": True}),
+        Node("op", "sub", [x, "m"], ["y"])],
+    "div_broadcast": lambda x, s, r: _positive(x, "p") + [
+        Node("m", "reduce_sum", ["p"], ["m"], {"axes": [-1], "keepdims": True}),
+        Node("op", "div", [x, "m"], ["d"]), Node("op2", "div", ["m", "p"], ["e"]),
+        Node("sum", "add", ["d", "e"], ["y"])],
+    "reduce_mean_spatial": lambda x, s, r: [Node("op", "reduce_mean", [x], ["y"], {"axes": [1, 2][:len(s) - 1],
+                                                                                  "keepdims": False})],
+    "reduce_mean_one_axis": lambda x, s, r: [Node("op", "reduce_mean", [x], ["y"], {"axes": [1], "keepdims": False})],
+    "reduce_mean_default_axes": lambda x, s, r: [Node("op", "reduce_mean", [x], ["y"])],
+    "reduce_sum_channels": lambda x, s, r: [Node("op", "reduce_sum", [x], ["y"], {"axes": [-1], "keepdims": False})],
+    "reduce_sum_keep": lambda x, s, r: [Node("op", "reduce_sum", [x], ["y"], {"axes": [len(s), 1],
+                                                                            "keepdims": True})],
+    "reduce_sum_all_drop": lambda x, s, r: [Node("op", "reduce_sum", [x], ["y"], {"axes": None, "keepdims": False})],
+}
+
+
+def _tensor_case_graph(case, where, seed=3):
+    """where: 'nchw' (the op reads a convolution's output), 'nhwc' (the graph input itself), 'seq' (a 3-D
+    (N, L, C) input)."""
+    rng = np.random.default_rng(seed)
+    if where == "seq":
+        shape, nodes, x = (7, C), [], "x"
+    elif where == "nhwc":
+        shape, nodes, x = (H, W, C), [], "x"
+    else:
+        shape, nodes, x = (H, W, C), [_pw("conv", "x", "c", 3, C, rng)], "c"
+    nodes += TENSOR_CASES[case](x, shape, rng)
+    g = Graph(nodes, {"x": (H, W, 3) if where == "nchw" else shape}, ["y"], name=case)
+    g.topo_check()
+    return g
+
+
+@pytest.mark.parametrize("where", ["nchw", "nhwc", "seq"])
+@pytest.mark.parametrize("case", sorted(TENSOR_CASES))
+def test_onnx_tensor_ops_match_tcl(case, where):
+    g = _tensor_case_graph(case, where)
+    for opset in OPSETS:
+        m = _check_onnx_vs_tcl(g, opset=opset)
+        types = [n.op_type for n in m.graph.node]
+        if where == "nchw":
+            assert types[0] == "Transpose"  # the input's one Transpose ...
+        if case.startswith("layer_norm"):
+            native = opset >= 17 and (where != "nchw" or case == "layer_norm_all")
+            assert ("LayerNormalization" in types) == native, (opset, types)
+        if case.startswith("gelu"):
+            assert ("Gelu" in types) == (opset >= 20) and ("Erf" in types) == (opset < 20 and case == "gelu")
+
+
+def test_onnx_tensor_ops_keep_the_nchw_form():
+    """conv -> layer_norm (channels) -> gelu -> slice (channels) -> reduce_mean (spatial, kept) -> sub -> conv:
+    every op works on the NCHW tensor (axes mapped), so the only Transpose is the input's, and the opset-13 spelling is
+    the one the spec has: ReduceMean with an axes attribute, Slice and ReduceSum with constant inputs."""
+    rng = np.random.default_rng(21)
+    nodes = [_pw("c1", "x", "a", 3, C, rng), _ln("ln", "a", "b", -1, (C,), rng),
+             Node("gelu", "gelu", ["b"], ["g"], {"approximate": "none"}),
+             Node("half", "slice", ["g"], ["h"], {"axes": [3], "starts": [0], "ends": [C // 2]}),
+             Node("mean", "reduce_mean", ["h"], ["m"], {"axes": [1, 2], "keepdims": True}),
+             Node("total", "reduce_sum", ["h"], ["t"], {"axes": [3], "keepdims": True}),
+             Node("centre", "sub", ["h", "m"], ["d"]), Node("ratio", "div", ["d", "t"], ["q"]),
+             _pw("c2", "q", "y", C // 2, 3, rng)]
+    g = Graph(nodes, {"x": (H, W, 3)}, ["y"], name="nchw_chain")
+    m = _check_onnx_vs_tcl(g, opset=13)
+    types = [n.op_type for n in m.graph.node]
+    assert types.count("Transpose") == 2  # in (NHWC -> NCHW) and the 4-D output back to NHWC
+    assert "LayerNormalization" not in types  # opset 13: written out
+    inits = {i.name for i in m.graph.initializer}
+    for n in m.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "ReduceMean":
+            assert len(n.input) == 1 and attrs["keepdims"] == 1
+        if n.name == "mean":
+            assert list(attrs["axes"]) == [2, 3]  # NHWC H, W are NCHW 2, 3
+        if n.name == "ln/ReduceMean":
+            assert list(attrs["axes"]) == [1]  # the channel axis
+        if n.op_type in ("Slice", "ReduceSum"):
+            assert all(i in inits for i in n.input[1:])
+        if n.name == "half":
+            arr = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+            assert [list(arr[i]) for i in n.input[1:]] == [[0], [C // 2], [1], [1]]  # starts, ends, axes (C), steps
+    m18 = build_onnx(g, opset=18)
+    rm = [n for n in m18.graph.node if n.op_type == "ReduceMean"]
+    assert rm and all(len(n.input) == 2 and not any(a.name == "axes" for a in n.attribute) for n in rm)
+
+
+def test_onnx_slice_follows_python_semantics():
+    """Out-of-range starts with a negative step: Python (tcl) selects nothing past the clamp where ONNX's own rule
+    would clamp a start of -100 to 0; the writer spells the slice with explicit in-range indices."""
+    for spec in ({"axes": [2], "starts": [100], "ends": [-100], "steps": [-1]},
+                 {"axes": [2], "starts": [-2], "ends": [-100], "steps": [-2]},
+                 {"axes": [1, 3], "starts": [-100, 1], "ends": [100, 100], "steps": [1, 3]}):
+        g = Graph([Node("s", "slice", ["x"], ["y"], spec)], {"x": (H, W, C)}, ["y"])
+        _check_onnx_vs_tcl(g)
+        g = Graph([_pw("c", "x", "c", 3, C, np.random.default_rng(0)), Node("s", "slice", ["c"], ["y"], spec)],
+                  {"x": (H, W, 3)}, ["y"])
+        _check_onnx_vs_tcl(g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trips: graph -> ONNX -> tcl import -> the same outputs
+
+
+def _round_trip(g, opset, feeds):
+    from transfercl_cli.importers.onnx_import import convert_model
+
+    m = build_onnx(g, opset=opset)
+    want = _tcl_forward(g, feeds)
+    got = run_ort(m, feeds)
+    back = convert_model(onnx.load_from_string(m.SerializeToString()))
+    assert back.meta["input_layout"] == "NHWC"  # our NHWC input, then the Transpose
+    again = _tcl_forward(back, feeds)
+    for t in g.outputs:
+        assert rel_err(got[t], want[t]) <= TENSOR_TOL, ("onnxruntime", t)
+        assert again[t].shape == want[t].shape
+        assert rel_err(again[t], want[t]) <= 1e-9, ("re-imported", t)  # both float64 on the numpy backend
+    return m, back
+
+
+def convnext_like(seed=4, c=8, h=12, w=10, classes=5):
+    """ConvNeXt's stem and one block as tcl's importers give them: conv 4x4/4 -> LayerNorm (channels) ->
+    dwconv 7x7 -> LayerNorm -> 1x1 conv (C -> 4C) -> GELU -> 1x1 conv (4C -> C) -> layer scale -> + input, then
+    global average pool -> LayerNorm -> dense."""
+    rng = np.random.default_rng(seed)
+    conv = lambda k, s, p, g: {"kernel": (k, k), "strides": (s, s), "dilations": (1, 1), "pads": (p,) * 4,  # noqa
+                               "groups": g}
+    nodes = [
+        Node("stem", "conv2d", ["x"], ["s"], conv(2, 2, 0, 1), {"weight": _w(rng, 2, 2, 3, c), "bias": _w(rng, c)}),
+        _ln("stem_ln", "s", "s1", -1, (c,), rng, eps=1e-6),
+        Node("dw", "conv2d", ["s1"], ["d"], conv(7, 1, 3, c), {"weight": _w(rng, 7, 7, 1, c, s=0.2),
+                                                             "bias": _w(rng, c, s=0.1)}, "DepthwiseConv2D"),
+        _ln("ln", "d", "n", -1, (c,), rng, eps=1e-6),
+        _pw("pw1", "n", "h1", c, 4 * c, rng),
+        Node("gelu", "gelu", ["h1"], ["g"], {"approximate": "none"}),
+        _pw("pw2", "g", "h2", 4 * c, c, rng),
+        Node("layer_scale", "scale", ["h2"], ["ls"], {}, {"scale": (1 + 0.2 * rng.standard_normal(c)).astype(
+            np.float32)}),
+        Node("residual", "add", ["ls", "s1"], ["r"]),
+        Node("pool", "global_avgpool", ["r"], ["p"], {"keepdims": False}),
+        _ln("head_ln", "p", "pn", -1, (c,), rng, eps=1e-6),
+        Node("head", "dense", ["pn"], ["logits"], {}, {"weight": _w(rng, c, classes), "bias": _w(rng, classes)}),
+    ]
+    g = Graph(nodes, {"x": (h, w, 3)}, ["logits"], name="convnext_like")
+    g.topo_check()
+    return g
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_convnext_like_round_trip(opset):
+    g = convnext_like()
+    m, back = _round_trip(g, opset, _feeds(g, 5))
+    types = [n.op_type for n in m.graph.node]
+    assert ("LayerNormalization" in types) == (opset >= 17)  # (head_ln's 2-D tensor: the op from 17)
+    assert types.count("Transpose") == 1
+    # The importer fuses the written-out LayerNorms and GELU back into single nodes.
+    ops = [n.op for n in back.nodes]
+    assert ops.count("layer_norm") == 3 and ops.count("gelu") == 1
+    assert not {"sub", "div", "sqrt", "erf", "reduce_mean", "transpose"} & set(ops)
+
+
+def test_shufflenet_channel_split_round_trip():
+    """ShuffleNetV2's unit: the channels split in halves (two slices), one branch convolved, concatenated, then
+    channel_shuffle (reshape to (H, W, 2, C/2), swap the last two axes, reshape back)."""
+    rng = np.random.default_rng(6)
+    c, half = 8, 4
+    nodes = [
+        _pw("stem", "x", "s", 3, c, rng), Node("stem_relu", "relu", ["s"], ["sr"]),
+        Node("split/0", "slice", ["sr"], ["x1"], {"axes": [3], "starts": [0], "ends": [half], "steps": [1]}),
+        Node("split/1", "slice", ["sr"], ["x2"], {"axes": [3], "starts": [half], "ends": [c], "steps": [1]}),
+        _pw("b1", "x2", "b1", half, half, rng), Node("b1_relu", "relu", ["b1"], ["b1r"]),
+        Node("dw", "conv2d", ["b1r"], ["bd"], {"kernel": (3, 3), "strides": (1, 1), "dilations": (1, 1),
+                                               "pads": (1, 1, 1, 1), "groups": half},
+             {"weight": _w(rng, 3, 3, 1, half), "bias": _w(rng, half)}),
+        _pw("b2", "bd", "b2", half, half, rng), Node("b2_relu", "relu", ["b2"], ["b2r"]),
+        Node("cat", "concat", ["x1", "b2r"], ["cat"], {"axis": 3}),
+        Node("shuffle/view", "reshape", ["cat"], ["v"], {"shape": (H, W, 2, half)}),
+        Node("shuffle/swap", "transpose", ["v"], ["t"], {"perm": (0, 1, 2, 4, 3)}),
+        Node("shuffle/merge", "reshape", ["t"], ["y"], {"shape": (H, W, c)}),
+    ]
+    g = Graph(nodes, {"x": (H, W, 3)}, ["y"], name="shufflenet_unit")
+    g.topo_check()
+    m, back = _round_trip(g, 13, _feeds(g, 7))
+    slices = [n for n in m.graph.node if n.op_type == "Slice"]
+    assert [n.name for n in slices] == ["split/0", "split/1"]
+    assert [n.op for n in back.nodes].count("slice") == 2
+    assert all(n.attrs["axes"] == [3] for n in back.nodes if n.op == "slice")  # still the channel axis
+
+
+def test_keep_source_with_a_channels_last_boundary(tmp_path):
+    """A torch-style source (NCHW conv, then Permute to channels-last, LayerNorm, Linear, GELU, Linear, mean):
+    fine-tuning the first Linear keeps Conv/Transpose/LayerNorm from the file, and the boundary tensor is the
+    channels-last LayerNorm output, which the written part must read as NHWC (not as an NCHW image tensor)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from transfercl_cli.importers import load_model
+
+    rng = np.random.default_rng(8)
+    c = 6
+
+    def init(name, arr):
+        return numpy_helper.from_array(np.asarray(arr), name)
+
+    inits = [init("conv.w", _w(rng, c, 3, 3, 3)), init("conv.b", _w(rng, c, s=0.1)),
+             init("ln.w", (1 + 0.2 * rng.standard_normal(c)).astype(np.float32)), init("ln.b", _w(rng, c, s=0.1)),
+             init("fc1.w", _w(rng, c, 2 * c)), init("fc1.b", _w(rng, 2 * c, s=0.1)),
+             init("fc2.w", _w(rng, 2 * c, 4)), init("fc2.b", _w(rng, 4, s=0.1)),
+             init("axes", np.array([1, 2], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="/conv/Conv", pads=[1, 1, 1, 1],
+                              kernel_shape=[3, 3]),
+             helper.make_node("Transpose", ["c"], ["cp"], name="/permute/Transpose", perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", ["cp", "ln.w", "ln.b"], ["n"], name="/ln/LayerNorm", axis=-1,
+                              epsilon=1e-6),
+             helper.make_node("MatMul", ["n", "fc1.w"], ["h1"], name="/fc1/MatMul"),
+             helper.make_node("Add", ["h1", "fc1.b"], ["h1b"], name="/fc1/Add"),
+             helper.make_node("Gelu", ["h1b"], ["g"], name="/act/Gelu"),
+             helper.make_node("MatMul", ["g", "fc2.w"], ["h2"], name="/fc2/MatMul"),
+             helper.make_node("Add", ["h2", "fc2.b"], ["h2b"], name="/fc2/Add"),
+             helper.make_node("ReduceMean", ["h2b", "axes"], ["y"], name="/pool/ReduceMean", keepdims=0)]
+    graph = helper.make_graph(nodes, "src", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, H, W])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    src = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    src.ir_version = 9
+    path = str(tmp_path / "src.onnx")
+    onnx.save_model(src, path)
+    g = load_model(path)
+    fc1 = g.node("/fc1/MatMul")
+    assert fc1.inputs == ["n"]  # the LayerNorm's output, held channels-last (perm identity) by the importer
+    fc1.params["weight"] = fc1.params["weight"] + _w(rng, *fc1.params["weight"].shape, s=0.2)  # "fine-tuned"
+    g.meta["trainable"] = ["/fc1/MatMul"]
+    out = str(tmp_path / "m.onnx")
+    m = export_onnx(g, out)
+    props = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(props["kept_from_source"])["boundary"] == "n"
+    kept = {n.name for n in m.graph.node} & {"/conv/Conv", "/permute/Transpose", "/ln/LayerNorm"}
+    assert len(kept) == 3 and [i.name for i in m.graph.input] == ["x"]
+    assert [o.name for o in m.graph.output] == g.outputs == ["y"]  # the source's output name
+    x = np.random.default_rng(9).standard_normal((1, 3, H, W)).astype(np.float32)
+    want = _tcl_forward(g, {next(iter(g.inputs)): x.transpose(0, 2, 3, 1)})[g.outputs[0]]
+    got = run_ort(out, {"x": x})[g.outputs[0]]
+    assert rel_err(got, want) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keras: LayerNormalization's gamma / beta as Keras weights, a Keras model with LayerNormalization, gelu, Cropping2D
+
+
+def test_h5_layer_norm_weights_are_keras_weights(tmp_path):
+    rng = np.random.default_rng(10)
+    nodes = [_pw("conv", "x", "c", 3, C, rng), _ln("ln", "c", "l", -1, (C,), rng),
+             _ln("ln_hwc", "l", "l2", 1, (H, W, C), rng, beta=False),
+             Node("ln_plain", "layer_norm", ["l2"], ["l3"], {"axis": -1}, {}),
+             Node("scale", "scale", ["l3"], ["y"], {}, {"scale": _w(rng, C), "offset": _w(rng, C)})]
+    g = Graph(nodes, {"x": (H, W, 3)}, ["y"])
+    # gamma with a leading 1: written in Keras's (H, W, C) shape
+    g.node("ln_hwc").params["gamma"] = g.node("ln_hwc").params["gamma"].reshape(1, H, W, C)
+    p = str(tmp_path / "w.h5")
+    export_h5(g, p)
+    with h5py.File(p, "r") as f:
+        assert list(f["ln"].attrs["weight_names"]) == ["ln/gamma", "ln/beta"]
+        assert f["ln"].attrs["class_name"] == "LayerNormalization"
+        assert f["ln/ln/gamma"].shape == (C,) and f["ln/ln/beta"].shape == (C,)
+        assert list(f["ln_hwc"].attrs["weight_names"]) == ["ln_hwc/gamma"]
+        assert f["ln_hwc/ln_hwc/gamma"].shape == (H, W, C)
+        assert len(f["ln_plain"].attrs["weight_names"]) == 0
+        assert set(f["tcl_params"]) == {"scale"}  # only what Keras layers do not hold
+    back = read_h5_weights(p)
+    assert set(back) == set(g.params())
+    for k, v in g.params().items():
+        assert np.array_equal(back[k].reshape(-1), v.reshape(-1)), k
+
+
+def test_keras_layer_norm_gelu_cropping_model_exports(tmp_path):
+    """A Keras 3 model with Conv2D, LayerNormalization, gelu, Cropping2D: the h5 weights load back into the same
+    architecture through the Keras importer (gamma/beta as Keras weights), and ONNX reproduces tcl's outputs."""
+    from tests.test_import_keras import functional, inp, layer, write_h5
+
+    from transfercl_cli.importers import load_model
+
+    rng = np.random.default_rng(11)
+    k, kb = _w(rng, 3, 3, 3, C), _w(rng, C, s=0.1)
+    g1, b1 = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32), _w(rng, C, s=0.1)
+    g2 = (1 + 0.2 * rng.standard_normal((4, 6, C))).astype(np.float32)
+    dk, db = _w(rng, C, 5), _w(rng, 5, s=0.1)
+    layers = [
+        inp(shape=(7, 9, 3)),
+        layer("Conv2D", "conv", ["inp"], filters=C, kernel_size=[3, 3], strides=[1, 1], padding="same",
+              data_format="channels_last", dilation_rate=[1, 1], groups=1, activation="gelu", use_bias=True),
+        layer("LayerNormalization", "ln", ["conv"], axis=-1, epsilon=1e-3, center=True, scale=True,
+              rms_scaling=False),
+        layer("Cropping2D", "crop", ["ln"], cropping=[[1, 2], [1, 2]], data_format="channels_last"),
+        layer("LayerNormalization", "ln_img", ["crop"], axis=[1, 2, 3], epsilon=1e-3, center=False, scale=True,
+              rms_scaling=False),
+        layer("Activation", "act", ["ln_img"], activation="gelu"),
+        layer("GlobalAveragePooling2D", "gap", ["act"], data_format="channels_last", keepdims=False),
+        layer("Dense", "out", ["gap"], units=5, activation="linear", use_bias=True, quantization_config=None),
+    ]
+    config = functional(layers)
+    src = write_h5(tmp_path / "m.h5", config, {"conv": [("kernel", k), ("bias", kb)],
+                                               "ln": [("gamma", g1), ("beta", b1)], "ln_img": [("gamma", g2)],
+                                               "out": [("kernel", dk), ("bias", db)]})
+    g = load_model(str(src))
+    assert {n.op for n in g.nodes} >= {"layer_norm", "gelu", "slice"}
+    p = str(tmp_path / "weights.h5")
+    export_h5(g, p)
+    with h5py.File(p, "r") as f:
+        assert "tcl_params" not in f
+        assert f["ln_img/ln_img/gamma"].shape == (4, 6, C)
+    cfg = tmp_path / "model.json"
+    cfg.write_text(json.dumps(config))
+    g_back = load_model(p, config=str(cfg))
+    assert set(g_back.params()) == set(g.params())
+    for key, v in g.params().items():
+        assert np.array_equal(g_back.params()[key], v), key
+    _check_onnx_vs_tcl(g, opset=13)
+    _check_onnx_vs_tcl(g, opset=17)

@@ -204,13 +204,42 @@ def keras_weights(node):
     if node.op == "batchnorm":
         return [(k, p[src]) for k, src in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "mean"),
                                            ("moving_variance", "var")) if src in p]
+    if node.op == "layer_norm":
+        # Keras's LayerNormalization: gamma (scale=True), beta (center=True), shaped like the normalised dims.
+        return [(k, p[k]) for k in ("gamma", "beta") if k in p]
     return []
+
+
+# Graph parameters each op's Keras layer holds as weights (the rest go to "tcl_params").
+_KERAS_HELD = {"conv2d": {"weight", "bias"}, "dense": {"weight", "bias"},
+               "batchnorm": {"gamma", "beta", "mean", "var"}, "layer_norm": {"gamma", "beta"}}
+
+
+def _layer_norm_shapes(graph):
+    """{layer_norm node: normalised dims} so that gamma/beta are written in Keras's shape (tuple(input_shape[a] for
+    a in axes)); {} when shapes cannot be inferred (the parameters are then written as they are)."""
+    if not any(n.op == "layer_norm" for n in graph.nodes):
+        return {}
+    try:
+        from .ops.ref_tensor import ln_axis
+        from .ops.shapes import infer_shapes
+
+        shapes = infer_shapes(graph)
+        out = {}
+        for n in graph.nodes:
+            if n.op == "layer_norm":
+                full = (None,) + tuple(shapes[n.inputs[0]])
+                out[n.name] = tuple(int(d) for d in full[ln_axis(n, len(full)):])
+        return out
+    except Exception:  # a graph whose shapes do not infer: write the parameters unchanged
+        return {}
 
 
 def _keras_class(node):
     if node.op == "conv2d":
         return "DepthwiseConv2D" if _is_depthwise(node) else "Conv2D"
-    return {"dense": "Dense", "batchnorm": "BatchNormalization"}.get(node.op, node.source or node.op)
+    return {"dense": "Dense", "batchnorm": "BatchNormalization",
+            "layer_norm": "LayerNormalization"}.get(node.op, node.source or node.op)
 
 
 def _h5_attr_list(group, name, items):
@@ -262,7 +291,8 @@ def export_h5(graph, path, *, force=False):
       (e.g. ["conv1/kernel"], empty for weightless layers), datasets at LAYER/LAYER/WEIGHT:
         Conv2D kernel (kh, kw, cin/groups, cout), bias; DepthwiseConv2D kernel (kh, kw, cin, mult), bias (Keras 3's
         name; Keras 2 called it depthwise_kernel);
-        Dense kernel (cin, cout), bias; BatchNormalization gamma, beta, moving_mean, moving_variance.
+        Dense kernel (cin, cout), bias; BatchNormalization gamma, beta, moving_mean, moving_variance;
+        LayerNormalization gamma, beta (those it has), shaped like the normalised dims as Keras makes them.
     Keras 2 and 3 both load it by order (`model.load_weights(p)`) or by layer name (`by_name=True`) into a
     Keras model of the same architecture; no model_config is written (weights only). Parameters Keras layers do
     not hold as weights (e.g. per-channel Rescaling from `scale` nodes) go to a separate "tcl_params" group
@@ -289,17 +319,20 @@ def export_h5(graph, path, *, force=False):
             f.attrs["exporter"] = "transfercl"
             # Keras creates the groups sorted by name ("to avoid prefix issues").
             extra = {}
+            norm = _layer_norm_shapes(graph)
             for ln, n in sorted(names, key=lambda t: t[0]):
                 g = f.create_group(ln)
                 ws = keras_weights(n)
+                if n.name in norm:
+                    ws = [(k, np.reshape(v, norm[n.name]) if np.size(v) == int(np.prod(norm[n.name])) else v)
+                          for k, v in ws]
                 # Which Keras layer this is (Keras ignores the attribute; read_h5_weights needs it to tell a
                 # DepthwiseConv2D "kernel" (kh, kw, cin, mult) from a Conv2D one).
                 g.attrs["class_name"] = _keras_class(n)
                 _h5_attr_list(g, "weight_names", [f"{ln}/{k}" for k, _ in ws])
                 for k, v in ws:
                     g.create_dataset(f"{ln}/{k}", data=np.asarray(v, dtype=np.float32))
-                used = {"conv2d": {"weight", "bias"}, "dense": {"weight", "bias"},
-                        "batchnorm": {"gamma", "beta", "mean", "var"}}.get(n.op, set())
+                used = _KERAS_HELD.get(n.op, set())
                 for k, v in n.params.items():
                     if k not in used:
                         extra[f"{ln}/{k}"] = v
@@ -358,6 +391,11 @@ _NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1}
 _MIN_OPSET = 13
 
 
+def _norm_axis(ax, rank):
+    a = int(ax)
+    return a + rank if a < 0 else a
+
+
 class _OnnxWriter:
     """Builds the ONNX graph op by op, tracking each tensor's layout.
 
@@ -381,6 +419,7 @@ class _OnnxWriter:
         self.rank = {}
         self.reserved = {}  # tensor -> form that must carry the bare tensor name (graph inputs/outputs)
         self.consts = {}
+        self._shapes = None  # infer_shapes(graph), made when an op needs shapes
         self.claimed = set(graph.inputs) | {t for n in graph.nodes for t in n.outputs}
         for t in graph.outputs:
             self.reserved[t] = "plain"
@@ -511,7 +550,11 @@ class _OnnxWriter:
         if fn is None:
             raise ModelError(f"Layer '{n.name}' uses the op '{op}', which tcl cannot export to ONNX yet.",
                              "Export with --format npz or h5 instead.")
-        fn(n)
+        try:
+            fn(n)
+        except ValueError as e:  # the attribute checks of ops/ref_tensor.py (shape inference reports most first)
+            raise ModelError(f"Layer '{n.name}' ({op}) cannot be exported to ONNX: {e}.",
+                             "The graph is inconsistent; re-import the model.") from None
 
     def _unary(self, n, onnx_op, extra_inputs=(), **attrs):
         form, x = self.any_form(n.inputs[0])
@@ -739,6 +782,216 @@ class _OnnxWriter:
         perm = [int(v) for v in n.attrs["perm"]]
         self.node("Transpose", [x], [self.produce(n.outputs[0], "plain", len(perm))], n.name, perm=perm)
 
+    # --- the tensor ops: slice, layer_norm, gelu, erf, sqrt, pow, reciprocal, neg, sub, div, reductions -----------
+    def shape_of(self, t):
+        """Our tensor's full-rank shape (batch first, as None) from the graph's shape inference."""
+        if self._shapes is None:
+            from .ops.shapes import infer_shapes
+
+            self._shapes = infer_shapes(self.g)
+        return (None,) + tuple(int(v) for v in self._shapes[t])
+
+    def axes_form(self, t, axes, keep_order=True):
+        """(form, ONNX name, ONNX axes) for an op over the full-rank NHWC `axes` of t: the NCHW form when there is
+        one (no transpose inside conv stacks; axes mapped, in the order given), else the plain form.
+        keep_order=False (a reduction that drops axes): the NCHW form only when the remaining axes keep their NHWC
+        order."""
+        r = self.rank[t]
+        if r == 4 and "nchw" in self.forms[t]:
+            order = [0, 3, 1, 2]
+            if keep_order or [a for a in order if a not in axes] == [a for a in range(4) if a not in axes]:
+                return "nchw", self.forms[t]["nchw"], [_NHWC_TO_NCHW_AXIS[a] for a in axes]
+        return "plain", self.get(t, "plain"), list(axes)
+
+    def int64s(self, key, values):
+        v = np.array([min(max(int(a), -2 ** 63), 2 ** 63 - 1) for a in values], dtype=np.int64)
+        return self.shared_const(key, v, np.int64)
+
+    def scalar(self, key, v):
+        return self.shared_const(key, np.float32(v), np.float32)
+
+    def op_slice(self, n):
+        from .ops.ref_tensor import slice_plan
+
+        t = n.inputs[0]
+        shape = self.shape_of(t)
+        # Python's slice semantics (ref_tensor.slice_plan) made explicit, so that ONNX's clamping rules (which differ
+        # for out-of-range starts with negative steps) cannot give other elements.
+        plan = slice_plan(n, (1,) + shape[1:])
+        axes = sorted({_norm_axis(a, len(shape)) for a in n.attrs.get("axes", [])})
+        form, x, onnx_axes = self.axes_form(t, axes)
+        starts, ends, steps = [], [], []
+        for a in axes:
+            start, step, cnt = plan[a]
+            if cnt == 0:
+                start, stop, step = 0, 0, 1
+            else:
+                stop = start + step * cnt
+                if stop < 0:
+                    stop = -(shape[a] + 1)  # before index 0 (ONNX adds the size, then clamps to -1)
+            starts.append(start)
+            ends.append(stop)
+            steps.append(step)
+        out = self.produce(n.outputs[0], form, len(shape))
+        if not axes:
+            self.node("Identity", [x], [out], n.name)
+            return
+        self.node("Slice", [x, self.int64s("starts", starts), self.int64s("ends", ends),
+                            self.int64s("axes", onnx_axes), self.int64s("steps", steps)], [out], n.name)
+
+    def _reduce(self, onnx_op, x, axes, out, name, keepdims):
+        """ReduceMean / ReduceSum over `axes`: an attribute until the opset that made it an input (ReduceSum 13,
+        ReduceMean 18)."""
+        as_input = self.opset >= (13 if onnx_op == "ReduceSum" else 18)
+        if as_input:
+            self.node(onnx_op, [x, self.int64s("axes", axes)], [out], name, keepdims=int(keepdims))
+        else:
+            self.node(onnx_op, [x], [out], name, axes=[int(a) for a in axes], keepdims=int(keepdims))
+
+    def _reduce_op(self, n, onnx_op):
+        from .ops.ref_tensor import reduce_axes, reduce_keepdims
+
+        t = n.inputs[0]
+        r = self.rank[t]
+        axes = list(reduce_axes(n, r))
+        keep = reduce_keepdims(n)
+        form, x, onnx_axes = self.axes_form(t, axes, keep_order=keep)
+        out = self.produce(n.outputs[0], form, r if keep else r - len(axes))
+        self._reduce(onnx_op, x, onnx_axes, out, n.name, keep)
+
+    def op_reduce_mean(self, n):
+        self._reduce_op(n, "ReduceMean")
+
+    def op_reduce_sum(self, n):
+        self._reduce_op(n, "ReduceSum")
+
+    def op_layer_norm(self, n):
+        """ONNX LayerNormalization from opset 17 where the tensor's form has the normalised axes last; otherwise
+        (opset 13..16, or the channel axis of an NCHW tensor) written out as torch.onnx writes it:
+        ReduceMean, Sub, Mul, ReduceMean, Add eps, Sqrt, Div, Mul gamma, Add beta (tcl's importer fuses it back)."""
+        from .ops.ref_tensor import ln_axis, ln_eps
+
+        t = n.inputs[0]
+        shape = self.shape_of(t)
+        r = len(shape)
+        ax = ln_axis(n, r)
+        eps = ln_eps(n)
+        axes = list(range(ax, r))
+        norm = tuple(shape[ax:])
+
+        def full(key):  # gamma / beta as a rank-r array (leading 1s) in NHWC order, or None
+            if key not in n.params:
+                return None
+            return np.asarray(n.params[key], np.float32).reshape((1,) * ax + norm)
+
+        gamma, beta = full("gamma"), full("beta")
+        forms = self.forms[t]
+        native = None
+        if self.opset >= 17:
+            if "plain" in forms or r != 4:
+                native = "plain"
+            elif ax == 1:  # (H, W, C) is (C, H, W): the trailing axes of the NCHW form too
+                native = "nchw"
+        if native is not None:
+            x = self.get(t, native)
+            a = ax if native == "plain" else 1
+
+            def const(key, v, default):
+                v = default if v is None else v
+                if native == "nchw":
+                    v = v.transpose(0, 3, 1, 2)
+                return self.const(f"{n.name}.{key}", np.ascontiguousarray(v.reshape(v.shape[a:])), np.float32)
+
+            ins = [x, const("gamma", gamma, np.ones((1,) * ax + norm, np.float32))]
+            if beta is not None:
+                ins.append(const("beta", beta, None))
+            self.node("LayerNormalization", ins, [self.produce(n.outputs[0], native, r)], n.name, axis=a,
+                      epsilon=eps)
+            return
+        form, x, onnx_axes = self.axes_form(t, axes)
+
+        def const(key, v):
+            if form == "nchw":
+                v = v.transpose(0, 3, 1, 2)
+            return self.const(f"{n.name}.{key}", np.ascontiguousarray(v.reshape(v.shape[1:])), np.float32)
+
+        out = self.produce(n.outputs[0], form, r)
+        v = lambda s: self.value(f"{n.name}/{s}")  # noqa: E731
+        mean, cen, sq, var, ve, std = v("mean"), v("centred"), v("square"), v("var"), v("var_eps"), v("std")
+        self._reduce("ReduceMean", x, onnx_axes, mean, f"{n.name}/ReduceMean", True)
+        self.node("Sub", [x, mean], [cen], f"{n.name}/Sub")
+        self.node("Mul", [cen, cen], [sq], f"{n.name}/Mul_square")
+        self._reduce("ReduceMean", sq, onnx_axes, var, f"{n.name}/ReduceMean_1", True)
+        self.node("Add", [var, self.scalar(f"{n.name}.epsilon", eps)], [ve], f"{n.name}/Add_eps")
+        self.node("Sqrt", [ve], [std], f"{n.name}/Sqrt")
+        steps = [("Mul", "gamma", gamma), ("Add", "beta", beta)]
+        steps = [s for s in steps if s[2] is not None]
+        dst = out if not steps else v("normalised")
+        self.node("Div", [cen, std], [dst], n.name if not steps else f"{n.name}/Div")
+        for i, (op, key, arr) in enumerate(steps):
+            src, dst = dst, (out if i == len(steps) - 1 else v(key))
+            self.node(op, [src, const(key, arr)], [dst], n.name if dst == out else f"{n.name}/{op}_{key}")
+
+    def op_gelu(self, n):
+        from .ops.ref_tensor import GELU_C, GELU_K, gelu_tanh
+
+        tanh = gelu_tanh(n)
+        if self.opset >= 20:
+            self._unary(n, "Gelu", approximate="tanh" if tanh else "none")
+            return
+        form, x = self.any_form(n.inputs[0])
+        r = self.rank[n.inputs[0]]
+        v = lambda s: self.value(f"{n.name}/{s}")  # noqa: E731
+        one = self.scalar("one", 1.0)
+        if tanh:
+            # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch.onnx writes gelu(approximate='tanh')
+            xx, x3, kx3, s, u, phi = v("square"), v("cube"), v("kx3"), v("inner"), v("scaled"), v("tanh")
+            self.node("Mul", [x, x], [xx], f"{n.name}/Mul_square")
+            self.node("Mul", [xx, x], [x3], f"{n.name}/Mul_cube")
+            self.node("Mul", [x3, self.scalar("gelu_k", GELU_K)], [kx3], f"{n.name}/Mul_k")
+            self.node("Add", [x, kx3], [s], f"{n.name}/Add_inner")
+            self.node("Mul", [s, self.scalar("gelu_c", GELU_C)], [u], f"{n.name}/Mul_c")
+            self.node("Tanh", [u], [phi], f"{n.name}/Tanh")
+        else:
+            # 0.5 x (1 + erf(x / sqrt 2)), as torch.onnx writes gelu()
+            q, phi = v("scaled"), v("erf")
+            self.node("Div", [x, self.scalar("sqrt2", np.sqrt(2.0))], [q], f"{n.name}/Div")
+            self.node("Erf", [q], [phi], f"{n.name}/Erf")
+        a, xa = v("one_plus"), v("x_one_plus")
+        self.node("Add", [phi, one], [a], f"{n.name}/Add")
+        self.node("Mul", [x, a], [xa], f"{n.name}/Mul")
+        self.node("Mul", [xa, self.scalar("half", 0.5)], [self.produce(n.outputs[0], form, r)], n.name)
+
+    def op_erf(self, n):
+        self._unary(n, "Erf")
+
+    def op_sqrt(self, n):
+        self._unary(n, "Sqrt")
+
+    def op_reciprocal(self, n):
+        self._unary(n, "Reciprocal")
+
+    def op_neg(self, n):
+        self._unary(n, "Neg")
+
+    def op_pow(self, n):
+        from .ops.ref_tensor import pow_exponent
+
+        e = pow_exponent(n)
+        self._unary(n, "Pow", (self.scalar(f"exponent_{e:g}", e),))
+
+    def _two(self, n, binop):
+        if len(n.inputs) != 2:
+            raise ModelError(f"Layer '{n.name}': {n.op} takes exactly two inputs, got {len(n.inputs)}.",
+                             "The graph is damaged; re-import the model.")
+        self._nary(n, binop)
+
+    def op_sub(self, n):
+        self._two(n, "Sub")
+
+    def op_div(self, n):
+        self._two(n, "Div")
+
     def op_lrn(self, n):
         if self.rank[n.inputs[0]] != 4:
             raise ModelError(f"Layer '{n.name}': LRN of a {self.rank[n.inputs[0]]}-D tensor has no ONNX form.",
@@ -853,6 +1106,26 @@ def _source_onnx_prefix(graph):
     return model, kept, inits, t, suffix
 
 
+def _source_perm(model, t, graph):
+    """The permutation with tcl's tensor t == the source's ONNX tensor t .transpose(perm), as the ONNX importer
+    lays it out; None when the importer does not hold t under that name (then the whole graph is written)."""
+    import warnings
+
+    try:
+        from .importers.onnx_import import OnnxImporter
+
+        imp = OnnxImporter(model, graph.meta.get("input_size"))
+        with warnings.catch_warnings():  # its notes were shown when the model was loaded
+            warnings.simplefilter("ignore")
+            imp.run()
+        tt = imp.tensors.get(t)
+        if tt is None or tt.name != t:
+            return None
+        return tuple(int(p) for p in tt.perm)
+    except Exception:  # the source no longer imports as it did: write everything from the IR
+        return None
+
+
 def build_onnx_keeping_source(graph, opset=13):
     """Like build_onnx, but the frozen part that fine-tuning did not touch is copied node for node from the original
     ONNX file (names, ops, initializers and input as they were); only the trainable and new layers are written
@@ -865,16 +1138,27 @@ def build_onnx_keeping_source(graph, opset=13):
 
     model, kept, inits, t, suffix = found
     opset = max(int(opset), max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13))
-    w = _OnnxWriter(suffix, opset, None, "NHWC")
     rank = len(suffix.inputs[t]) + 1
-    # The boundary tensor is in the source's layout: NCHW for image tensors (what ONNX convolutions use).
-    form = "nchw" if rank == 4 else "plain"
-    w.forms[t] = {form: t}
-    w.reserved[t] = form
+    # The boundary tensor is in the source's layout, which the importer chose per tensor: NCHW for the image tensors
+    # ONNX convolutions use, but e.g. channels-last inside a ConvNeXt block (after its Transpose to NHWC).
+    perm = _source_perm(model, t, graph)
+    if perm is None or len(perm) != rank:
+        return None
+    w = _OnnxWriter(suffix, opset, None, "NHWC")
     w.rank[t] = rank
-    w.value_names |= {v for n in model.graph.node for v in list(n.input) + list(n.output)}
-    w.value_names |= {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    # Only what the copied part uses is taken: the source's own output names (which the importer gave tcl's outputs)
+    # stay free for the outputs written here.
+    w.value_names |= {v for n in kept for v in list(n.input) + list(n.output)}
+    w.value_names |= {i.name for i in inits} | {i.name for i in model.graph.input}
     w.node_names |= {n.name for n in kept}
+    if rank == 4 and perm == (0, 2, 3, 1):
+        w.forms[t], w.reserved[t] = {"nchw": t}, "nchw"
+    elif perm == tuple(range(rank)):
+        w.forms[t], w.reserved[t] = {"plain": t}, "plain"
+    else:  # physical = source.transpose(perm)
+        plain = w.value(f"{t}__plain")
+        w.node("Transpose", [t], [plain], f"{t}/to_plain", perm=list(perm))
+        w.forms[t] = {"plain": plain}
     for n in suffix.nodes:
         w.emit(n)
     outputs = [w.get(o, "plain") for o in suffix.outputs]
@@ -912,9 +1196,19 @@ def export_onnx(graph, path, *, opset=13, input_layout="NHWC", int8=None, force=
     DequantizeLinear nodes (opset 13 per-axis), so the file is ~4x smaller and runs in onnxruntime as-is;
     without it, weights are float32 (a quantize_int8 graph then stores its dequantized float weights).
     Opsets 13 and up (HardSwish is a native op from 14, decomposed below). Checked with onnx.checker.
+    Tensor ops: slice -> Slice with constant starts/ends/axes/steps (Python's slice semantics made explicit);
+    reduce_mean/reduce_sum -> ReduceMean (axes an attribute below opset 18, an input from 18) / ReduceSum (axes
+    input); layer_norm -> LayerNormalization from opset 17 where the normalised axes are the tensor's last ones in the
+    layout it is held in, else written out as ReduceMean, Sub, Mul, ReduceMean, Add eps, Sqrt, Div, Mul gamma, Add
+    beta (torch.onnx's spelling, which tcl's importer fuses back); gelu -> Gelu from opset 20, else
+    x * (1 + erf(x / sqrt 2)) * 0.5 or the tanh form written out; erf, sqrt, pow (a constant exponent), reciprocal,
+    neg, sub, div -> Erf, Sqrt, Pow, Reciprocal, Neg, Sub, Div. Ops with axes (slice, reductions, layer_norm, concat,
+    softmax) work on a conv stack's NCHW tensor with their NHWC axes mapped, so they add no Transpose.
     keep_source: when the graph was imported from an ONNX file and fine-tuned (graph.meta "source", "trainable",
     "new_layers"), the untouched frozen part is copied from the original file node for node, with its original
-    input (see build_onnx_keeping_source); not with int8 or input_layout="NCHW".
+    input (see build_onnx_keeping_source); not with int8 or input_layout="NCHW". The written part reads the boundary
+    tensor in the layout the importer holds it in (NCHW image tensors, channels-last ones inside e.g. a ConvNeXt
+    block); where that cannot be told, the whole graph is written from the IR.
     """
     import onnx
 
