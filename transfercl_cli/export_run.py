@@ -55,29 +55,64 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
 
 
 def int8_sensitivity(run_dir, graph, device, threshold, progress=None):
-    """What quantizing each conv/dense layer alone costs on the calibration images (the training split, at most
-    CALIBRATION_IMAGES): accuracy points against the float model. Layers above `threshold` points stay float (a
-    depthwise conv whose BatchNorm scales a channel up can lose points though its own weight error is under 1%)."""
-    import numpy as np
-
+    """Which conv/dense layers to keep float, measured on the calibration images (the training split, at most
+    CALIBRATION_IMAGES). First what quantizing each layer alone costs: accuracy points against the float model, and
+    the mean KL divergence of its probabilities from the float ones (finer: most layers flip no prediction). Layers
+    above `threshold` points stay float (a depthwise conv whose BatchNorm scales a channel up can lose points though
+    its own weight error is under 1%). Then the rest together: costs that are each below the threshold add up, so
+    while the whole int8 model still costs more than `threshold`, the most sensitive quantized layer goes back to
+    float."""
     from .evaluate import Predictor, _model_preprocess, run_items
     from .export import quantize_int8
 
     progress = progress or (lambda stage, done, total: None)
     items = run_items(run_dir, "train")[:CALIBRATION_IMAGES]
-    pre = _model_preprocess(graph)
-    x, y = _decode(items, pre, progress)
-    acc_f = _accuracy(Predictor(graph, device), x, y)
-    costs = {}
+    x, y = _decode(items, _model_preprocess(graph), progress)
+    p_f = _probs(Predictor(graph, device), x)
+    acc_f = _acc(p_f, y)
     candidates = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and "weight" in n.params]
+
+    def measure(kept_float):
+        qg, _ = quantize_int8(graph, skip=kept_float)
+        p_q = _probs(Predictor(qg, device), x)
+        return round(100.0 * (acc_f - _acc(p_q, y)), 3), _kl(p_f, p_q)
+
+    costs, kl = {}, {}
     progress("int8 sensitivity", 0, len(candidates))
     for i, name in enumerate(candidates):
-        qg, _ = quantize_int8(graph, skip=[c for c in candidates if c != name])
-        costs[name] = round(100.0 * (acc_f - _accuracy(Predictor(qg, device), x, y)), 3)
+        costs[name], kl[name] = measure([c for c in candidates if c != name])
         progress("int8 sensitivity", i + 1, len(candidates))
     kept = [n for n in candidates if costs[n] > threshold]
+    order = sorted((n for n in candidates if n not in kept), key=lambda n: (costs[n], kl[n]), reverse=True)
+    combined, _ = measure(kept)
+    steps = [{"kept_float": list(kept), "cost_points": combined}]
+    while combined > threshold and order:
+        kept.append(order.pop(0))
+        combined, _ = measure(kept)
+        steps.append({"kept_float": list(kept), "cost_points": combined})
     return {"calibration_images": int(len(y)), "calibration_accuracy_fp32": acc_f, "threshold_points": threshold,
-            "cost_points": costs, "kept_float": kept}
+            "cost_points": costs, "kl_divergence": {k: round(v, 6) for k, v in kl.items()},
+            "combined_cost_points": combined, "combined_steps": steps,
+            "kept_float": [n for n in candidates if n in kept]}
+
+
+def _probs(predictor, x, batch=32):
+    import numpy as np
+
+    return np.concatenate([predictor.probs(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def _acc(p, y):
+    import numpy as np
+
+    return float(np.mean(np.argmax(p, 1) == y))
+
+
+def _kl(p, q):
+    import numpy as np
+
+    p, q = np.clip(p, 1e-12, 1.0), np.clip(q, 1e-12, 1.0)
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
 
 
 def _decode(items, pre, progress=None):
@@ -97,14 +132,6 @@ def _decode(items, pre, progress=None):
         raise TclError("No readable calibration image in the run's training split.",
                        "Check the run's data folder (data.root in recipe.resolved.yaml).")
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def _accuracy(predictor, x, y, batch=32):
-    import numpy as np
-
-    correct = sum(int(np.sum(np.argmax(predictor.probs(x[i:i + batch]), 1) == y[i:i + batch]))
-                  for i in range(0, len(y), batch))
-    return correct / len(y)
 
 
 def _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=None):
