@@ -4,7 +4,33 @@
 // Reductions run in two passes without atomics: pass 1 gives each (channel, chunk of rows) work-item a partial
 // result, pass 2 merges the chunks per channel. Statistics use a shift (the chunk's first value) and Chan's merge of
 // (count, mean, M2), so a large mean does not cancel the variance in float32.
-typedef float8 F8U __attribute__((aligned(4)));
+
+// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
+// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
+// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
+// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
+// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
+// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
+#if defined(TCL_POCL) && TCL_POCL
+#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
+#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
+#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
+#define VST4(p, v)                                                                                              \
+    do {                                                                                                        \
+        const float4 v4_ = (v);                                                                                 \
+        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
+    } while (0)
+#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
+#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
+#else
+#define VLD4(p) vload4(0, p)
+#define VLD8(p) vload8(0, p)
+#define VLD16(p) vload16(0, p)
+#define VST4(p, v) vstore4(v, 0, p)
+#define VST8(p, v) vstore8(v, 0, p)
+#define VST16(p, v) vstore16(v, 0, p)
+#endif
+// --- end of vector access ---
 
 // Pass 1 of the batch statistics: the work-item (channel block, chunk k) reads its rows with contiguous float8
 // loads; part_mean/part_m2 are (nchunks, C).
@@ -36,30 +62,35 @@ inline T bn_mask_##SUF(const T g, const T v, const int act) {                   
 }
 DEF_BN_ACT(float8, v)
 DEF_BN_ACT(float, s)
-#define LD8(p) (*(__global const F8U*)(p))
-#define ST8(p, v) (*(__global F8U*)(p) = (v))
+#define LD8(p) VLD8(p)
+#define ST8(p, v) VST8(p, v)
 #define LD1(p) (*(p))
 #define ST1(p, v) (*(p) = (v))
 
-// Wide body: a work-item covers CW = 32 channels (4 float8) of each row, so a row's channels are read in 128-byte
-// runs (the narrow 8-channel form is for the channel tail and small C).
+// Wide body: a work-item covers CW channels (NW = CW / 8 float8) of each row. CPUs: CW = 32, so a row's channels
+// are read in 128-byte runs (the 8-channel form below is for the channel tail and small C). GPUs: the host builds
+// with -DCW=8 (one float8 per work-item): chan_gsum_partial's wide body then keeps 40 floats live per work-item
+// instead of 160, which mobile GPUs (Mali) would spill to memory, and there are 4x more work-items.
+#ifndef CW
 #define CW 32
+#endif
+#define NW (CW / 8)
 #define STATS_WIDE()                                                                                              \
     {                                                                                                             \
-        float8 shift[4], s1[4], s2[4];                                                                            \
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+        float8 shift[NW], s1[NW], s2[NW];                                                                         \
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             shift[j] = LD8(x + (size_t)r0 * C + c0 + 8 * j);                                                      \
             s1[j] = s2[j] = (float8)(0.0f);                                                                       \
         }                                                                                                         \
         for (int r = r0; r < r1; ++r) {                                                                           \
             const __global float* xr = x + (size_t)r * C + c0;                                                    \
-            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+            _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                      \
                 const float8 d = LD8(xr + 8 * j) - shift[j];                                                      \
                 s1[j] += d;                                                                                       \
                 s2[j] += d * d;                                                                                   \
             }                                                                                                     \
         }                                                                                                         \
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             ST8(part_mean + (size_t)k * C + c0 + 8 * j, shift[j] + s1[j] / n);                                    \
             const float8 m2 = s2[j] - s1[j] * s1[j] / n;                                                          \
             ST8(part_m2 + (size_t)k * C + c0 + 8 * j, m2 > (float8)(0.0f) ? m2 : (float8)(0.0f));                 \
@@ -142,7 +173,7 @@ __kernel void bn_infer_coeffs(__global const float* gamma, __global const float*
     const int m1 = min(m0 + RB, M);                                                                               \
     if (c0 + CW <= C) {                                                                                           \
         for (int m = m0; m < m1; ++m) {                                                                           \
-            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+            _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                      \
                 const int c = c0 + 8 * j;                                                                         \
                 const size_t o = (size_t)m * C + c;                                                               \
                 BODY8                                                                                             \
@@ -184,16 +215,16 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
     const __global float* xn = x + (size_t)n * HW * C;
     const float inv = 1.0f / (float)HW;
     if (c0 + CW <= C) {
-        float8 va[4], vb[4], acc[4];
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+        float8 va[NW], vb[NW], acc[NW];
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) {
             va[j] = LD8(a + c0 + 8 * j);
             vb[j] = LD8(b + c0 + 8 * j);
             acc[j] = (float8)(0.0f);
         }
         for (int p = 0; p < HW; ++p)
-            _Pragma("unroll") for (int j = 0; j < 4; ++j)
+            _Pragma("unroll") for (int j = 0; j < NW; ++j)
                 acc[j] += bn_act_v(LD8(xn + (size_t)p * C + c0 + 8 * j) * va[j] + vb[j], act);
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) ST8(y + (size_t)n * C + c0 + 8 * j, acc[j] * inv);
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) ST8(y + (size_t)n * C + c0 + 8 * j, acc[j] * inv);
     } else {
         for (int c = c0; c < C; ++c) {
             float acc = 0.0f;
@@ -229,8 +260,8 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
 
 #define GSUM_WIDE()                                                                                               \
     {                                                                                                             \
-        float8 mu[4], va[4], vb[4], sg[4], sgx[4];                                                                \
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+        float8 mu[NW], va[NW], vb[NW], sg[NW], sgx[NW];                                                           \
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             mu[j] = centered ? LD8(mean + c0 + 8 * j) : (float8)(0.0f);                                           \
             va[j] = act ? LD8(fa + c0 + 8 * j) : (float8)(0.0f);                                                  \
             vb[j] = act ? LD8(fb + c0 + 8 * j) : (float8)(0.0f);                                                  \
@@ -238,14 +269,14 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
         }                                                                                                         \
         for (int r = r0; r < r1; ++r) {                                                                           \
             const size_t o = (size_t)r * C + c0, og = G_ROW(r) + c0;                                              \
-            _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                       \
+            _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                      \
                 const float8 xv = LD8(x + o + 8 * j);                                                             \
                 const float8 gv = bn_mask_v(LD8(g + og + 8 * j) * gscale, xv * va[j] + vb[j], act);              \
                 sg[j] += gv;                                                                                      \
                 sgx[j] += gv * (xv - mu[j]);                                                                      \
             }                                                                                                     \
         }                                                                                                         \
-        _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                                           \
+        _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             ST8(part_g + (size_t)k * C + c0 + 8 * j, sg[j]);                                                      \
             ST8(part_gx + (size_t)k * C + c0 + 8 * j, centered ? sgx[j] * LD8(istd + c0 + 8 * j) : sgx[j]);       \
         }                                                                                                         \

@@ -1,10 +1,35 @@
 // Elementwise activations, broadcasting add/mul, reductions to a broadcast shape, copies/transposes, softmax,
 // LRN and dropout (float32, row-major, channels last).
 //
-// Vector access goes through pointer casts: PoCL compiles vloadN/vstoreN as calls. Whole-buffer kernels start each
-// work-item at a multiple of 8 elements of a fresh buffer, so plain float8 is aligned; row kernels use F8U, which
-// allows any 4-byte-aligned address.
-typedef float8 F8U __attribute__((aligned(4)));
+// Vectors move through VLD8/VST8 (the block below): whole-buffer kernels start each work-item at a multiple of 8
+// elements, row kernels at any float offset.
+
+// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
+// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
+// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
+// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
+// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
+// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
+#if defined(TCL_POCL) && TCL_POCL
+#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
+#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
+#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
+#define VST4(p, v)                                                                                              \
+    do {                                                                                                        \
+        const float4 v4_ = (v);                                                                                 \
+        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
+    } while (0)
+#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
+#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
+#else
+#define VLD4(p) vload4(0, p)
+#define VLD8(p) vload8(0, p)
+#define VLD16(p) vload16(0, p)
+#define VST4(p, v) vstore4(v, 0, p)
+#define VST8(p, v) vstore8(v, 0, p)
+#define VST16(p, v) vstore16(v, 0, p)
+#endif
+// --- end of vector access ---
 
 // ---------------------------------------------------------------------------------------------------------------
 // Activations, chosen by the runtime argument `act` (uniform per launch; one program for all of them, which keeps
@@ -63,7 +88,7 @@ __kernel void act_fwd(__global const float* x, __global float* y, const int n, c
                       const float P1) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        *(__global float8*)(y + i) = act_f_v(*(__global const float8*)(x + i), act, P0, P1);
+        VST8(y + i, act_f_v(VLD8(x + i), act, P0, P1));
     } else {
         for (int k = i; k < n; ++k) y[k] = act_f_s(x[k], act, P0, P1);
     }
@@ -74,8 +99,7 @@ __kernel void act_bwd(__global const float* s, __global const float* g, __global
                       const int act, const float P0, const float P1) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        *(__global float8*)(dx + i) =
-            act_df_v(*(__global const float8*)(s + i), *(__global const float8*)(g + i), act, P0, P1);
+        VST8(dx + i, act_df_v(VLD8(s + i), VLD8(g + i), act, P0, P1));
     } else {
         for (int k = i; k < n; ++k) dx[k] = act_df_s(s[k], g[k], act, P0, P1);
     }
@@ -92,9 +116,9 @@ __kernel void bin_same(__global const float* a, __global const float* b, __globa
                        const int op) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        const float8 va = *(__global const float8*)(a + i);
-        const float8 vb = *(__global const float8*)(b + i);
-        *(__global float8*)(out + i) = BIN(va, vb);
+        const float8 va = VLD8(a + i);
+        const float8 vb = VLD8(b + i);
+        VST8(out + i, BIN(va, vb));
     } else {
         for (int k = i; k < n; ++k) out[k] = BIN(a[k], b[k]);
     }
@@ -111,9 +135,9 @@ __kernel void bin_row(__global const float* a, __global const float* v, __global
     const size_t o = ((size_t)b * M + m) * C + c0;
     const __global float* vr = v + (size_t)b * vb;
     if (c0 + 8 <= C) {
-        const float8 va = *(__global const F8U*)(a + o);
-        const float8 vv = *(__global const F8U*)(vr + c0);
-        *(__global F8U*)(out + o) = BIN(va, vv);
+        const float8 va = VLD8(a + o);
+        const float8 vv = VLD8(vr + c0);
+        VST8(out + o, BIN(va, vv));
     } else {
         for (int c = c0; c < C; ++c) out[o + c - c0] = BIN(a[o + c - c0], vr[c]);
     }
@@ -162,8 +186,8 @@ __kernel void colsum_partial(__global const float* x, const int M, const int C, 
     __global float* out = part + ((size_t)b * nchunks + k) * C;
     if (c0 + 8 <= C) {
         float8 s = (float8)(0.0f);
-        for (int r = r0; r < r1; ++r) s += *(__global const F8U*)(xb + (size_t)r * C + c0);
-        *(__global F8U*)(out + c0) = s;
+        for (int r = r0; r < r1; ++r) s += VLD8(xb + (size_t)r * C + c0);
+        VST8(out + c0, s);
     } else {
         for (int c = c0; c < C; ++c) {
             float s = 0.0f;
@@ -218,7 +242,7 @@ __kernel void copy_rows(__global const float* src, const int src_stride, const i
     const __global float* s = src + (size_t)r * src_stride + src_off + j;
     __global float* d = dst + (size_t)r * dst_stride + dst_off + j;
     if (j + 8 <= L) {
-        *(__global F8U*)d = *(__global const F8U*)s;
+        VST8(d, VLD8(s));
     } else {
         for (int k = 0; k < L - j; ++k) d[k] = s[k];
     }
@@ -286,7 +310,7 @@ inline float8 lrn_den8(__global const float* xr, const int c0, const int size, c
                        const float bias) {
     float8 s = (float8)(0.0f);
     for (int t = 0; t < size; ++t) {
-        const float8 v = *(__global const F8U*)(xr + c0 - lo + t);
+        const float8 v = VLD8(xr + c0 - lo + t);
         s += v * v;
     }
     return (float8)(bias) + a_n * s;
@@ -308,7 +332,7 @@ __kernel void lrn_fwd(__global const float* x, __global float* y, const int M, c
     __global float* yr = y + (size_t)m * C;
     if (lrn_interior(c0, C, size, lo)) {
         const float8 d = lrn_den8(xr, c0, size, lo, a_n, bias);
-        *(__global F8U*)(yr + c0) = *(__global const F8U*)(xr + c0) * exp(-beta * log(d));
+        VST8(yr + c0, VLD8(xr + c0) * exp(-beta * log(d)));
     } else {
         for (int c = c0; c < min(c0 + 8, C); ++c)
             yr[c] = xr[c] * exp(-beta * log(lrn_den(xr, c, C, size, lo, a_n, bias)));
@@ -326,8 +350,7 @@ __kernel void lrn_bwd_w(__global const float* x, __global const float* g, __glob
     const __global float* xr = x + row;
     if (lrn_interior(c0, C, size, lo)) {
         const float8 d = lrn_den8(xr, c0, size, lo, a_n, bias);
-        *(__global F8U*)(w + row + c0) = *(__global const F8U*)(g + row + c0) * *(__global const F8U*)(xr + c0) *
-                                         exp((-beta - 1.0f) * log(d));
+        VST8(w + row + c0, VLD8(g + row + c0) * VLD8(xr + c0) * exp((-beta - 1.0f) * log(d)));
     } else {
         for (int c = c0; c < min(c0 + 8, C); ++c)
             w[row + c] = g[row + c] * xr[c] * exp((-beta - 1.0f) * log(lrn_den(xr, c, C, size, lo, a_n, bias)));
@@ -348,10 +371,9 @@ __kernel void lrn_bwd(__global const float* x, __global const float* g, __global
     const int hi = size - 1 - lo;
     if (lrn_interior(c0, C, size, lo)) {
         float8 t = (float8)(0.0f);
-        for (int k = 0; k < size; ++k) t += *(__global const F8U*)(wr + c0 - hi + k);
+        for (int k = 0; k < size; ++k) t += VLD8(wr + c0 - hi + k);
         const float8 d = lrn_den8(xr, c0, size, lo, a_n, bias);
-        *(__global F8U*)(dx + row + c0) = *(__global const F8U*)(g + row + c0) * exp(-beta * log(d)) -
-                                          (2.0f * a_n * beta) * *(__global const F8U*)(xr + c0) * t;
+        VST8(dx + row + c0, VLD8(g + row + c0) * exp(-beta * log(d)) - (2.0f * a_n * beta) * VLD8(xr + c0) * t);
     } else {
         for (int j = c0; j < min(c0 + 8, C); ++j) {
             const int k0 = max(j - hi, 0), k1 = min(j + lo, C - 1);
@@ -391,8 +413,8 @@ __kernel void dropout(__global const float* x, __global float* y, const int n, c
     if (i + 8 <= n) {
         const uint8 idx = (uint8)((uint)i) + (uint8)(0u, 1u, 2u, 3u, 4u, 5u, 6u, 7u);
         const uint8 h = lowbias32_8(idx ^ (uint8)(key));
-        const float8 v = *(__global const float8*)(x + i);
-        *(__global float8*)(y + i) = select((float8)(0.0f), v * scale, as_int8((h >> 8) >= (uint8)(thr)));
+        const float8 v = VLD8(x + i);
+        VST8(y + i, select((float8)(0.0f), v * scale, as_int8((h >> 8) >= (uint8)(thr))));
     } else {
         for (int k = i; k < n; ++k) {
             const uint h = lowbias32((uint)k ^ key);
@@ -406,7 +428,7 @@ __kernel void dropout(__global const float* x, __global float* y, const int n, c
 __kernel void f32_to_f16(__global const float* x, __global half* h, const int n) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        vstore_half8(*(__global const float8*)(x + i), 0, h + i);
+        vstore_half8(VLD8(x + i), 0, h + i);
     } else {
         for (int k = i; k < n; ++k) vstore_half(x[k], k, h);
     }
@@ -415,7 +437,7 @@ __kernel void f32_to_f16(__global const float* x, __global half* h, const int n)
 __kernel void f16_to_f32(__global const half* h, __global float* x, const int n) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        *(__global float8*)(x + i) = vload_half8(0, h + i);
+        VST8(x + i, vload_half8(0, h + i));
     } else {
         for (int k = i; k < n; ++k) x[k] = vload_half(k, h);
     }

@@ -1,6 +1,33 @@
 // GEMM for tcl: C[M,N] = [C +] alpha * op(A) @ op(B) [+ bias[N]], then act.
 // Operands are addressed by strides so transposes cost nothing: A(i,k) = a[i*sai + k*sak], B(k,j) = b[k*sbk + j*sbj].
 
+// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
+// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
+// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
+// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
+// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
+// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
+#if defined(TCL_POCL) && TCL_POCL
+#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
+#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
+#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
+#define VST4(p, v)                                                                                              \
+    do {                                                                                                        \
+        const float4 v4_ = (v);                                                                                 \
+        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
+    } while (0)
+#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
+#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
+#else
+#define VLD4(p) vload4(0, p)
+#define VLD8(p) vload8(0, p)
+#define VLD16(p) vload16(0, p)
+#define VST4(p, v) vstore4(v, 0, p)
+#define VST8(p, v) vstore8(v, 0, p)
+#define VST16(p, v) vstore16(v, 0, p)
+#endif
+// --- end of vector access ---
+
 // ACT: 0 none, 1 relu, 2 relu6 (runtime argument: applied once per output element, off the hot loop)
 // Comparisons, not fmax/fmin/min: PoCL emits those built-ins as calls, and a call spills every live vector register.
 inline float gemm_epilogue(float v, int act) {
@@ -63,9 +90,9 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 #ifndef GEMM_GPU_ONLY
 // ---------------------------------------------------------------------------------------------------------------
 // CPU variant (PoCL and other CPU OpenCL): one work-item computes an MR x NR (NR = NV*16) block of C in float16
-// registers. Measured on PoCL (docs/pocl-performance.md): the vector built-ins vload/vstore/fma() become calls that
-// spill the accumulators, so operands are loaded by dereferencing vector pointers (aligned(4): rows need not be
-// 64-byte aligned) and a*b+c is left to LLVM to fuse. No local memory or barriers: the CPU caches do the tiling.
+// registers. Measured on PoCL (docs/pocl-performance.md): the built-ins vload/vstore/fma() become calls that spill
+// the accumulators, so operands move through VLD16/VST16 (element-wise on PoCL, see the top of the file) and a*b+c
+// is left to LLVM to fuse. No local memory or barriers: the CPU caches do the tiling.
 //   A row block ib starts at a + ib*a_bs; within it A(i0+r, k) = a[r*ars + k*aks]: a row-major A in place
 //   (ars = lda, aks = 1), a transposed one (1, lda) or the packed panels ap[ib][k][MR] of gemm_pack_a (1, MR).
 //   Its scalars become broadcast operands of the FMAs. Rows past M are clamped to M-1 (computed, never stored).
@@ -80,22 +107,18 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 #define NV 2
 #endif
 #define NR (NV * 16)
-// Keeps float16 in single 512-bit registers on LLVM-based CPU compilers (PoCL); other compilers ignore it.
-#if defined(__clang__)
+// Keeps float16 in single 512-bit registers where PoCL's CPU has them (a Clang attribute: PoCL builds only).
+#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
 #define GEMM_VEC512 __attribute__((min_vector_width(512)))
 #else
 #define GEMM_VEC512
 #endif
-typedef float16 f16u __attribute__((aligned(4)));
-typedef float8 f8u __attribute__((aligned(4)));
-typedef float4 f4u __attribute__((aligned(4)));
-typedef float2 f2u __attribute__((aligned(4)));
 
 // The micro-kernel: acc[MR][NV] += A(rows, k) * B(k, NR columns) for k in [KB, KE).
 #define GEMM_LOOP(ROW, KB, KE)                                                                                  \
     for (int k = (KB); k < (KE); ++k) {                                                                         \
         float16 bv[NV];                                                                                         \
-        _Pragma("unroll") for (int v = 0; v < NV; ++v) bv[v] = *(const __global f16u*)(bk + 16 * v);           \
+        _Pragma("unroll") for (int v = 0; v < NV; ++v) bv[v] = VLD16(bk + 16 * v);                              \
         bk += bstride;                                                                                          \
         _Pragma("unroll") for (int r = 0; r < MR; ++r) {                                                        \
             const float av = ap[ROW(r)];                                                                        \
@@ -116,14 +139,14 @@ typedef float2 f2u __attribute__((aligned(4)));
         if (j0 + NR <= N) {                                                                                     \
             _Pragma("unroll") for (int r = 0; r < MR; ++r) {                                                    \
                 if (r < nrow) {                                                                                 \
-                    __global f16u* cr = (__global f16u*)(cb + (size_t)r * N);                                   \
+                    __global float* cr = cb + (size_t)r * N;                                                    \
                     _Pragma("unroll") for (int v = 0; v < NV; ++v) {                                            \
                         float16 x = alpha * acc[r][v];                                                          \
-                        if (accumulate) x += cr[v];                                                             \
-                        if (has_bias) x += *(const __global f16u*)(bias + j0 + 16 * v);                         \
+                        if (accumulate) x += VLD16(cr + 16 * v);                                                \
+                        if (has_bias) x += VLD16(bias + j0 + 16 * v);                                           \
                         if (act) x = x > (float16)(0.0f) ? x : (float16)(0.0f);                                 \
                         if (act == 2) x = x < (float16)(6.0f) ? x : (float16)(6.0f);                            \
-                        cr[v] = x;                                                                              \
+                        VST16(cr + 16 * v, x);                                                                  \
                     }                                                                                           \
                 }                                                                                               \
             }                                                                                                   \
@@ -131,7 +154,7 @@ typedef float2 f2u __attribute__((aligned(4)));
             const int ncol = N - j0;                                                                            \
             for (int r = 0; r < nrow; ++r) {                                                                    \
                 float t[NR];                                                                                    \
-                _Pragma("unroll") for (int v = 0; v < NV; ++v) *(f16u*)(t + 16 * v) = acc[r][v];               \
+                _Pragma("unroll") for (int v = 0; v < NV; ++v) VST16(t + 16 * v, acc[r][v]);                    \
                 __global float* cr = cb + (size_t)r * N;                                                        \
                 for (int j = 0; j < ncol; ++j) {                                                                \
                     float x = alpha * t[j];                                                                     \
@@ -173,7 +196,7 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
         bbase = bp + (size_t)(jb - nb_direct) * K * NR;
         bstride = NR;
     }
-    __global f16u* sc = (__global f16u*)(scratch + ((size_t)s * ngrp * nbj + g) * gi * (MR * NR));
+    __global float* sc = scratch + ((size_t)s * ngrp * nbj + g) * gi * (MR * NR);
     for (int kb = k0; kb < k1; kb += kb_len) {
         const int ke = min(k1, kb + kb_len);
         for (int t = 0; t < gsz; ++t) {
@@ -184,7 +207,7 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
                     _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] = (float16)(0.0f);
             } else {
                 _Pragma("unroll") for (int r = 0; r < MR; ++r)
-                    _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] = sc[(t * MR + r) * NV + v];
+                    _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] = VLD16(sc + ((t * MR + r) * NV + v) * 16);
             }
             const __global float* ap = a + (size_t)ib * a_bs + (size_t)kb * aks;
             const __global float* bk = bbase + (size_t)kb * bstride;
@@ -198,12 +221,11 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
             }
             if (ke < k1) {
                 _Pragma("unroll") for (int r = 0; r < MR; ++r)
-                    _Pragma("unroll") for (int v = 0; v < NV; ++v) sc[(t * MR + r) * NV + v] = acc[r][v];
+                    _Pragma("unroll") for (int v = 0; v < NV; ++v) VST16(sc + ((t * MR + r) * NV + v) * 16, acc[r][v]);
             } else if (raw) {  // K-split partial: a contiguous, padded MR x NR block per (tile, split)
-                __global f16u* wp =
-                    (__global f16u*)(c + ((size_t)(ib * nbj + jb) * get_global_size(1) + s) * (MR * NR));
+                __global float* wp = c + ((size_t)(ib * nbj + jb) * get_global_size(1) + s) * (MR * NR);
                 _Pragma("unroll") for (int r = 0; r < MR; ++r)
-                    _Pragma("unroll") for (int v = 0; v < NV; ++v) wp[r * NV + v] = acc[r][v];
+                    _Pragma("unroll") for (int v = 0; v < NV; ++v) VST16(wp + (r * NV + v) * 16, acc[r][v]);
             } else {
                 STORE_TILE()
             }
@@ -221,14 +243,14 @@ __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global c
     const int nbj = (N + NR - 1) / NR;
     const int i0 = ib * MR, j0 = jb * NR;
     if (i0 >= M || j0 >= N) return;
-    const __global f16u* wp = (const __global f16u*)(w + (size_t)(ib * nbj + jb) * nsplit * (MR * NR));
+    const __global float* wp = w + (size_t)(ib * nbj + jb) * nsplit * (MR * NR);
     float16 acc[MR][NV];
     _Pragma("unroll") for (int r = 0; r < MR; ++r)
-        _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] = wp[r * NV + v];
+        _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] = VLD16(wp + (r * NV + v) * 16);
     for (int s = 1; s < nsplit; ++s) {
-        wp += MR * NV;
+        wp += MR * NR;
         _Pragma("unroll") for (int r = 0; r < MR; ++r)
-            _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] += wp[r * NV + v];
+            _Pragma("unroll") for (int v = 0; v < NV; ++v) acc[r][v] += VLD16(wp + (r * NV + v) * 16);
     }
     STORE_TILE()
 }
@@ -272,7 +294,7 @@ __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global c
                 float16 R[16];                                                                                  \
                 _Pragma("unroll") for (int w = 0; w < 16; ++w) {                                                \
                     const int l = min(w0 + w, nl - 1);                                                          \
-                    const float16 v = *(const __global f16u*)(x + (size_t)l * sl + kk);                         \
+                    const float16 v = VLD16(x + (size_t)l * sl + kk);                                           \
                     R[w] = w0 + w < nl ? v : (float16)(0.0f);                                                   \
                 }                                                                                               \
                 TRANSPOSE16(R)                                                                                  \
@@ -280,15 +302,14 @@ __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global c
                 _Pragma("unroll") for (int q = 0; q < 16; ++q) {                                                \
                     __global float* od = o + (kk + q) * (W) + w0;                                               \
                     if (wn == 16) {                                                                             \
-                        *(__global f16u*)od = R[q];                                                             \
-                    } else { /* fewer than 16 lanes left: pieces of 8, 4, 2, 1 */                              \
+                        VST16(od, R[q]);                                                                        \
+                    } else { /* fewer than 16 lanes left: pieces of 8, 4, then single values */                \
                         float ot[16];                                                                           \
-                        *(f16u*)ot = R[q];                                                                      \
+                        VST16(ot, R[q]);                                                                        \
                         int w = 0;                                                                              \
-                        if (wn - w >= 8) { *(__global f8u*)(od + w) = *(f8u*)(ot + w); w += 8; }                \
-                        if (wn - w >= 4) { *(__global f4u*)(od + w) = *(f4u*)(ot + w); w += 4; }                \
-                        if (wn - w >= 2) { *(__global f2u*)(od + w) = *(f2u*)(ot + w); w += 2; }                \
-                        if (wn - w >= 1) od[w] = ot[w];                                                         \
+                        if (wn - w >= 8) { VST8(od + w, VLD8(ot + w)); w += 8; }                                \
+                        if (wn - w >= 4) { VST4(od + w, VLD4(ot + w)); w += 4; }                                \
+                        for (; w < wn; ++w) od[w] = ot[w];                                                      \
                     }                                                                                           \
                 }                                                                                               \
             }                                                                                                   \
@@ -411,6 +432,57 @@ __kernel void gemm_gpu(const int M, const int N, const int K,
             if (accumulate) x += c[o];
             if (has_bias) x += bias[j];
             c[o] = gemm_epilogue(x, act);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GPU variant without local memory, for mobile GPUs: Mali emulates __local in global memory, so the tiles staged
+// by gemm_gpu cost extra copies and barriers there, and its register file is small. A work-item computes RM rows
+// x 4 columns of C in RM float4 registers: each k step loads one float4 of B (VLD4 where B's row is contiguous,
+// else four scalars) and RM scalars of A; the GPU's caches serve the reuse between neighbouring work-items.
+// Rows past M are clamped to M-1 (computed, never stored); columns past N load as 0. Global size
+// (ceil(N / 4), ceil(M / RM)), any work-group size.
+#ifndef RM
+#define RM 4
+#endif
+__kernel void gemm_gpu_direct(const int M, const int N, const int K,
+                              __global const float* restrict a, const int sai, const int sak,
+                              __global const float* restrict b, const int sbk, const int sbj,
+                              __global float* restrict c, const float alpha, const int accumulate,
+                              __global const float* restrict bias, const int has_bias, const int act) {
+    const int j0 = get_global_id(0) * 4, i0 = get_global_id(1) * RM;
+    if (i0 >= M || j0 >= N) return;
+    const int nc = min(4, N - j0);
+    const int rows = min(RM, M - i0);
+    size_t ar[RM];
+    for (int r = 0; r < RM; ++r) ar[r] = (size_t)(i0 + min(r, rows - 1)) * sai;
+    float4 acc[RM];
+    for (int r = 0; r < RM; ++r) acc[r] = (float4)(0.0f);
+    const __global float* bp = b + (size_t)j0 * sbj;
+    const int bvec = sbj == 1 && nc == 4;
+    for (int k = 0; k < K; ++k, bp += sbk) {
+        float4 bv;
+        if (bvec) {
+            bv = VLD4(bp);
+        } else {
+            bv.s0 = bp[0];
+            bv.s1 = nc > 1 ? bp[sbj] : 0.0f;
+            bv.s2 = nc > 2 ? bp[2 * sbj] : 0.0f;
+            bv.s3 = nc > 3 ? bp[3 * sbj] : 0.0f;
+        }
+        const size_t ak = (size_t)k * sak;
+        for (int r = 0; r < RM; ++r) acc[r] += a[ar[r] + ak] * bv;
+    }
+    for (int r = 0; r < rows; ++r) {
+        __global float* cr = c + (size_t)(i0 + r) * N + j0;
+        float t[4];
+        VST4(t, acc[r]);
+        for (int j = 0; j < nc; ++j) {
+            float x = alpha * t[j];
+            if (accumulate) x += cr[j];
+            if (has_bias) x += bias[j0 + j];
+            cr[j] = gemm_epilogue(x, act);
         }
     }
 }

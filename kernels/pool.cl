@@ -3,6 +3,33 @@
 // global dimension so neighbouring work-items touch neighbouring addresses.
 // Window of output (oh, ow): rows oh*sh - pt ... + kh - 1, columns ow*sw - pl ... + kw - 1.
 
+// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
+// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
+// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
+// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
+// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
+// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
+#if defined(TCL_POCL) && TCL_POCL
+#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
+#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
+#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
+#define VST4(p, v)                                                                                              \
+    do {                                                                                                        \
+        const float4 v4_ = (v);                                                                                 \
+        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
+    } while (0)
+#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
+#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
+#else
+#define VLD4(p) vload4(0, p)
+#define VLD8(p) vload8(0, p)
+#define VLD16(p) vload16(0, p)
+#define VST4(p, v) vstore4(v, 0, p)
+#define VST8(p, v) vstore8(v, 0, p)
+#define VST16(p, v) vstore16(v, 0, p)
+#endif
+// --- end of vector access ---
+
 // First output row/column whose window covers input index h (windows of size k, stride s, leading pad p).
 inline int first_cover(int h, int k, int s, int p)
 {
@@ -158,10 +185,9 @@ __kernel void pad_shift(const __global float* restrict x, __global float* restri
 }
 
 // The same padding, one work-item per output row (n, oh): a row is a left fill, one contiguous copy and a right
-// fill of OW*C floats, moved 16 at a time through float16 registers (pointer casts with aligned(4): vloadN and
-// vstoreN become calls on PoCL, docs/pocl-performance.md). Global size (N*OH).
-typedef float16 pool_f16u __attribute__((aligned(4)));
-#if defined(__clang__)
+// fill of OW*C floats, moved 16 at a time through float16 registers (VLD16/VST16: element-wise on PoCL, where
+// vloadN and vstoreN become calls, see the top of the file). Global size (N*OH).
+#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
 #define POOL_VEC512 __attribute__((min_vector_width(512)))
 #else
 #define POOL_VEC512
@@ -181,14 +207,14 @@ __kernel void pad_rows(const __global float* restrict x, __global float* restric
     // left fill [0, ow0*C), copy [ow0*C, ow1*C), right fill [ow1*C, OW*C)
     const int e0 = ow0 * C, e1 = ow1 * C, e2 = OW * C;
     int i = 0;
-    for (; i + 16 <= e0; i += 16) *(__global pool_f16u*)(yr + i) = vv;
+    for (; i + 16 <= e0; i += 16) VST16(yr + i, vv);
     for (; i < e0; i++) yr[i] = value;
     if (e1 > e0) {
         const __global float* xr = x + ((size_t)(n * H + ih) * W + (ow0 - pl)) * C - e0;
-        for (; i + 16 <= e1; i += 16) *(__global pool_f16u*)(yr + i) = *(const __global pool_f16u*)(xr + i);
+        for (; i + 16 <= e1; i += 16) VST16(yr + i, VLD16(xr + i));
         for (; i < e1; i++) yr[i] = xr[i];
     }
-    for (; i + 16 <= e2; i += 16) *(__global pool_f16u*)(yr + i) = vv;
+    for (; i + 16 <= e2; i += 16) VST16(yr + i, vv);
     for (; i < e2; i++) yr[i] = value;
 }
 
@@ -211,8 +237,8 @@ __kernel void global_avgpool_fwd_rows(const __global float* restrict x, __global
         float16 acc[GAP_CW / 16];
         _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) acc[v] = (float16)(0.0f);
         for (int i = 0; i < HW; i++, xp += C)
-            _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) acc[v] += *(const __global pool_f16u*)(xp + 16 * v);
-        _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) *(__global pool_f16u*)(yp + 16 * v) = acc[v] * s;
+            _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) acc[v] += VLD16(xp + 16 * v);
+        _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) VST16(yp + 16 * v, acc[v] * s);
         return;
     }
     for (int c = 0; c < C - c0; c++) {  // the last, partial chunk
@@ -235,6 +261,6 @@ __kernel void global_avgpool_bwd_rows(const __global float* restrict gy, __globa
     const __global float* g = gy + (size_t)n * C;
     __global float* d = dx + (size_t)q * C;
     int c = 0;
-    for (; c + 16 <= C; c += 16) *(__global pool_f16u*)(d + c) = *(const __global pool_f16u*)(g + c) * s;
+    for (; c + 16 <= C; c += 16) VST16(d + c, VLD16(g + c) * s);
     for (; c < C; c++) d[c] = g[c] * s;
 }

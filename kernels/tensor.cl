@@ -3,10 +3,35 @@
 // layer normalisation over the trailing D elements of each row. Semantics: transfercl_cli/ops/ref_tensor.py;
 // host code: transfercl_cli/ops/cl_tensor.py. (sub / div run on the broadcasting kernels of elementwise.cl.)
 //
-// Vector access goes through pointer casts (PoCL compiles vloadN/vstoreN as calls). Whole-buffer kernels start
-// each work-item at a multiple of 8 elements of a fresh buffer, so plain float8 is aligned; row kernels use F8U,
-// which allows any 4-byte-aligned address.
-typedef float8 F8U __attribute__((aligned(4)));
+// Vectors move through VLD8/VST8 (the block below): whole-buffer kernels start each work-item at a multiple of 8
+// elements, row kernels at any float offset.
+
+// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
+// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
+// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
+// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
+// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
+// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
+#if defined(TCL_POCL) && TCL_POCL
+#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
+#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
+#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
+#define VST4(p, v)                                                                                              \
+    do {                                                                                                        \
+        const float4 v4_ = (v);                                                                                 \
+        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
+    } while (0)
+#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
+#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
+#else
+#define VLD4(p) vload4(0, p)
+#define VLD8(p) vload8(0, p)
+#define VLD16(p) vload16(0, p)
+#define VST4(p, v) vstore4(v, 0, p)
+#define VST8(p, v) vstore8(v, 0, p)
+#define VST16(p, v) vstore16(v, 0, p)
+#endif
+// --- end of vector access ---
 
 // ---------------------------------------------------------------------------------------------------------------
 // Unary ops, chosen by the runtime argument `op` (uniform per launch). UN_F is the forward, UN_DF the input
@@ -79,7 +104,7 @@ __kernel void unary_fwd(__global const float* x, __global float* y, const int n,
                         const int IP) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        *(__global float8*)(y + i) = un_f_v(*(__global const float8*)(x + i), op, P, IP);
+        VST8(y + i, un_f_v(VLD8(x + i), op, P, IP));
     } else {
         for (int k = i; k < n; ++k) y[k] = un_f_s(x[k], op, P, IP);
     }
@@ -90,8 +115,7 @@ __kernel void unary_bwd(__global const float* s, __global const float* g, __glob
                         const int op, const float P, const int IP) {
     const int i = get_global_id(0) * 8;
     if (i + 8 <= n) {
-        *(__global float8*)(dx + i) =
-            un_df_v(*(__global const float8*)(s + i), *(__global const float8*)(g + i), op, P, IP);
+        VST8(dx + i, un_df_v(VLD8(s + i), VLD8(g + i), op, P, IP));
     } else {
         for (int k = i; k < n; ++k) dx[k] = un_df_s(s[k], g[k], op, P, IP);
     }
@@ -126,12 +150,12 @@ __kernel void strided_copy(__global const float* src, __global float* dst, const
         __global float* d = dst + lin;
         if (m == SC_CHUNK && s0 == 1) {
             const __global float* p = src + off;
-            *(__global F8U*)d = scale * *(__global const F8U*)p;
-            *(__global F8U*)(d + 8) = scale * *(__global const F8U*)(p + 8);
+            VST8(d, scale * VLD8(p));
+            VST8(d + 8, scale * VLD8(p + 8));
         } else if (m == SC_CHUNK && s0 == 0) {
             const float8 v = (float8)(scale * src[off]);
-            *(__global F8U*)d = v;
-            *(__global F8U*)(d + 8) = v;
+            VST8(d, v);
+            VST8(d + 8, v);
         } else {
             for (int k = 0; k < m; ++k) d[k] = scale * src[off + k * s0];
         }
@@ -139,8 +163,8 @@ __kernel void strided_copy(__global const float* src, __global float* dst, const
         const __global float* p = src + lin;
         if (m == SC_CHUNK && s0 == 1) {
             __global float* d = dst + off;
-            *(__global F8U*)d = scale * *(__global const F8U*)p;
-            *(__global F8U*)(d + 8) = scale * *(__global const F8U*)(p + 8);
+            VST8(d, scale * VLD8(p));
+            VST8(d + 8, scale * VLD8(p + 8));
         } else {
             for (int k = 0; k < m; ++k) dst[off + k * s0] = scale * p[k];
         }
@@ -155,7 +179,7 @@ __kernel void strided_copy(__global const float* src, __global float* dst, const
 inline float row_sum(__global const float* p, const int D) {
     float8 s = (float8)(0.0f);
     int d = 0;
-    for (; d + 8 <= D; d += 8) s += *(__global const F8U*)(p + d);
+    for (; d + 8 <= D; d += 8) s += VLD8(p + d);
     float t = 0.0f;
     for (; d < D; ++d) t += p[d];
     return (s.s0 + s.s1 + s.s2 + s.s3) + (s.s4 + s.s5 + s.s6 + s.s7) + t;
@@ -181,7 +205,7 @@ __kernel void ln_fwd(__global const float* x, __global const float* gamma, __glo
     float8 s = (float8)(0.0f);
     int d = 0;
     for (; d + 8 <= D; d += 8) {
-        const float8 v = *(__global const F8U*)(xr + d) - mu;
+        const float8 v = VLD8(xr + d) - mu;
         s += v * v;
     }
     float t = 0.0f;
@@ -194,10 +218,10 @@ __kernel void ln_fwd(__global const float* x, __global const float* gamma, __glo
     mean[r] = mu;
     istd[r] = is;
     for (d = 0; d + 8 <= D; d += 8) {
-        float8 v = (*(__global const F8U*)(xr + d) - mu) * is;
-        if (has_gamma) v *= *(__global const F8U*)(gamma + d);
-        if (has_beta) v += *(__global const F8U*)(beta + d);
-        *(__global F8U*)(yr + d) = v;
+        float8 v = (VLD8(xr + d) - mu) * is;
+        if (has_gamma) v *= VLD8(gamma + d);
+        if (has_beta) v += VLD8(beta + d);
+        VST8(yr + d, v);
     }
     for (; d < D; ++d) {
         float v = (xr[d] - mu) * is;
@@ -221,9 +245,9 @@ __kernel void ln_bwd(__global const float* x, __global const float* g, __global 
     float8 s1 = (float8)(0.0f), s2 = (float8)(0.0f);
     int d = 0;
     for (; d + 8 <= D; d += 8) {
-        float8 gh = *(__global const F8U*)(gr + d);
-        if (has_gamma) gh *= *(__global const F8U*)(gamma + d);
-        const float8 xh = (*(__global const F8U*)(xr + d) - mu) * is;
+        float8 gh = VLD8(gr + d);
+        if (has_gamma) gh *= VLD8(gamma + d);
+        const float8 xh = (VLD8(xr + d) - mu) * is;
         s1 += gh;
         s2 += gh * xh;
     }
@@ -236,10 +260,10 @@ __kernel void ln_bwd(__global const float* x, __global const float* g, __global 
     const float m1 = ((s1.s0 + s1.s1 + s1.s2 + s1.s3) + (s1.s4 + s1.s5 + s1.s6 + s1.s7) + t1) / (float)D;
     const float m2 = ((s2.s0 + s2.s1 + s2.s2 + s2.s3) + (s2.s4 + s2.s5 + s2.s6 + s2.s7) + t2) / (float)D;
     for (d = 0; d + 8 <= D; d += 8) {
-        float8 gh = *(__global const F8U*)(gr + d);
-        if (has_gamma) gh *= *(__global const F8U*)(gamma + d);
-        const float8 xh = (*(__global const F8U*)(xr + d) - mu) * is;
-        *(__global F8U*)(dr + d) = is * (gh - m1 - xh * m2);
+        float8 gh = VLD8(gr + d);
+        if (has_gamma) gh *= VLD8(gamma + d);
+        const float8 xh = (VLD8(xr + d) - mu) * is;
+        VST8(dr + d, is * (gh - m1 - xh * m2));
     }
     for (; d < D; ++d) {
         const float gh = has_gamma ? gr[d] * gamma[d] : gr[d];
@@ -262,12 +286,12 @@ __kernel void ln_param_partial(__global const float* x, __global const float* g,
         float8 a = (float8)(0.0f), b = (float8)(0.0f);
         for (int r = r0; r < r1; ++r) {
             const size_t o = (size_t)r * D + c0;
-            const float8 gv = *(__global const F8U*)(g + o);
+            const float8 gv = VLD8(g + o);
             a += gv;
-            b += gv * ((*(__global const F8U*)(x + o) - mean[r]) * istd[r]);
+            b += gv * ((VLD8(x + o) - mean[r]) * istd[r]);
         }
-        *(__global F8U*)(og + c0) = a;
-        *(__global F8U*)(ogx + c0) = b;
+        VST8(og + c0, a);
+        VST8(ogx + c0, b);
     } else {
         for (int c = c0; c < D; ++c) {
             float a = 0.0f, b = 0.0f;

@@ -140,7 +140,7 @@ def local_size(rt, kernel, ndim, wide=True):
 def run(rt, file, name, gsize, *args):
     """Queue kernels/FILE.cl:NAME over gsize (rounded up to whole work-groups; a first axis shorter than 8, e.g.
     the channel blocks of a few channels, gets work-groups that extend along the second axis instead)."""
-    k = rt.kernel(file, name)
+    k = rt.kernel(file, name, {"CW": bn_cw(rt)} if file == BN else None)
     return rt.launch(k, gsize, local_size(rt, k, len(gsize), len(gsize) == 1 or gsize[0] >= 8), *args)
 
 
@@ -272,6 +272,17 @@ def transpose(rt, x, perm):
 
 
 BN_CW, BN_RB = 32, 4  # channels (CW) and rows (RB) per work-item of the per-channel kernels in batchnorm.cl
+# GPUs: 8 channels (one float8) per work-item: the wide gradient sums keep 40 floats live instead of 160, which
+# mobile GPUs (Mali: 64 or fewer registers per thread) would spill to memory. BN_PORTABLE None: by device type
+# (CPUs take BN_CW); True/False forces one (tests run both).
+BN_CW_PORTABLE = 8
+BN_PORTABLE = None
+
+
+def bn_cw(rt):
+    """Channels per work-item of the batchnorm.cl kernels on this device (their CW build option)."""
+    portable = (not getattr(rt, "is_cpu", False)) if BN_PORTABLE is None else BN_PORTABLE
+    return BN_CW_PORTABLE if portable else BN_CW
 # Activations a BatchNorm can carry in its epilogue (plan.fold_frozen fuses a following ReLU/ReLU6).
 BN_ACT = {None: 0, "relu": 1, "relu6": 2}
 
@@ -282,7 +293,7 @@ def chan_affine(rt, x, a, b=None, out=None, act=None):
     C = x.shape[-1] if x.ndim else 1
     M = x.size // max(C, 1)
     if x.size:
-        run(rt, BN, "chan_affine", (-(-C // BN_CW), -(-M // BN_RB)), x, out, a, b if b is not None else a,
+        run(rt, BN, "chan_affine", (-(-C // bn_cw(rt)), -(-M // BN_RB)), x, out, a, b if b is not None else a,
             i32(b is not None), i32(M), i32(C), i32(BN_ACT[act]))
     return out
 
@@ -298,7 +309,7 @@ def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1):
     pg, pgx = (sg, sgx) if nch == 1 else (rt.empty((nch, C)), rt.empty((nch, C)))
     centered = mean is not None
     fa, fb, act = fused or (g, g, None)
-    run(rt, BN, "chan_gsum_partial", (-(-C // BN_CW), nch), x, g, mean if centered else g, istd if centered else g,
+    run(rt, BN, "chan_gsum_partial", (-(-C // bn_cw(rt)), nch), x, g, mean if centered else g, istd if centered else g,
         i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]), i32(ghw),
         f32(1.0 / ghw))
     if nch > 1:
@@ -692,7 +703,7 @@ def batchnorm_fwd(be, node, xs, training):
     if training:
         nch, rows = chunking(M, C)
         pm, pv = rt.empty((nch, C)), rt.empty((nch, C))
-        run(rt, BN, "bn_stats_partial", (-(-C // BN_CW), nch), x, i32(M), i32(C), i32(rows), i32(nch), pm, pv)
+        run(rt, BN, "bn_stats_partial", (-(-C // bn_cw(rt)), nch), x, i32(M), i32(C), i32(rows), i32(nch), pm, pv)
         mean = rt.empty((C,))
         run(rt, BN, "bn_stats_final", (C,), pm, pv, i32(nch), i32(rows), i32(M), i32(C), f32(eps),
             f32(bn_momentum(node)), gamma if gamma is not None else rm, beta if beta is not None else rm,
@@ -708,7 +719,7 @@ def batchnorm_fwd(be, node, xs, training):
         N = x.shape[0]
         y = rt.empty(global_pool_shape(x.shape, node.attrs.get("keepdims", False)))
         if x.size:
-            run(rt, BN, "chan_affine_gap", (-(-C // BN_CW), N), x, y, a, b, i32(M // max(N, 1)), i32(N), i32(C),
+            run(rt, BN, "chan_affine_gap", (-(-C // bn_cw(rt)), N), x, y, a, b, i32(M // max(N, 1)), i32(N), i32(C),
                 i32(BN_ACT[act]))
     else:
         y = chan_affine(rt, x, a, b, act=act)
@@ -742,13 +753,13 @@ def batchnorm_bwd(be, node, saved, gys, need):
             k1, k2, k3 = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
             run(rt, BN, "bn_bwd_coeffs", (C,), sg, sgx, gamma if gamma is not None else istd,
                 i32(gamma is not None), istd, i32(M), i32(C), k1, k2, k3)
-            run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k1, k2, k3, mean, i32(1),
+            run(rt, BN, "chan_bwd_apply", (-(-C // bn_cw(rt)), -(-M // BN_RB)), x, g, gx, k1, k2, k3, mean, i32(1),
                 i32(M), i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
             for t in (k1, k2, k3):
                 t.release()
         else:
             k = chan_affine(rt, gamma, istd) if gamma is not None else istd  # gamma * istd (one row of C)
-            run(rt, BN, "chan_bwd_apply", (-(-C // BN_CW), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
+            run(rt, BN, "chan_bwd_apply", (-(-C // bn_cw(rt)), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
                 i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
             if k is not istd:
                 k.release()

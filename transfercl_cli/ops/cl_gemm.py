@@ -57,14 +57,19 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     if cfg["kind"] == "gpu":
         _gemm_gpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
         return out
+    if cfg["kind"] == "gpu_direct":
+        _gemm_gpu_direct(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
+        return out
     _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act],
               tune=variant is None and _online_tuning())
     return out
 
 
 # Implementations and their tile parameters. "cpu*": float16 register blocks of MR rows x 16*NV columns per
-# work-item over packed or in-place panels (CPU OpenCL); "gpu*": local-memory tiles of (16*WPT)^2 for real GPUs;
-# "naive": one item per output (reference). `tune`: timed by the autotuner on devices of that kind.
+# work-item over packed or in-place panels (CPU OpenCL); "gpu", "gpu2": local-memory tiles of (16*WPT)^2 for real
+# GPUs; "gpu_direct*": RM x 4 register blocks read straight from global memory, no local memory or barriers (mobile
+# GPUs: Mali emulates local memory in global memory); "naive": one item per output (reference). `tune`: timed by
+# the autotuner on devices of that kind (CPU variants on CPUs, the others on GPUs).
 VARIANTS = {
     "naive": dict(kind="naive"),
     "cpu14x32": dict(kind="cpu", MR=14, NV=2, tune=True),
@@ -72,7 +77,10 @@ VARIANTS = {
     "cpu6x64": dict(kind="cpu", MR=6, NV=4),
     "gpu": dict(kind="gpu", LS=16, WPT=4, tune=True),
     "gpu2": dict(kind="gpu", LS=16, WPT=2, tune=True),
+    "gpu_direct": dict(kind="gpu_direct", RM=4, tune=True),
+    "gpu_direct8": dict(kind="gpu_direct", RM=8, tune=True),
 }
+GPU_KINDS = ("gpu", "gpu_direct")
 AUTOTUNE_ENV = "TCL_NO_AUTOTUNE"
 _TUNE_SHAPE = (3136, 512, 256)  # (M, K, N): a mid-size pointwise convolution (0.8 GFLOP)
 _TUNE_BUDGET_S = 3.0
@@ -90,8 +98,26 @@ def _shape_variant(cfg, M, N, K, trans_a, trans_b):
 
 
 def default_variant(rt):
-    """The choice without timing (TCL_NO_AUTOTUNE=1, or when tuning fails)."""
-    return "cpu14x32" if getattr(rt, "is_cpu", False) else "gpu"
+    """The choice without timing (TCL_NO_AUTOTUNE=1, or when tuning fails): by device type, and on GPUs by whether
+    local memory is real (CL_DEVICE_LOCAL_MEM_TYPE: Mali and other mobile GPUs report CL_GLOBAL, emulated)."""
+    if getattr(rt, "is_cpu", False):
+        return "cpu14x32"
+    return "gpu_direct" if local_memory_emulated(rt) else "gpu"
+
+
+def local_memory_emulated(rt):
+    """True when the device reports its local memory as global memory (CL_GLOBAL) or is an ARM Mali GPU."""
+    dev = getattr(rt, "device", None)
+    try:
+        import pyopencl as cl
+
+        if dev.local_mem_type == cl.device_local_mem_type.GLOBAL:
+            return True
+    except Exception:  # noqa: BLE001 - a device (or test double) that cannot say
+        pass
+    info = getattr(rt, "info", None)
+    names = f"{getattr(info, 'name', '')} {getattr(info, 'platform_name', '')}".lower()
+    return "mali" in names
 
 
 def _source_hash():
@@ -114,6 +140,8 @@ def tuned_variant(rt):
 
     if os.environ.get(AUTOTUNE_ENV, "") not in ("", "0"):
         return default_variant(rt)  # not remembered: the variable may be unset later in this process
+    if getattr(rt, "is_oclgrind", False):
+        return default_variant(rt)  # a simulator: its timings mean nothing, and a tuning GEMM would take hours
     else:
         key = tuning.device_key(rt, "gemm", _source_hash())
         got = tuning.get(rt, key)
@@ -133,8 +161,8 @@ def tuned_variant(rt):
 def _candidates(rt):
     """Variants worth timing on this device, the untimed default first (its build is needed anyway)."""
     first = default_variant(rt)
-    kind = "cpu" if getattr(rt, "is_cpu", False) else "gpu"
-    return [first] + [n for n, c in VARIANTS.items() if c["kind"] == kind and c.get("tune") and n != first]
+    kinds = ("cpu",) if getattr(rt, "is_cpu", False) else GPU_KINDS
+    return [first] + [n for n, c in VARIANTS.items() if c["kind"] in kinds and c.get("tune") and n != first]
 
 
 def _autotune(rt):
@@ -373,6 +401,17 @@ def _gemm_gpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
     rt.launch(kern, (_cdiv(N, ts) * ls, _cdiv(M, ts) * ls), (ls, ls), i32(M), i32(N), i32(K), a, i32(sai), i32(sak),
               b, i32(sbk), i32(sbj), out, np.float32(alpha), i32(int(accumulate)),
               bias if bias is not None else out, i32(bias is not None), i32(act))
+
+
+def _gemm_gpu_direct(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
+    i32 = np.int32
+    rm = int(cfg.get("RM", 4))
+    kern = rt.kernel("gemm", "gemm_gpu_direct", {"GEMM_GPU_ONLY": 1, "RM": rm})
+    sai, sak = (1, M) if trans_a else (K, 1)
+    sbk, sbj = (1, K) if trans_b else (N, 1)
+    rt.launch(kern, (_cdiv(N, 4), _cdiv(M, rm)), None, i32(M), i32(N), i32(K), a, i32(sai), i32(sak), b, i32(sbk),
+              i32(sbj), out, np.float32(alpha), i32(int(accumulate)), bias if bias is not None else out,
+              i32(bias is not None), i32(act))
 
 
 def cpu_test_configs():
