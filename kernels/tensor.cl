@@ -6,32 +6,7 @@
 // Vectors move through VLD8/VST8 (the block below): whole-buffer kernels start each work-item at a multiple of 8
 // elements, row kernels at any float offset.
 
-// --- Vector access (this block is the same in every kernel file; tests/test_kernel_source.py checks it) ---
-// Loads and stores of float4/8/16 at any float offset go through vloadN / vstoreN, OpenCL C's portable form (a
-// pointer cast to a vector type would need the vector's full alignment). PoCL compiles those built-ins as calls
-// that spill the vector registers, and its vload16 / vstore16 break where the CPU model it compiles for lacks
-// AVX-512 (AMD Zen 4 under LLVM 14), so the host builds for PoCL with -DTCL_POCL=1 and each access is then written
-// element by element, which LLVM merges into one vector load or store (plain OpenCL C as well).
-#if defined(TCL_POCL) && TCL_POCL
-#define VLD4(p) ((float4)((p)[0], (p)[1], (p)[2], (p)[3]))
-#define VLD8(p) ((float8)(VLD4(p), VLD4((p) + 4)))
-#define VLD16(p) ((float16)(VLD8(p), VLD8((p) + 8)))
-#define VST4(p, v)                                                                                              \
-    do {                                                                                                        \
-        const float4 v4_ = (v);                                                                                 \
-        (p)[0] = v4_.s0; (p)[1] = v4_.s1; (p)[2] = v4_.s2; (p)[3] = v4_.s3;                                     \
-    } while (0)
-#define VST8(p, v) do { const float8 v8_ = (v); VST4(p, v8_.lo); VST4((p) + 4, v8_.hi); } while (0)
-#define VST16(p, v) do { const float16 v16_ = (v); VST8(p, v16_.lo); VST8((p) + 8, v16_.hi); } while (0)
-#else
-#define VLD4(p) vload4(0, p)
-#define VLD8(p) vload8(0, p)
-#define VLD16(p) vload16(0, p)
-#define VST4(p, v) vstore4(v, 0, p)
-#define VST8(p, v) vstore8(v, 0, p)
-#define VST16(p, v) vstore16(v, 0, p)
-#endif
-// --- end of vector access ---
+#include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
 
 // ---------------------------------------------------------------------------------------------------------------
 // Unary ops, chosen by the runtime argument `op` (uniform per launch). UN_F is the forward, UN_DF the input

@@ -19,7 +19,7 @@ def test_wheel_contains_kernels_and_runs_one(tmp_path, rt):
     import zipfile
 
     names = zipfile.ZipFile(whl[0]).namelist()
-    for cl in glob.glob(os.path.join(ROOT, "kernels", "*.cl")):
+    for cl in glob.glob(os.path.join(ROOT, "kernels", "*.cl")) + glob.glob(os.path.join(ROOT, "kernels", "*.h")):
         assert f"transfercl_cli/kernels/{os.path.basename(cl)}" in names
     venv = tmp_path / "venv"
     # The fresh environment reuses this interpreter's site-packages for the heavy dependencies only through pip's
@@ -34,6 +34,7 @@ def test_wheel_contains_kernels_and_runs_one(tmp_path, rt):
         "rt = get_runtime('cpu'); x = np.arange(5, dtype=np.float32); y = np.ones(5, np.float32)\n"
         "dx, dy = rt.to_device(x), rt.to_device(y)\n"
         "rt.launch(rt.kernel('selftest', 'saxpy'), (5,), None, np.int32(5), np.float32(2), dx, dy)\n"
+        "assert '#define VLD16' in kernel_source('gemm')  # the shared header, substituted from the wheel\n"
         "print(rt.to_host(dy).tolist())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import threading
 from collections import defaultdict
 
@@ -61,23 +62,21 @@ def _kernel_files():
     try:
         from importlib import resources
 
-        files = {p.name: p for p in resources.files(KERNEL_PACKAGE).iterdir() if p.name.endswith(".cl")}
+        files = {p.name: p for p in resources.files(KERNEL_PACKAGE).iterdir() if p.name.endswith((".cl", ".h"))}
         if files:
             return files
     except (ModuleNotFoundError, FileNotFoundError, OSError):
         pass
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    return {f: os.path.join(here, f) for f in os.listdir(here) if f.endswith(".cl")}
+    return {f: os.path.join(here, f) for f in os.listdir(here) if f.endswith((".cl", ".h"))}
 
 
 def kernel_names():
     """Stems of every kernels/*.cl file, sorted."""
-    return sorted(f[:-3] for f in _kernel_files())
+    return sorted(f[:-3] for f in _kernel_files() if f.endswith(".cl"))
 
 
-def kernel_source(name):
-    """The text of kernels/NAME.cl, from the installed package (wheel) or the source tree."""
-    fname = name if name.endswith(".cl") else name + ".cl"
+def _read_kernel_file(fname):
     f = _kernel_files().get(fname)
     if f is None:
         raise FileNotFoundError(f"kernels/{fname}")
@@ -85,6 +84,17 @@ def kernel_source(name):
         with open(f) as fh:
             return fh.read()
     return f.read_text()
+
+
+_INCLUDE = re.compile(r'^#include "([\w.]+\.h)"[^\n]*$', re.M)
+
+
+def kernel_source(name):
+    """The text of kernels/NAME.cl, from the installed package (wheel) or the source tree, with each
+    `#include "X.h"` of a kernels/ header replaced by its text (one shared copy; no include path to pass, which a
+    zipped or relocated package would make awkward)."""
+    fname = name if name.endswith(".cl") else name + ".cl"
+    return _INCLUDE.sub(lambda m: _read_kernel_file(m.group(1)), _read_kernel_file(fname))
 
 
 # ---------------------------------------------------------------------------------------------------------------
