@@ -84,7 +84,7 @@ def main(argv=None):
             expect = ref()
             # Warm-up; with --variant auto also the per-shape tuner's first calls (it tries a few plans, then
             # keeps the fastest), so the timed runs see the plan that training would settle on.
-            for _ in range(1 + (cl_gemm.SHAPE_TUNE_AFTER + cl_gemm.SHAPE_TUNE_CALLS * 4 if variant is None else 0)):
+            for _ in range(1 + (cl_gemm.shape_tuner_warmup_calls() if variant is None else 0)):
                 run()
                 rt.finish()
             got = out.get()

@@ -132,22 +132,9 @@ def train_layer_times(ex, be, step, batch, reps=2):
     shapes = infer_shapes(ex.graph)
     acc = {}
 
-    def timed(fn, kind):
-        def w(be_, node, *a):
-            be_.finish()
-            t0 = time.perf_counter()
-            res = fn(be_, node, *a)
-            be_.finish()
-            acc[(node.name, kind)] = acc.get((node.name, kind), 0.0) + time.perf_counter() - t0
-            return res
-        return w
-
-    saved = dict(ex._fwd), dict(ex._bwd)
-    ex._fwd = {k: timed(v, "fwd") for k, v in ex._fwd.items()}
-    ex._bwd = {k: timed(v, "bwd") for k, v in ex._bwd.items()}
-    for _ in range(reps):
-        step()
-    ex._fwd, ex._bwd = saved
+    with ex.per_node_times(acc):
+        for _ in range(reps):
+            step()
     peak = gemm_peak(be)
     rows = []
     for n in ex.graph.nodes:

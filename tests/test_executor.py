@@ -168,3 +168,22 @@ def test_half_saved_activations_give_close_gradients_in_half_the_memory(clbe):
     for k, ref in res[False][1].items():
         assert_close(res[True][1][k], ref, 1e-2, f"d/d{k} with half-precision saved activations")
     assert any(not np.array_equal(res[True][1][k], ref) for k, ref in res[False][1].items())  # rounding happened
+
+
+def test_per_node_times_times_every_node_and_changes_no_result(clbe):
+    """The benchmarks' layer timing (Executor.per_node_times): one entry per node and pass, same outputs, and the
+    executor's own functions are back afterwards."""
+    rng = np.random.default_rng(3)
+    g = residual_graph(rng)
+    ex = Executor(g, clbe, {"fc"})
+    x = rng.uniform(-1, 1, (2, 5, 7, 3)).astype(np.float32)
+    plain = clbe.to_host(ex.forward({"x": x})["logits"])
+    before = dict(ex._fwd)
+    times = {}
+    with ex.per_node_times(times):
+        out = ex.forward({"x": x}, training=True)["logits"]
+        ex.backward({"logits": clbe.asarray(np.ones((2, 3), np.float32))})
+    np.testing.assert_array_equal(clbe.to_host(out), plain)
+    assert {k for k in times if k[1] == "fwd"} == {(n.name, "fwd") for n in g.nodes}
+    assert (("fc", "bwd") in times) and all(v >= 0 for v in times.values())
+    assert ex._fwd == before

@@ -6,6 +6,7 @@ other intermediate goes back to the buffer pool as soon as its last forward read
 read only by a ReLU6 that keeps its own output is freed in the forward pass). A frozen prefix runs in inference mode
 (BatchNorm with moving statistics) and keeps nothing.
 """
+import contextlib
 import numpy as np
 
 from .ops import Need
@@ -61,6 +62,31 @@ class Executor:
         self._live = None  # id(tensor) -> tensor: owned tensors past their last forward use, pinned by a context
         self._pins = None  # id(tensor) -> number of saved contexts that still reference it
         self._ctx_pins = None  # node name -> ids its context pinned
+
+    @contextlib.contextmanager
+    def per_node_times(self, times):
+        """While active, every op's forward and backward is timed on its own (the queue drained before and after,
+        so the figures are per kernel launch sequence, not overlapped): times[(node name, "fwd"|"bwd")] += seconds.
+        For benchmarks (`bench/bench_mobilenet.py --layers`); it slows the run by the synchronisation."""
+        import time
+
+        def timed(fn, kind):
+            def run(be, node, *args):
+                be.finish()
+                t0 = time.perf_counter()
+                res = fn(be, node, *args)
+                be.finish()
+                times[(node.name, kind)] = times.get((node.name, kind), 0.0) + time.perf_counter() - t0
+                return res
+            return run
+
+        saved = self._fwd, self._bwd
+        self._fwd = {k: timed(v, "fwd") for k, v in saved[0].items()}
+        self._bwd = {k: timed(v, "bwd") for k, v in saved[1].items()}
+        try:
+            yield times
+        finally:
+            self._fwd, self._bwd = saved
 
     def node_training(self, n, training):
         if not training or n.name not in self._grad_names:

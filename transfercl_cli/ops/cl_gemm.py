@@ -554,3 +554,9 @@ def act_grad(rt, gy, y, act):
     k = rt.kernel("gemm", "act_grad", _AUX)
     rt.launch(k, (gy.size,), (rt.local_size(64, k),), np.int32(gy.size), gy, y, out, np.int32(_ACT[act]))
     return out
+
+
+def shape_tuner_warmup_calls():
+    """How many calls of one large GEMM shape the per-shape tuner takes before it settles on a plan (benchmarks warm
+    up this many times so that they time what training would use)."""
+    return SHAPE_TUNE_AFTER + SHAPE_TUNE_CALLS * 4
