@@ -57,15 +57,14 @@ class Model:
         an array of model inputs, the probabilities (N, classes)."""
         if isinstance(images, np.ndarray):
             return self.probabilities(images)
+        from .evaluate import top_k
+
         names = list(labels) if labels is not None else self.classes
         pre = self.preprocess(preprocess)
         out = []
         for path in images:
             p = self.probabilities(pre(os.fspath(path))[None])[0]
-            idx = np.argsort(-p)[:top]
-            out.append({"image": os.fspath(path), "top": [
-                {"index": int(i), "label": names[i] if i < len(names) else str(int(i)), "probability": float(p[i])}
-                for i in idx]})
+            out.append({"image": os.fspath(path), "top": top_k(p, names, top)})
         return out
 
 

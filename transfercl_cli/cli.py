@@ -294,7 +294,9 @@ def predict(model, images, labels, top, device, recipe, as_json, model_config, i
                 click.echo(f"  {t['probability']:7.4f}  {t['index']:>5}  {t['label']}")
     failed = [r for r in res if "error" in r]
     if failed:
-        shown = "; ".join(f"{r['image']} ({r['error']})" for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        from .data import summarize_bad
+
+        shown = summarize_bad([(r["image"], r["error"]) for r in failed])
         click.echo(f"Error: {len(failed)} of {len(res)} images could not be read: {shown}. Re-export or delete "
                    "those files; the other images' predictions are above.", err=True)
         sys.exit(2)

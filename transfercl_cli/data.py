@@ -343,6 +343,11 @@ def find_unreadable(paths, num_workers=2):
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
+def summarize_bad(bad, first=3):
+    """'a.jpg (reason); b.png (reason); ...' for the first unreadable images of [(path, reason)] (one-line messages)."""
+    return "; ".join(f"{p} ({r})" for p, r in bad[:first]) + ("; ..." if len(bad) > first else "")
+
+
 def _to_rgb(img):
     from PIL import Image
 

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from .data import summarize_bad
 from .errors import DataError, ModelError, TclError
 
 
@@ -64,7 +65,7 @@ def image_paths(args):
 
 
 def _model_preprocess(graph, overrides=None):
-    from .train import resolve_preprocess
+    from .session import resolve_preprocess
 
     return resolve_preprocess(overrides or {}, graph)
 
@@ -142,9 +143,7 @@ def predict(model, images, labels=None, top=5, device=None, preprocess=None, **l
                 continue
             p = pr.probs(x)[0]
             _check_width(p, names)
-            idx = np.argsort(-p)[:top]
-            out.append({"image": path, "top": [{"index": int(i), "label": names[i] if i < len(names) else
-                                                str(int(i)), "probability": float(p[i])} for i in idx]})
+            out.append({"image": path, "top": top_k(p, names, top)})
     finally:
         bar.close()
     return out
@@ -156,6 +155,12 @@ def _bar(total, desc, quiet=False):
     from .train import _bar as bar
 
     return bar(total, desc, quiet)
+
+
+def top_k(p, names, k):
+    """[{"index", "label", "probability"}] of the k most probable classes of one probability vector."""
+    return [{"index": int(i), "label": names[i] if i < len(names) else str(int(i)), "probability": float(p[i])}
+            for i in np.argsort(-p)[:k]]
 
 
 def _check_width(p, names):
@@ -236,7 +241,7 @@ def evaluate(model, data=None, recipe=None, split=None, device=None, labels=None
 
         from .data import BadImageWarning
 
-        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        shown = summarize_bad(bad)
         warnings.warn(f"{len(bad)} unreadable image(s) skipped, not counted in the accuracy: {shown}.",
                       BadImageWarning, stacklevel=2)
     probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))

@@ -20,6 +20,7 @@ The rules, each said again in a comment of the recipe written:
 import os
 import statistics
 
+from .data import summarize_bad
 from .errors import DataError, TclError
 
 FEW_IMAGES_PER_CLASS = 100
@@ -473,7 +474,7 @@ def _render(raw, s, data, graph, model, cut_why, few, block, pre_notes, plan):
                        "accuracy; larger photos help more than any setting.")
     bad = data["unreadable"]
     if bad:
-        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        shown = summarize_bad(bad)
         L += _wrap(f"CHECK: {len(bad)} file(s) cannot be read and will be skipped with a note: {shown}. Delete or "
                    "re-export them (or set data.strict: true to make them an error).")
     g_params = graph.num_params()

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 
+from .data import summarize_bad
 from .errors import DataError, RecipeError, TclError
 
 PARAM_TRAINED = ("weight", "bias", "gamma", "beta", "scale", "offset")  # BN mean/var are statistics, not trained
@@ -115,7 +116,7 @@ def exclude_unreadable(splits, strict=False):
     bad = find_unreadable(items)
     if not bad:
         return []
-    shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    shown = summarize_bad(bad)
     if strict:
         raise DataError(f"{len(bad)} of the dataset's {len(items)} images cannot be read (data.strict is on): {shown}.",
                         "Delete or re-export those files, or set data.strict: false to skip them with a warning.")

@@ -143,36 +143,8 @@ def load_model(path, config=None, input_size=None, **opts):
         from .onnx_import import load_onnx
 
         g = load_onnx(path, input_size=input_size, **opts)
-        _meta_from_onnx_props(path, g)
     g.meta.setdefault("source", os.path.abspath(path))
     return g
-
-
-def _meta_from_onnx_props(path, g):
-    """Class names and preprocessing that `tcl export-weights --format onnx` stores in metadata_props, so an
-    exported model predicts and evaluates with its own labels and input scaling. Other producers' keys are left
-    alone; a tcl key that does not parse is ignored with a note (the model itself is intact)."""
-    import json
-    import warnings
-
-    import onnx
-
-    from ..errors import TclNote
-
-    m = onnx.load(path, load_external_data=False)
-    props = {p.key: p.value for p in m.metadata_props}
-    for key, meta_key, ok in (("classes", "classes", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
-                              ("preprocessing", "preprocess", lambda v: isinstance(v, dict))):
-        if key not in props or meta_key in g.meta:
-            continue
-        try:
-            v = json.loads(props[key])
-        except ValueError:
-            v = None
-        if ok(v):
-            g.meta[meta_key] = v
-        elif m.producer_name == "transfercl":
-            warnings.warn(f"'{path}': its metadata '{key}' does not parse; ignored.", TclNote, stacklevel=3)
 
 
 class GraphBuilder:

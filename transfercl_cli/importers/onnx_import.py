@@ -433,9 +433,7 @@ class OnnxImporter:
             self.problems.append((name, node.op_type, e.why))
             self.failed.update(outs)
         except ModelError as e:
-            msg = e.message
-            prefix = f"ONNX layer '{name}' ({node.op_type}) "
-            self.problems.append((name, node.op_type, msg[len(prefix):] if msg.startswith(prefix) else msg))
+            self.problems.append((name, node.op_type, ONNX.problem(name, node.op_type, e)))
             self.failed.update(outs)
 
     def _inputs(self):
@@ -674,7 +672,33 @@ def load_onnx(path, input_size=None, **_opts):
                          "The file may be damaged or not an ONNX file; export it again.") from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no ONNX graph.", "The file may be damaged or not an ONNX file.")
-    return convert_model(model, input_size=input_size)
+    g = convert_model(model, input_size=input_size)
+    _meta_from_onnx_props(model, g, path)
+    return g
+
+
+def _meta_from_onnx_props(m, g, path):
+    """Class names and preprocessing that `tcl export-weights --format onnx` stores in metadata_props, so an
+    exported model predicts and evaluates with its own labels and input scaling. Other producers' keys are left
+    alone; a tcl key that does not parse is ignored with a note (the model itself is intact)."""
+    import json
+    import warnings
+
+    from ..errors import TclNote
+
+    props = {p.key: p.value for p in m.metadata_props}
+    for key, meta_key, ok in (("classes", "classes", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+                              ("preprocessing", "preprocess", lambda v: isinstance(v, dict))):
+        if key not in props or meta_key in g.meta:
+            continue
+        try:
+            v = json.loads(props[key])
+        except ValueError:
+            v = None
+        if ok(v):
+            g.meta[meta_key] = v
+        elif m.producer_name == "transfercl":
+            warnings.warn(f"'{path}': its metadata '{key}' does not parse; ignored.", TclNote, stacklevel=3)
 
 
 def convert_model(model, input_size=None):

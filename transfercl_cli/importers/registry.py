@@ -70,6 +70,12 @@ class Registry:
     def __contains__(self, kind):
         return kind in self.table
 
+    def problem(self, name, kind, err):
+        """The cause of a ModelError raised while converting layer `name`, without the "FMT layer 'NAME' (KIND) "
+        that check_all_read's message starts with (the importers list every problem under its layer)."""
+        prefix = f"{self.fmt} layer '{name}' ({kind}) "
+        return err.message[len(prefix):] if err.message.startswith(prefix) else err.message
+
     def convert(self, kind, name, cfg, *args, **kwargs):
         """Run the converter of `kind` for the layer/node `name`; `cfg` is a Tracked view of its settings."""
         fn = self.table.get(kind)

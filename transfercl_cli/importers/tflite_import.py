@@ -488,9 +488,7 @@ class TfliteImporter:
             self.problems.append((name, op.op, e.why))
             self.failed.update(outs)
         except ModelError as e:
-            msg = e.message
-            prefix = f"TFLite layer '{name}' ({op.op}) "
-            self.problems.append((name, op.op, msg[len(prefix):] if msg.startswith(prefix) else msg))
+            self.problems.append((name, op.op, TFLITE.problem(name, op.op, e)))
             self.failed.update(outs)
 
     def _inputs(self):
