@@ -292,25 +292,42 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
 #ifndef NBV
 #define NBV 1
 #endif
+// The direct kernels' accumulators acc[NBV][PIX] (NBV vectors of VW output channels from co, PIX pixels): set to
+// the bias, and stored through the fused activation to y at row noh (n * OH + oh), pixels owb.. (those < OW).
+#define INIT_ACC(acc, co)                                                                                       \
+    _Pragma("unroll") for (int u_ = 0; u_ < NBV; u_++) {                                                        \
+        const vec bv_ = has_bias ? LD(b + (co) + u_ * VW) : (vec)0.0f;                                          \
+        _Pragma("unroll") for (int p_ = 0; p_ < PIX; p_++) acc[u_][p_] = bv_;                                   \
+    }
+// The direct kernels' work-item loop: blocks cb of this item (bpi of nblocks), pixel chunks owb (ppi of PIX
+// pixels), rows noh (rpi of nrows).
+#define FOR_EACH_BLOCK                                                                                          \
+    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);                                      \
+    const int ow_b = get_global_id(1) * PIX * ppi, ow_e = min(OW, ow_b + PIX * ppi);                            \
+    const int r0 = get_global_id(2) * rpi, r1 = min(nrows, r0 + rpi);                                           \
+    for (int noh = r0; noh < r1; noh++)                                                                         \
+    for (int owb = ow_b; owb < ow_e; owb += PIX)                                                                \
+    for (int cb = cb0; cb < cb1; cb++)
+#define STORE_ACC(acc, co, noh, owb)                                                                            \
+    _Pragma("unroll") for (int p_ = 0; p_ < PIX; p_++)                                                          \
+        _Pragma("unroll") for (int u_ = 0; u_ < NBV; u_++) {                                                    \
+            vec v_ = acc[u_][p_];                                                                               \
+            if (act) v_ = RELU(v_);                                                                             \
+            if (act == 2) v_ = CAP6(v_);                                                                        \
+            if ((owb) + p_ < OW) ST(y + ((size_t)(noh) * OW + (owb) + p_) * Cout + (co) + u_ * VW, v_);         \
+        }
+#ifdef CIN  // conv_direct_fwd's build; conv_group_fwd's has no CIN
 __kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __global float* restrict w,
                                     const __global float* restrict b, __global float* restrict y,
                                     int H, int W, int OH, int OW, int Cout, int pt, int pl, int co0, int nblocks,
                                     int has_bias, int act, int bpi, int ppi, int rpi, int nrows)
 {
     // A "block" here is NBV vectors of VW channels (they share the input row segment).
-    const int cb0 = get_global_id(0) * bpi, cb1 = min(cb0 + bpi, nblocks);
-    const int ow_b = get_global_id(1) * PIX * ppi, ow_e = min(OW, ow_b + PIX * ppi);
-    const int r0 = get_global_id(2) * rpi, r1 = min(nrows, r0 + rpi);
-    for (int noh = r0; noh < r1; noh++)
-    for (int owb = ow_b; owb < ow_e; owb += PIX)
-    for (int cb = cb0; cb < cb1; cb++) {
+    FOR_EACH_BLOCK {
         const int n = noh / OH, oh = noh - n * OH;
         const int co = co0 + cb * (VW * NBV);
         vec acc[NBV][PIX];
-        _Pragma("unroll") for (int u = 0; u < NBV; u++) {
-            const vec bv = has_bias ? LD(b + co + u * VW) : (vec)0.0f;
-            _Pragma("unroll") for (int p = 0; p < PIX; p++) acc[u][p] = bv;
-        }
+        INIT_ACC(acc, co);
         const int iw0 = owb * SW - pl;
         _Pragma("unroll") for (int i = 0; i < KH; i++) {
             const int ih = oh * SH - pt + i * DH;
@@ -330,16 +347,61 @@ __kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __gl
                             acc[u][p] = xs[(p * SW + j * DW) * CIN + c] * wv + acc[u][p];
                     }
         }
-        __global float* yr = y + ((size_t)noh * OW + owb) * Cout + co;
-        _Pragma("unroll") for (int p = 0; p < PIX; p++)
-            _Pragma("unroll") for (int u = 0; u < NBV; u++) {
-                vec v = acc[u][p];
-                if (act) v = RELU(v);
-                if (act == 2) v = CAP6(v);
-                if (owb + p < OW) ST(yr + (size_t)p * Cout + u * VW, v);
-            }
+        STORE_ACC(acc, co, noh, owb);
     }
 }
+
+#endif  // CIN
+
+#ifndef CIN
+// Direct grouped (or plain) KxK convolution without an im2col matrix: RegNet/ResNeXt groups, where one group's
+// GEMM is a poor micro-kernel operand (16-32 output channels) and im2col costs a full write and read of KH*KW copies
+// of the input. Compile-time geometry as above; Cin (the tensor's channels), cg (input channels per group) and cog
+// (output channels per group, a multiple of VW * NBV so a block never straddles groups) are runtime arguments.
+// y[n, oh, ow, co] = act(sum_{i,j,c<cg} x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, g*cg + c] * w[i, j, c, co] + b[co])
+// with g = co / cog. Work-item: bpi blocks of NBV*VW output channels, ppi chunks of PIX pixels, rpi rows (as
+// conv_direct_fwd). Per input channel the PIX pixels' row segment (SPAN scalars, zero outside the image through a
+// bit mask on a clamped column) is loaded once per kernel row and broadcast into KW*NBV*PIX vector FMAs.
+// Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
+__kernel KATTR void conv_group_fwd(const __global float* restrict x, const __global float* restrict w,
+                                   const __global float* restrict b, __global float* restrict y,
+                                   int H, int W, int Cin, int OH, int OW, int Cout, int pt, int pl, int cg, int cog,
+                                   int nblocks, int has_bias, int act, int bpi, int ppi, int rpi, int nrows)
+{
+    FOR_EACH_BLOCK {
+        const int n = noh / OH, oh = noh - n * OH;
+        const int co = cb * (VW * NBV);
+        const int ci0 = (co / cog) * cg;
+        vec acc[NBV][PIX];
+        INIT_ACC(acc, co);
+        const int iw0 = owb * SW - pl;
+        int cofs[SPAN], keep[SPAN];
+        _Pragma("unroll") for (int q = 0; q < SPAN; q++) {
+            const int iw = iw0 + q;
+            cofs[q] = CLAMP_COL(iw, W) * Cin + ci0;
+            keep[q] = -(int)(iw >= 0 && iw < W);
+        }
+        _Pragma("unroll") for (int i = 0; i < KH; i++) {
+            const int ih = oh * SH - pt + i * DH;
+            if (ih < 0 || ih >= H) continue;
+            const __global float* xr = x + (size_t)(n * H + ih) * W * Cin;
+            const __global float* wr = w + (size_t)i * KW * cg * Cout + co;
+            for (int c = 0; c < cg; c++) {
+                float xs[SPAN];
+                _Pragma("unroll") for (int q = 0; q < SPAN; q++) xs[q] = as_float(as_int(xr[cofs[q] + c]) & keep[q]);
+                _Pragma("unroll") for (int j = 0; j < KW; j++)
+                    _Pragma("unroll") for (int u = 0; u < NBV; u++) {
+                        const vec wv = LD(wr + ((size_t)j * cg + c) * Cout + u * VW);
+                        _Pragma("unroll") for (int p = 0; p < PIX; p++)
+                            acc[u][p] = xs[p * SW + j * DW] * wv + acc[u][p];
+                    }
+            }
+        }
+        STORE_ACC(acc, co, noh, owb);
+    }
+}
+
+#endif  // !CIN
 
 #else  // generic helpers
 

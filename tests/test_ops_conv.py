@@ -64,6 +64,10 @@ CONV_CASES = [
     (2, 5, 7, 3, 6, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 3, True, None),         # depth multiplier 2
     (1, 9, 8, 5, 5, (3, 3), (2, 1), (2, 2), (2, 1, 2, 3), 5, True, "relu"),       # depthwise dilated asym
     (1, 6, 6, 20, 20, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 20, True, None),      # 5x5 depthwise, 16+4
+    (2, 7, 9, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, "relu"),     # grouped direct, 16 per group
+    (1, 9, 8, 64, 64, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 2, False, "relu6"),   # grouped, 2 x 16, stride 2
+    (2, 6, 7, 24, 16, (3, 3), (1, 1), (2, 2), (2, 1, 2, 3), 4, True, None),       # grouped, 4 per group, dilated
+    (1, 5, 6, 18, 24, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 3, True, None),       # grouped 5x5, 8 per group
 ]
 
 
@@ -95,6 +99,22 @@ def test_conv2d_opencl(npbe, clbe, case):
         y = run_node(npbe, node, [x])[0]
         assert (y == 6).mean() > 0.02 and (y == 0).mean() > 0.1
     check_op(npbe, clbe, node, [x])
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[9] < c[3] or c[9] == 1],
+                         ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}g{c[9]}")
+def test_conv2d_opencl_im2col_forward(npbe, clbe, case, monkeypatch):
+    """The im2col + GEMM forward (still the path for channels per group that fill no vector) when the direct
+    KxK kernel is off, on the same cases; and the cases meant for the direct kernel do take it."""
+    from transfercl_cli.ops import cl_conv
+
+    node, x = _conv_case(case)
+    geom_groups, cout = case[9], case[4]
+    kxk = case[5] != (1, 1) and case[3] > cl_conv.DIRECT_MAX_CIN
+    if kxk and cout // geom_groups % 4 == 0:
+        assert cl_conv.use_group_direct(clbe.rt, None, geom_groups, cout)
+    monkeypatch.setattr(cl_conv, "GROUP_DIRECT", False)
+    check_op(npbe, clbe, node, [x], backward=False)
 
 
 def test_conv2d_opencl_chunked(npbe, clbe, monkeypatch):

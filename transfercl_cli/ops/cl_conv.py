@@ -9,7 +9,10 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
   dW and db as per-row-chunk partial sums then a column reduction (deterministic, no atomics).
 - groups 1 with at most DIRECT_MAX_CIN input channels (conv1 on RGB), forward: a direct NHWC kernel (no im2col
   matrix), bias and activation fused; its backward takes the im2col path below.
-- everything else (k x k, strides, dilations, groups): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
+- k x k (any strides, dilations, groups; not depthwise) whose output channels per group fill a vector (4 or more),
+  forward: the direct kernel conv_group_fwd, NBV vectors of output channels of one group for PIX pixels per
+  work-item, the input row segment in registers per input channel; no im2col matrix, no per-group copies.
+- everything else (and the backward of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
   matrix, then GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same
   scratch, then a col2im gather kernel.
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
@@ -47,6 +50,10 @@ DW_SMALL_ITEM = 32
 # Convolutions (groups 1, not pointwise) with at most this many input channels run the direct kernel forward
 # (conv1 on RGB images) instead of im2col + GEMM.
 DIRECT_MAX_CIN = 4
+# KxK convolutions (grouped or not, not depthwise) whose output channels per group fill a vector run the direct
+# kernel conv_group_fwd forward instead of im2col + a GEMM per group. PoCL, 2 cores, batch 8, 3x3: 4.8-13.7x faster
+# on RegNetX-400MF's grouped shapes (16 channels per group), 1.0-2.2x on ResNet-18's (56x56x64 .. 7x7x512).
+GROUP_DIRECT = True
 # Channels per work-item of the CPU-style global average pool (four float16 registers).
 GAP_CW = 64
 
@@ -310,6 +317,46 @@ def _direct_forward(rt, x, w, b, geom, act, y):
     return y
 
 
+def _group_blocks(rt, cog):
+    """(VW, NBV) of the direct grouped kernel: the widest vector dividing the channels per group (a block must not
+    straddle groups), two vectors per step on CPUs when they also divide it; None when no width > 1 fits."""
+    for vw in ((16, 8, 4) if _cpu_style(rt) else (4,)):
+        if cog % vw == 0:
+            nbv = 2 if _cpu_style(rt) and cog % (2 * vw) == 0 and vw * 2 <= 32 else 1
+            return vw, nbv
+    return None
+
+
+def use_group_direct(rt, geom, groups, cout):
+    """Whether conv_forward takes the direct kernel: output channels per group fill a vector (depthwise, pointwise
+    and few-input-channel convolutions have their own kernels); GROUP_DIRECT = False turns it off (tests compare
+    the two paths)."""
+    return GROUP_DIRECT and _group_blocks(rt, cout // groups) is not None
+
+
+def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
+    """Direct grouped convolution (no im2col matrix, no per-group copies): see conv_group_fwd in kernels/conv.cl."""
+    N, H, W, C = x.shape
+    kh, kw, cg, Cout = w.shape
+    cog = Cout // groups
+    sh, sw, dh, dw = geom[2:6]
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    vw, nbv = _group_blocks(rt, cog)
+    pix = _pix(OW, 8 if sw == 1 else 4)  # stride 2 doubles the row segment each pixel chunk keeps in registers
+    defs = {"DIRECT": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "PIX": pix,
+            "MINVEC": int(bool(rt.is_pocl)), "VW": vw, "NBV": nbv}
+    k = rt.kernel("conv", "conv_group_fwd", defs)
+    nb = Cout // (vw * nbv)
+    nch = _cdiv(OW, pix)
+    bpi = _bpi(rt, nb, nch * N * OH)
+    ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
+    rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
+              b if b is not None else w, y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(Cout), i32(pt), i32(pl),
+              i32(cg), i32(cog), i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi),
+              i32(N * OH))
+    return y
+
+
 def conv_forward(rt, x, w, b, geom, groups, act, y):
     """General convolution into y (N, OH, OW, Cout)."""
     from .cl_gemm import gemm
@@ -324,6 +371,8 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
+    if use_group_direct(rt, geom, G, Cout):
+        return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     K = kh * kw * cg
     P = OH * OW
     nimg = _chunk_images(rt, N, OH, OW, K)
