@@ -58,5 +58,12 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_gemm.py
 	$(PY) bench/bench_depthwise.py
 	$(PY) bench/bench_mobilenet.py --rounds 3 --markdown bench/results/bench_mobilenet.md | tee bench/results/bench_mobilenet.txt
+	@$(MAKE) -s --no-print-directory bench-zoo
 
-.PHONY: install demo path-hint install-user uninstall-user test bench
+# tcl against onnxruntime and PyTorch on twelve architectures (issue 15): needs torch, torchvision and onnxruntime,
+# kept out of .venv; BENCH_PY is a Python that has them and tcl (bench/bench_zoo.py's docstring: set-up).
+BENCH_PY ?= /work/zoo-venv/bin/python
+bench-zoo:
+	$(BENCH_PY) bench/bench_zoo.py --markdown bench/results/bench_zoo.md
+
+.PHONY: install demo path-hint install-user uninstall-user test bench bench-zoo
