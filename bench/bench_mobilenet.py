@@ -47,11 +47,33 @@ def plan_for(model, work, classes=2):
     return g, (build_plan(g, r, [str(i) for i in range(classes)]), r)
 
 
+def sgd_step(be, ex, opt, x, y, lr=0.001):
+    """One training step of executor `ex` on device input x and labels y (softmax cross-entropy), as a callable."""
+    from transfercl_cli.train import PARAM_TRAINED
+
+    eg = ex.graph
+    inp, outn = next(iter(eg.inputs)), eg.outputs[0]
+
+    def step():
+        out = ex.forward({inp: x}, training=True)[outn]
+        _, gl = be.fn("softmax_xent")(be, out, y)
+        be.release(out)
+        grads = ex.backward({outn: gl})
+        be.release(gl)
+        grads = {k: v for k, v in grads.items() if k[1] in PARAM_TRAINED}
+        opt.step({k: be.param(eg.node(k[0]), k[1]) for k in grads}, grads, lr)
+        for v in grads.values():
+            be.release(v)
+        be.finish()
+
+    return step
+
+
 def run_tcl(model, work, batch, repeats, layers=False):
     from transfercl_cli.backends import make_backend
     from transfercl_cli.executor import Executor
     from transfercl_cli.plan import fold_frozen
-    from transfercl_cli.train import Optimizer, PARAM_TRAINED
+    from transfercl_cli.train import Optimizer
 
     be = make_backend(os.environ.get("TCL_DEVICE", "cpu"))
     g, pr = plan_for(model, work)
@@ -71,25 +93,9 @@ def run_tcl(model, work, batch, repeats, layers=False):
             layer_times(eg, be, x)
     else:
         plan, r = pr
-        eg = plan.exec_graph
-        ex = Executor(eg, be, plan.trainable)
-        opt = Optimizer(be, r["train"])
-        inp, outn = next(iter(eg.inputs)), eg.outputs[0]
+        ex = Executor(plan.exec_graph, be, plan.trainable)
         y = be.asarray(np.arange(batch, dtype=np.int32) % 2)
-
-        def step():
-            out = ex.forward({inp: x}, training=True)[outn]
-            loss, gl = be.fn("softmax_xent")(be, out, y)
-            be.release(out)
-            grads = ex.backward({outn: gl})
-            be.release(gl)
-            grads = {k: v for k, v in grads.items() if k[1] in PARAM_TRAINED}
-            params = {k: be.param(eg.node(k[0]), k[1]) for k in grads}
-            opt.step(params, grads, 0.001)
-            for v in grads.values():
-                be.release(v)
-            be.finish()
-
+        step = sgd_step(be, ex, Optimizer(be, r["train"]), x, y)
         for i in range(repeats + 1):
             t0 = time.perf_counter()
             step()

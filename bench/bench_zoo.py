@@ -40,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from bench_mobilenet import layer_times, peak_rss_mb, train_layer_times  # noqa: E402
+from bench_mobilenet import layer_times, peak_rss_mb, sgd_step, train_layer_times  # noqa: E402
 from zoo import KEEP, _sub, ensure_built, find_cut, paths  # noqa: E402
 from zoo_build import zoo  # noqa: E402
 
@@ -115,7 +115,7 @@ def tcl_train(spec, batch, repeats, layers):
     from transfercl_cli.plan import build_plan
     from transfercl_cli.recipe import recipe_from_dict
     from transfercl_cli.runfile import load_any_model
-    from transfercl_cli.train import Optimizer, PARAM_TRAINED
+    from transfercl_cli.train import Optimizer
 
     be = make_backend(os.environ.get("TCL_DEVICE", "cpu"))
     g = load_any_model(spec["tcl"])
@@ -126,21 +126,8 @@ def tcl_train(spec, batch, repeats, layers):
     eg = plan.exec_graph
     ex = Executor(eg, be, plan.trainable)
     opt = Optimizer(be, r["train"])
-    inp, outn = next(iter(eg.inputs)), eg.outputs[0]
-    x = inputs(spec["size"], batch)
     y = be.asarray(np.arange(batch, dtype=np.int32) % 2)
-
-    def step():
-        out = ex.forward({inp: x}, training=True)[outn]
-        _, gl = be.fn("softmax_xent")(be, out, y)
-        be.release(out)
-        grads = ex.backward({outn: gl})
-        be.release(gl)
-        grads = {k: v for k, v in grads.items() if k[1] in PARAM_TRAINED}
-        opt.step({k: be.param(eg.node(k[0]), k[1]) for k in grads}, grads, 0.001)
-        for v in grads.values():
-            be.release(v)
-        be.finish()
+    step = sgd_step(be, ex, opt, inputs(spec["size"], batch), y)
 
     warm, med = timed(step, repeats)
     if layers:
@@ -340,11 +327,17 @@ def main(argv=None):
             print(f"{model:20s} {work:10s} " + "  ".join(
                 f"{w} {fmt(r[w], 'img_s', '{:.1f}')} img/s" for w in whos) +
                 (f"  ratio {ratio(r, whos[1]):.2f}x" if ratio(r, whos[1]) else ""), flush=True)
+        if args.markdown:  # after every model: an interrupted run keeps the rows it measured
+            report(args.markdown, table, works, load0)
+    print(report(args.markdown, table, works, load0))
+
+
+def report(path, table, works, load0):
     load1 = os.getloadavg()[0]
     text = markdown(table, works, (f"{load0:.2f}", f"{load1:.2f}"))
-    print(text)
-    if args.markdown:
-        write_markdown(args.markdown, text, {"load": [load0, load1], "table": table})
+    if path:
+        write_markdown(path, text, {"load": [load0, load1], "table": table})
+    return text
 
 
 if __name__ == "__main__":
