@@ -112,7 +112,7 @@ def test_conv2d_opencl_im2col_forward(npbe, clbe, case, monkeypatch):
     geom_groups, cout = case[9], case[4]
     kxk = case[5] != (1, 1) and case[3] > cl_conv.DIRECT_MAX_CIN
     if kxk and cout // geom_groups % 4 == 0:
-        assert cl_conv.use_group_direct(clbe.rt, None, geom_groups, cout)
+        assert cl_conv.use_group_direct(clbe.rt, geom_groups, cout)
     monkeypatch.setattr(cl_conv, "GROUP_DIRECT", False)
     check_op(npbe, clbe, node, [x], backward=False)
 

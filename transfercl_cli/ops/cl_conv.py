@@ -292,28 +292,36 @@ def _col2im(rt, dcol, dx, geom, Cg, c0, n0, nimg):
               *[i32(v) for v in geom[:6]])
 
 
+def _direct_defines(rt, geom, pix, **extra):
+    kh, kw, sh, sw, dh, dw = geom[:6]
+    return dict({"DIRECT": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "PIX": pix,
+                 "MINVEC": int(bool(rt.is_pocl))}, **extra)
+
+
+def _launch_direct(rt, k, x, w, b, y, geom, pix, nb, shape_args, block_args, act):
+    """Launch a direct kernel (conv_direct_fwd / conv_group_fwd) over nb channel blocks: the work split of the
+    depthwise kernels (blocks, pixel chunks and rows per work-item), then the arguments both kernels share."""
+    N, OH, OW = x.shape[0], geom[10], geom[11]
+    nch = _cdiv(OW, pix)
+    bpi = _bpi(rt, nb, nch * N * OH)
+    ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
+    rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
+              b if b is not None else w, y, *[i32(v) for v in shape_args], *[i32(v) for v in block_args],
+              i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi), i32(N * OH))
+
+
 def _direct_forward(rt, x, w, b, geom, act, y):
     """Direct convolution (groups 1, few input channels): no im2col matrix."""
     N, H, W, C = x.shape
     Cout = w.shape[3]
-    kh, kw, sh, sw, dh, dw = geom[:6]
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
     pix = _pix(OW)
-    defs = {"DIRECT": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "CIN": C, "PIX": pix,
-            "MINVEC": int(bool(rt.is_pocl))}
     for vw, c0, nb in _dw_blocks(rt, Cout, 1):
         nbv = 1
         if _cpu_style(rt) and vw == 16:  # two float16 per step share the input row (16 accumulators at PIX 8)
             nbv = 2 if nb % 2 == 0 else 1
-        nb //= nbv
-        k = rt.kernel("conv", "conv_direct_fwd", dict(defs, VW=vw, NBV=nbv))
-        nch = _cdiv(OW, pix)
-        bpi = _bpi(rt, nb, nch * N * OH)
-        ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
-        rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
-                  b if b is not None else w, y, i32(H), i32(W), i32(OH), i32(OW), i32(Cout), i32(pt), i32(pl),
-                  i32(c0), i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi),
-                  i32(N * OH))
+        k = rt.kernel("conv", "conv_direct_fwd", _direct_defines(rt, geom, pix, CIN=C, VW=vw, NBV=nbv))
+        _launch_direct(rt, k, x, w, b, y, geom, pix, nb // nbv, (H, W, OH, OW, Cout, pt, pl), (c0,), act)
     return y
 
 
@@ -322,12 +330,11 @@ def _group_blocks(rt, cog):
     straddle groups), two vectors per step on CPUs when they also divide it; None when no width > 1 fits."""
     for vw in ((16, 8, 4) if _cpu_style(rt) else (4,)):
         if cog % vw == 0:
-            nbv = 2 if _cpu_style(rt) and cog % (2 * vw) == 0 and vw * 2 <= 32 else 1
-            return vw, nbv
+            return vw, 2 if _cpu_style(rt) and cog % (2 * vw) == 0 else 1
     return None
 
 
-def use_group_direct(rt, geom, groups, cout):
+def use_group_direct(rt, groups, cout):
     """Whether conv_forward takes the direct kernel: output channels per group fill a vector (depthwise, pointwise
     and few-input-channel convolutions have their own kernels); GROUP_DIRECT = False turns it off (tests compare
     the two paths)."""
@@ -339,21 +346,11 @@ def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
     N, H, W, C = x.shape
     kh, kw, cg, Cout = w.shape
     cog = Cout // groups
-    sh, sw, dh, dw = geom[2:6]
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
     vw, nbv = _group_blocks(rt, cog)
-    pix = _pix(OW, 8 if sw == 1 else 4)  # stride 2 doubles the row segment each pixel chunk keeps in registers
-    defs = {"DIRECT": 1, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "DH": dh, "DW": dw, "PIX": pix,
-            "MINVEC": int(bool(rt.is_pocl)), "VW": vw, "NBV": nbv}
-    k = rt.kernel("conv", "conv_group_fwd", defs)
-    nb = Cout // (vw * nbv)
-    nch = _cdiv(OW, pix)
-    bpi = _bpi(rt, nb, nch * N * OH)
-    ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
-    rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
-              b if b is not None else w, y, i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(Cout), i32(pt), i32(pl),
-              i32(cg), i32(cog), i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi),
-              i32(N * OH))
+    pix = _pix(OW, 8 if geom[3] == 1 else 4)  # stride 2 doubles the row segment each pixel chunk keeps in registers
+    k = rt.kernel("conv", "conv_group_fwd", _direct_defines(rt, geom, pix, VW=vw, NBV=nbv))
+    _launch_direct(rt, k, x, w, b, y, geom, pix, Cout // (vw * nbv), (H, W, C, OH, OW, Cout, pt, pl), (cg, cog), act)
     return y
 
 
@@ -371,7 +368,7 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
-    if use_group_direct(rt, geom, G, Cout):
+    if use_group_direct(rt, G, Cout):
         return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     K = kh * kw * cg
     P = OH * OW
