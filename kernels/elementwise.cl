@@ -80,6 +80,19 @@ __kernel void act_bwd(__global const float* s, __global const float* g, __global
     }
 }
 
+// Fake quantization (ONNX QuantizeLinear then DequantizeLinear, per tensor): y = clamp(rint(x / scale), lo, hi) *
+// scale with lo, hi = qmin - zero_point, qmax - zero_point. rint rounds ties to even, as QuantizeLinear does. The
+// backward is act_bwd's clip (the gradient passes inside [lo, hi] * scale).
+__kernel void fake_quant_fwd(__global const float* x, __global float* y, const int n, const float scale,
+                             const float lo, const float hi) {
+    const int i = get_global_id(0) * 8;
+    if (i + 8 <= n) {
+        VST8(y + i, clamp(rint(VLD8(x + i) / scale), lo, hi) * scale);
+    } else {
+        for (int k = i; k < n; ++k) y[k] = clamp(rint(x[k] / scale), lo, hi) * scale;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Binary ops; op (runtime, uniform per launch): 0 add, 1 mul, 2 sub (a - b), 3 div (a / b), 4 b - a, 5 b / a
 // (4 and 5: sub / div with the operands swapped, so that the broadcast one is always b).

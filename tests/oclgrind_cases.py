@@ -205,6 +205,12 @@ def test_activation(npbe, clbe, op):
     check_op(npbe, clbe, make_node(op, attrs=attrs), [randn(3, 37, scale=4)])
 
 
+def test_fake_quant(npbe, clbe):
+    # 3 x 37 values: whole float8 blocks and a scalar tail; wide enough to saturate at both ends.
+    x = randn(3, 37, scale=4) + 0.0037  # off the rounding ties of the 0.05 steps
+    check_op(npbe, clbe, make_node("fake_quant", attrs={"scale": 0.05, "zero_point": 20, "dtype": "uint8"}), [x])
+
+
 @pytest.mark.parametrize("shapes", [((2, 3, 19), (2, 3, 19)), ((2, 3, 19), (19,)), ((2, 3, 4, 19), (2, 1, 1, 19)),
                                     ((2, 1, 5, 3), (1, 4, 1, 3)), ((3, 1, 5), (3, 4, 1))], ids=str)
 @pytest.mark.parametrize("op", ["add", "mul", "sub", "div"])

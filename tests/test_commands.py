@@ -1,5 +1,6 @@
 """evaluate, predict, inspect and export-weights through the CLI, on a tiny fine-tuned run (fast) and on the real
 pretrained MobileNet V1 shipped in sample_data/."""
+import importlib.util
 import json
 import os
 
@@ -176,6 +177,29 @@ def test_export_h5_npz_and_int8(tiny_run, tmp_path):
     # Keras HDF5 has no int8 weights: refused rather than writing floats that look like an int8 export.
     r = CliRunner().invoke(main, ["export-weights", str(run), "--format", "h5", "--int8", "-o", str(tmp_path / "q.h5")])
     assert r.exit_code == 2 and "not available with --format h5" in r.output and not (tmp_path / "q.h5").exists()
+    # Quantized activations exist only in the ONNX export: asking for them elsewhere is refused, not ignored.
+    r = CliRunner().invoke(main, ["export-weights", str(run), "--format", "npz", "--int8", "--int8-activations",
+                                  "-o", str(tmp_path / "a.npz")])
+    assert r.exit_code == 2 and "--format onnx" in r.output and not (tmp_path / "a.npz").exists()
+
+
+def test_export_onnx_int8_static_and_weight_only(tiny_run, tmp_path):
+    """--int8 --format onnx is static int8 by default (QuantizeLinear on every int8 layer's input, activations
+    uint8 in the report); --no-int8-activations stores int8 weights only."""
+    onnx = pytest.importorskip("onnx")
+    run, _ = tiny_run
+    for flag, acts in ((None, "uint8"), ("--no-int8-activations", "float32")):
+        p = tmp_path / f"{acts}.onnx"
+        r = invoke("export-weights", run, "--format", "onnx", "--int8", "-o", p, *([flag] if flag else []))
+        assert r.exit_code == 0, r.output
+        q = json.loads((tmp_path / f"{acts}.onnx.int8.json").read_text())
+        assert q["activations"] == acts and 0 <= q["accuracy_int8"] <= 1
+        ops = [n.op_type for n in onnx.load(str(p)).graph.node]
+        n_int8 = len(q["sensitivity"]["cost_points"]) - len(q["kept_float"])
+        assert ops.count("QuantizeLinear") == (n_int8 if acts == "uint8" else 0)
+        assert ops.count("DequantizeLinear") == n_int8 * (2 if acts == "uint8" else 1)
+        if acts == "uint8" and importlib.util.find_spec("onnxruntime"):
+            assert "int8 in onnxruntime" in r.output and 0 <= q["accuracy_int8_onnxruntime"] <= 1
 
 
 def test_export_missing_run_dir(tmp_path):
@@ -305,8 +329,20 @@ def test_exports_come_back_in_with_their_classes_and_preprocessing(tiny_run, tmp
     qg, _ = quantize_int8(load_run_model(str(run)), skip=q["kept_float"])
     pre = _model_preprocess(qg)
     expect = Predictor(qg, "cpu").probs(np.stack([pre(p) for p in imgs]))
-    for fmt in ("npz", "onnx"):  # the ONNX file's int8 initializers + DequantizeLinear read back as the same weights
-        for a, e in zip(probs(paths[(fmt, True)]), expect):
-            assert a["cat"] == pytest.approx(e[0], abs=1e-4) and a["dog"] == pytest.approx(e[1], abs=1e-4), fmt
+    for a, e in zip(probs(paths[("npz", True)]), expect):
+        assert a["cat"] == pytest.approx(e[0], abs=1e-4) and a["dog"] == pytest.approx(e[1], abs=1e-4)
+    # The ONNX int8 export is static int8 (QuantizeLinear/DequantizeLinear on activations too): tcl reads it back as
+    # the network onnxruntime runs when it computes those nodes as written (no integer-kernel fusion).
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(paths[("onnx", True)]), opts, providers=["CPUExecutionProvider"])
+    x = np.stack([pre(p) for p in imgs]).astype(np.float32)
+    z = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    e /= e.sum(1, keepdims=True)
+    for a, row in zip(probs(paths[("onnx", True)]), e):
+        assert a["cat"] == pytest.approx(row[0], abs=1e-4) and a["dog"] == pytest.approx(row[1], abs=1e-4)
+    assert json.loads((tmp_path / "m_int8.onnx.int8.json").read_text())["activations"] == "uint8"
     r = invoke("evaluate", paths[("npz", False)], "--data", data, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["metrics"]["num_samples"] == 20, r.output

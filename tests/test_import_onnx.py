@@ -422,6 +422,14 @@ PROBES = {
     "Clip": {"inits": {"lo": np.asarray(0.0, _f), "hi": np.asarray(6.0, _f)}},
     "Cast": {"attrs": {"to": TensorProto.FLOAT}},
     "CastLike": {"inputs": ["x", "x"]},
+    # QDQ: a QuantizeLinear is read only with the DequantizeLinear after it, and a DequantizeLinear of a computed
+    # tensor only after a QuantizeLinear.
+    "QuantizeLinear": {"inits": {"qs": np.asarray(0.05, _f), "qz": np.asarray(3, np.uint8)},
+                       "after": lambda: [helper.make_node("DequantizeLinear", ["y", "qs", "qz"], ["d"], name="dq")],
+                       "out": "d"},
+    "DequantizeLinear": {"inputs": ["q", "qs", "qz"],
+                         "inits": {"qs": np.asarray(0.05, _f), "qz": np.asarray(3, np.uint8)},
+                         "before": lambda: [helper.make_node("QuantizeLinear", ["x", "qs", "qz"], ["q"], name="q")]},
     "Conv": {"inits": {"W": _w(2, 4, 3, 3)}},
     "BatchNormalization": {"inits": {"s": np.ones(4, _f), "b": np.zeros(4, _f), "m": np.zeros(4, _f),
                                      "v": np.ones(4, _f)}},
@@ -461,12 +469,13 @@ def probe_model(op, extra_attr=None):
         attrs.update(extra_attr)
     outs = p.get("outputs", ["y"])
     nodes = [helper.make_node(op, inputs, outs, name="probe", **attrs)]
+    before = p.get("before", lambda: [])()
     after = p.get("after")
     if after:
         nodes += after()
         nodes = [nodes[0]] + sorted(nodes[1:], key=lambda n: n.op_type != "Constant")
     g_outs = [_vi(p.get("out", o), None) for o in (outs if not after else [p["out"]])]
-    return _model(nodes, [_vi(*spec)], g_outs, [_init(k, v) for k, v in inits.items()], p.get("opset", 13),
+    return _model(before + nodes, [_vi(*spec)], g_outs, [_init(k, v) for k, v in inits.items()], p.get("opset", 13),
                   check=False)
 
 

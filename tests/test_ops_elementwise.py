@@ -57,6 +57,47 @@ def test_activation_values(npbe):
     np.testing.assert_allclose(y("sigmoid"), 1 / (1 + np.exp(-x)))
 
 
+FAKE_QUANT = [{"scale": 0.05, "zero_point": 0, "dtype": "uint8"}, {"scale": 0.02, "zero_point": 0, "dtype": "int8"},
+              {"scale": 0.013, "zero_point": 97, "dtype": "uint8"}, {"scale": 0.3, "zero_point": -5, "dtype": "int8"}]
+
+
+def _off_ties(x, scale):
+    """Inputs at least 1e-3 of a step away from a rounding tie: a division that is not correctly rounded (OpenCL
+    allows 2.5 ulp) must not decide a tie differently from numpy's."""
+    f = x / scale - np.floor(x / scale)
+    return np.where(np.abs(f - 0.5) < 1e-3, x + 0.01 * scale, x).astype(np.float32)
+
+
+@pytest.mark.parametrize("attrs", FAKE_QUANT, ids=lambda a: f"{a['dtype']}-zp{a['zero_point']}")
+def test_fake_quant(npbe, clbe, attrs):
+    """QuantizeLinear + DequantizeLinear: both backends against the formula, saturation at both ends included, and
+    the straight-through gradient (1 inside the representable range, 0 outside)."""
+    node = make_node("fake_quant", attrs=attrs)
+    s, zp = attrs["scale"], attrs["zero_point"]
+    qmin, qmax = (0, 255) if attrs["dtype"] == "uint8" else (-128, 127)
+    for shape in SHAPES:
+        x = _off_ties(randn(*shape, scale=200 * s), s)  # wide enough to saturate
+        check_op(npbe, clbe, node, [x])
+        y = run_node(npbe, node, [x.astype(np.float64)])[0]
+        q = np.clip(np.round(x.astype(np.float64) / s) + zp, qmin, qmax)
+        np.testing.assert_allclose(y, (q - zp) * s, rtol=1e-6, atol=1e-9)
+    # Ties round to even, as ONNX QuantizeLinear does: 0.5 and 2.5 steps go down, 1.5 up.
+    # (A power-of-two scale keeps the ties exact in float32.)
+    x = np.array([[0.5, 1.5, 2.5, -0.5]]) * 0.25
+    for be in (npbe, clbe):
+        y = run_node(be, make_node("fake_quant", attrs=dict(attrs, scale=0.25)), [x])[0] / 0.25
+        np.testing.assert_allclose(y, np.clip([[0, 2, 2, 0]], qmin - zp, qmax - zp), atol=1e-6)
+    x = np.array([[(qmin - zp - 3) * s, (qmin + qmax) / 2 * s - zp * s, (qmax - zp + 3) * s]])
+    _, gx, _ = run_node(npbe, node, [x], grad_out=np.ones_like(x))
+    np.testing.assert_array_equal(gx[0], [[0.0, 1.0, 0.0]])
+
+
+def test_fake_quant_refuses_bad_attributes(npbe):
+    for bad in ({"scale": 0.0}, {"scale": 0.1, "zero_point": 300}, {"scale": 0.1, "dtype": "int4"}):
+        with pytest.raises(ValueError):
+            run_node(npbe, make_node("fake_quant", attrs=bad), [np.zeros((1, 3))])
+
+
 def test_sigmoid_extreme_inputs(npbe, clbe):
     x = np.array([[-200.0, -90.0, 0.0, 90.0, 200.0]], np.float32)
     for op in ("sigmoid", "swish", "tanh"):

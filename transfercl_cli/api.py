@@ -109,8 +109,10 @@ def evaluate_model(model, data=None, split=None, labels=None, device=None, out_d
     return run(os.fspath(model), data=data, split=split, device=device, labels=labels, out_dir=out_dir, **opts)
 
 
-def export_weights(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None):
-    """Write a run's weights as onnx, h5 or npz (see `tcl export-weights`); returns {"path", ...}."""
+def export_weights(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None,
+                   int8_activations=None):
+    """Write a run's weights as onnx, tflite, h5 or npz (see `tcl export-weights`); returns {"path", ...}."""
     from .export_run import export_run
 
-    return export_run(os.fspath(run_dir), fmt, output=output, int8=int8, force=force, weights=weights, device=device)
+    return export_run(os.fspath(run_dir), fmt, output=output, int8=int8, force=force, weights=weights, device=device,
+                      int8_activations=int8_activations)

@@ -131,7 +131,8 @@ class _StageBars:
     """A progress callback `(stage, done, total)` drawn as one bar per stage, on a terminal only (tqdm with
     disable=None: nothing when stderr is a log, a pipe or a test runner)."""
 
-    UNITS = {"calibration images": "img", "int8 sensitivity": "layer", "test accuracy": "pass"}
+    UNITS = {"calibration images": "img", "activation ranges": "img", "int8 sensitivity": "layer",
+             "test accuracy": "pass"}
 
     def __init__(self):
         self.stage, self.bar = None, None
@@ -389,7 +390,11 @@ def bench(models, batches, runs, train, device, as_json, model_config, input_siz
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "h5", "npz"]), required=True)
 @click.option("-o", "--output", type=click.Path(), help="Output file (default: RUN_DIR/export/model.FORMAT).")
-@click.option("--int8", is_flag=True, help="Per-channel symmetric int8 weight quantization (accuracy change measured).")
+@click.option("--int8", is_flag=True, help="int8 quantization: per-channel symmetric weights and, for ONNX, "
+              "calibrated activations (accuracy change measured).")
+@click.option("--int8-activations/--no-int8-activations", default=None,
+              help="With --int8 --format onnx: quantize the activations too (static int8, QDQ: onnxruntime runs "
+                   "integer kernels; the default), or only the weights.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--weights", type=click.Choice(["best", "final"]), default="best", show_default=True)
 @click.option("--int8-threshold", type=float, default=0.25, show_default=True, metavar="POINTS",
@@ -397,14 +402,14 @@ def bench(models, batches, runs, train, device, as_json, model_config, input_siz
                    "training split stay float.")
 @click.option("--device", type=str, help=DEVICE_HELP + " (for the int8 accuracy check)")
 @click.option("--json", "as_json", is_flag=True)
-def export_weights(run_dir, fmt, output, int8, force, weights, int8_threshold, device, as_json):
+def export_weights(run_dir, fmt, output, int8, int8_activations, force, weights, int8_threshold, device, as_json):
     """Write a fine-tuned run's weights as ONNX, Keras-layout HDF5 or npz."""
     from .export_run import export_run
 
     bars = _StageBars()
     try:
         res = export_run(run_dir, fmt, output=output, int8=int8, force=force, weights=weights, device=device,
-                         int8_threshold=int8_threshold, progress=bars)
+                         int8_threshold=int8_threshold, progress=bars, int8_activations=int8_activations)
     finally:
         bars.close()
     if as_json:
@@ -417,6 +422,11 @@ def export_weights(run_dir, fmt, output, int8, force, weights, int8_threshold, d
         click.echo(f"int8: test accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_int8']:.4f} "
                    f"({q['accuracy_change']:+.4f}); kept float: {', '.join(kept) if kept else 'none'}; details in "
                    f"{q['report']}")
+        if "accuracy_int8_onnxruntime" in q:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(q["onnxruntime_integer_ops"].items())) or "none"
+            click.echo(f"int8 in onnxruntime {q['onnxruntime_version']}: test accuracy "
+                       f"{q['accuracy_int8_onnxruntime']:.4f}, top-1 agreement with tcl "
+                       f"{q['onnxruntime_top1_agreement']:.4f}; integer kernels: {ops}")
 
 
 @main.command()

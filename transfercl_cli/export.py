@@ -703,6 +703,9 @@ class _OnnxWriter:
         self.fused_act(n, y, out_t, "plain", r)
 
     def op_batchnorm(self, n):
+        if n.attrs.get("act") or n.attrs.get("pool"):
+            self._batchnorm_unfused(n)
+            return
         t = n.inputs[0]
         r = self.rank[t]
         p = n.params
@@ -724,6 +727,44 @@ class _OnnxWriter:
         self.node("Mul", [x, self.const(f"{n.name}.scale", sc, np.float32)], [mid], f"{n.name}/mul")
         self.node("Add", [mid, self.const(f"{n.name}.shift", sh, np.float32)],
                   [self.produce(n.outputs[0], "plain", r)], n.name)
+
+    def _batchnorm_unfused(self, n):
+        """A BatchNorm that carries the ReLU/ReLU6 and the global average pool after it (plan.fold_frozen's form of
+        a BatchNorm left standing, in int8 exports' folded graphs) is written as the nodes it stands for."""
+        from .graph import Node
+
+        act, pool = n.attrs.get("act"), n.attrs.get("pool")
+        if act not in (None, "relu", "relu6") or pool not in (None, "global_avg"):
+            raise ModelError(f"Layer '{n.name}' is a BatchNorm with a fused {act or pool!r} tcl cannot export to ONNX.",
+                             "Export with --format npz instead.")
+        bn_attrs = {k: v for k, v in n.attrs.items() if k not in ("act", "pool", "keepdims", "folded")}
+        chain = [("batchnorm", n.name, bn_attrs, n.params)]
+        if act:
+            chain.append((act, f"{n.name}/{act}", {}, {}))
+        if pool:
+            chain.append(("global_avgpool", f"{n.name}/pool", {"keepdims": bool(n.attrs.get("keepdims"))}, {}))
+        x = n.inputs[0]
+        for i, (op, name, attrs, params) in enumerate(chain):
+            y = n.outputs[0] if i == len(chain) - 1 else self.value(f"{n.name}/{op}_out")
+            self.emit(Node(name, op, [x], [y], attrs, params))
+            x = y
+
+    def op_fake_quant(self, n):
+        """QuantizeLinear + DequantizeLinear (per tensor), the QDQ form onnxruntime fuses into integer kernels."""
+        from .ops.ref_elementwise import fake_quant_params
+
+        try:
+            scale, _, _ = fake_quant_params(n)
+        except ValueError as e:
+            raise ModelError(f"Layer '{n.name}' cannot be exported to ONNX: {e}.", "Re-export the run.") from None
+        dt = np.uint8 if n.attrs.get("dtype", "uint8") == "uint8" else np.int8
+        form, x = self.any_form(n.inputs[0])
+        r = self.rank[n.inputs[0]]
+        sn = self.const(f"{n.name}.scale", np.float32(scale), np.float32)
+        zn = self.const(f"{n.name}.zero_point", dt(int(n.attrs.get("zero_point", 0))), dt)
+        q = self.value(f"{n.name}/quantized")
+        self.node("QuantizeLinear", [x, sn, zn], [q], f"{n.name}/quantize")
+        self.node("DequantizeLinear", [q, sn, zn], [self.produce(n.outputs[0], form, r)], n.name)
 
     def _pool(self, n, onnx_op, **extra):
         x = self.get(n.inputs[0], "nchw")
@@ -1047,7 +1088,10 @@ def build_onnx(graph, *, opset=13, input_layout="NHWC", int8=None):
     for k, v in _meta_for_export(graph).items():
         props[k] = json.dumps(_jsonable(v))
     if int8:
-        props["quantization"] = "int8 symmetric per-output-channel weights (DequantizeLinear)"
+        static = any(n.op == "fake_quant" for n in graph.nodes)
+        props["quantization"] = ("static int8 (QDQ): int8 per-output-channel weights, uint8 activations with a "
+                                 "zero point" if static else
+                                 "int8 symmetric per-output-channel weights (DequantizeLinear)")
     helper.set_model_props(model, props)
     _fill_output_shapes(model)
     onnx.checker.check_model(model, full_check=True)

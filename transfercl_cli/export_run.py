@@ -10,9 +10,11 @@ CALIBRATION_IMAGES = 512
 
 
 def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best", device=None,
-               int8_threshold=INT8_THRESHOLD_POINTS, progress=None):
+               int8_threshold=INT8_THRESHOLD_POINTS, progress=None, int8_activations=None):
     """`progress(stage, done, total)`, optional: called as the --int8 passes advance (stages 'calibration images',
-    'int8 sensitivity' (layers), 'test accuracy' (fp32 and int8)), for a progress bar."""
+    'activation ranges' (static int8), 'int8 sensitivity' (layers), 'test accuracy' (fp32 and int8)), for a
+    progress bar. `int8_activations` (ONNX only; default on there): static int8, activations calibrated and
+    quantized too (QDQ), so onnxruntime runs integer kernels; off: int8 weights only."""
     from . import export as ex
     from .runfile import load_run_model
 
@@ -25,6 +27,11 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
                        "would hold float weights that merely went through int8 rounding.",
                        "Use --format onnx --int8 (int8 initializers with DequantizeLinear) or --format npz --int8 "
                        "(int8 arrays and scales), or export h5 without --int8.")
+    if int8_activations and not (int8 and fmt == "onnx"):
+        raise TclError("--int8-activations needs --int8 and --format onnx: only the ONNX export stores quantized "
+                       "activations (QuantizeLinear/DequantizeLinear).",
+                       "Add --int8 --format onnx, or leave --int8-activations out.")
+    static = bool(int8 and fmt == "onnx" and int8_activations is not False)
     graph = load_run_model(run_dir, weights)
     path = output or os.path.join(run_dir, "export", f"model{'_int8' if int8 else ''}.{fmt}")
     if os.path.exists(path) and not force:
@@ -37,12 +44,33 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
 
         build_tflite(graph)  # an op TFLite cannot express fails now, before the minutes of int8 passes
     if int8:
-        sens = int8_sensitivity(run_dir, graph, device, int8_threshold, progress=progress)
-        qgraph, qweights = ex.quantize_int8(graph, skip=sens["kept_float"])
-        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=progress)
+        from .evaluate import _model_preprocess, run_items
+
+        items = run_items(run_dir, "train")[:CALIBRATION_IMAGES]
+        x, y = _decode(items, _model_preprocess(graph), progress)
+        if static:
+            from . import int8_static as st
+
+            g_q = st.fold_for_int8(graph)
+            calib = st.calibrate(g_q, x, device, progress=progress)
+
+            def quantize(kept):
+                return st.static_int8(g_q, calib, skip=kept)
+        else:
+            g_q = graph
+
+            def quantize(kept):
+                return ex.quantize_int8(graph, skip=kept)
+        sens = int8_sensitivity(g_q, x, y, quantize, device, int8_threshold, progress=progress)
+        qgraph, qweights = quantize(sens["kept_float"])
+        g_out = qgraph if static else graph
+        result["int8"] = _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=progress,
+                                        static=static)
     meta = {"classes": graph.meta.get("classes"), "preprocess": graph.meta.get("preprocess")}
     if fmt == "onnx":
         ex.export_onnx(g_out, path, int8=qweights, force=force)
+        if static:
+            result["int8"].update(_onnxruntime_check(run_dir, graph, qgraph, device, path, result["int8"]["report"]))
     elif fmt == "tflite":
         from .export_tflite import export_tflite
 
@@ -54,26 +82,24 @@ def export_run(run_dir, fmt, output=None, int8=False, force=False, weights="best
     return result
 
 
-def int8_sensitivity(run_dir, graph, device, threshold, progress=None):
-    """Which conv/dense layers to keep float, measured on the calibration images (the training split, at most
-    CALIBRATION_IMAGES). First what quantizing each layer alone costs: accuracy points against the float model, and
+def int8_sensitivity(graph, x, y, quantize, device, threshold, progress=None):
+    """Which conv/dense layers of `graph` to keep float, measured on the calibration images `x` (the training split,
+    at most CALIBRATION_IMAGES) with labels `y`; `quantize(kept_float)` gives (int8 graph, int8 weights). First what
+    quantizing each layer alone costs: accuracy points against the float model, and
     the mean KL divergence of its probabilities from the float ones (finer: most layers flip no prediction). Layers
     above `threshold` points stay float (a depthwise conv whose BatchNorm scales a channel up can lose points though
     its own weight error is under 1%). Then the rest together: costs that are each below the threshold add up, so
     while the whole int8 model still costs more than `threshold`, the most sensitive quantized layer goes back to
     float."""
-    from .evaluate import Predictor, _model_preprocess, run_items
-    from .export import quantize_int8
+    from .evaluate import Predictor
 
     progress = progress or (lambda stage, done, total: None)
-    items = run_items(run_dir, "train")[:CALIBRATION_IMAGES]
-    x, y = _decode(items, _model_preprocess(graph), progress)
     p_f = _probs(Predictor(graph, device), x)
     acc_f = _acc(p_f, y)
     candidates = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and "weight" in n.params]
 
     def measure(kept_float):
-        qg, _ = quantize_int8(graph, skip=kept_float)
+        qg, _ = quantize(kept_float)
         p_q = _probs(Predictor(qg, device), x)
         return round(100.0 * (acc_f - _acc(p_q, y)), 3), _kl(p_f, p_q)
 
@@ -134,8 +160,9 @@ def _decode(items, pre, progress=None):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=None):
-    """Test-split accuracy with float32 and with int8 weights, written next to the export with the sensitivity."""
+def _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=None, static=False):
+    """Test-split accuracy with float32 and with int8 weights (and activations when `static`), written next to the
+    export with the sensitivity."""
     from .evaluate import evaluate_graph_on_run
 
     progress = progress or (lambda stage, done, total: None)
@@ -145,7 +172,54 @@ def _int8_accuracy(run_dir, graph, qgraph, device, path, sens, progress=None):
     acc8 = evaluate_graph_on_run(run_dir, qgraph, device)
     progress("test accuracy", 2, 2)
     rep = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_change": acc8 - acc32,
-           "scheme": "int8 symmetric per-output-channel weights", "kept_float": sens["kept_float"],
-           "sensitivity": sens, "report": path + ".int8.json"}
+           "scheme": ("static int8 (QDQ): int8 symmetric per-output-channel weights, uint8 activations with a "
+                      "zero point, calibrated on the training split" if static else
+                      "int8 symmetric per-output-channel weights"),
+           "activations": "uint8" if static else "float32",
+           "kept_float": sens["kept_float"], "sensitivity": sens, "report": path + ".int8.json"}
     write_json(rep["report"], rep)
     return rep
+
+
+def _onnxruntime_check(run_dir, graph, qgraph, device, path, report):
+    """When onnxruntime is installed: the written QDQ file's test accuracy in onnxruntime itself, how often its top-1
+    agrees with tcl's int8 network `qgraph`, and which integer kernels onnxruntime fused (QLinearConv, ...); added
+    to the report. Without onnxruntime: only a note (tcl's own accuracy of the same int8 network stands)."""
+    import json
+
+    from .data import recipe_splits
+    from .evaluate import Predictor, _model_preprocess
+    from .recipe import load_recipe
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"onnxruntime": "not installed: accuracy measured by tcl only"}
+    import numpy as np
+
+    import tempfile
+
+    import onnx
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # its warning that an optimised model is machine-specific: this one is only read
+    with tempfile.TemporaryDirectory() as tmp:  # onnxruntime's optimised graph, to see which kernels it fused
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        fused = {}
+        for n in onnx.load(opts.optimized_model_filepath).graph.node:
+            if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "MatMulInteger", "ConvInteger"):
+                fused[n.op_type] = fused.get(n.op_type, 0) + 1
+    splits = recipe_splits(load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))["data"])
+    x, y = _decode(splits["test"] or splits["val"] or splits["train"], _model_preprocess(graph))  # as _int8_accuracy
+    name = sess.get_inputs()[0].name
+    logits = np.concatenate([sess.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+    ours = _probs(Predictor(qgraph, device), x)
+    out = {"accuracy_int8_onnxruntime": _acc(logits, y),
+           "onnxruntime_top1_agreement": float(np.mean(np.argmax(logits, 1) == np.argmax(ours, 1))),
+           "onnxruntime_integer_ops": fused, "onnxruntime_version": ort.__version__}
+    with open(report) as f:
+        rep = json.load(f)
+    rep.update(out)
+    write_json(report, rep)
+    return out

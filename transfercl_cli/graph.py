@@ -50,6 +50,9 @@ Canonical ops, their attributes and parameters (all shapes NHWC / channels-last)
   pow           attrs exponent (float constant)
   sub | div     two inputs, numpy broadcasting (a - b, a / b)
   reduce_mean | reduce_sum   attrs axes (list, default every axis but the batch), keepdims (default True)
+  fake_quant    attrs scale, zero_point, dtype='uint8'|'int8' (issue 16; per tensor): ONNX QuantizeLinear then
+                DequantizeLinear, y = (clamp(rint(x / scale) + zero_point, qmin, qmax) - zero_point) * scale; the
+                gradient passes where x is inside the representable range (straight-through)
 """
 import copy
 from dataclasses import dataclass, field

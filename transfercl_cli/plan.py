@@ -364,7 +364,8 @@ HELD = {"conv2d": ("in", "act_out"), "dense": ("in", "act_out"), "batchnorm": ("
         "add": (), "mul": ("ins",), "scale": ("in",), "softmax": ("out",), "lrn": ("in",), "dropout": (),
         "concat": (), "pad": (), "reshape": (), "flatten": (), "identity": (), "transpose": (),
         "slice": (), "layer_norm": ("in",), "erf": ("in",), "gelu": ("in",), "sqrt": ("out",), "pow": ("in",),
-        "reciprocal": ("out",), "neg": (), "sub": (), "div": ("in1", "out"), "reduce_mean": (), "reduce_sum": ()}
+        "reciprocal": ("out",), "neg": (), "sub": (), "div": ("in1", "out"), "reduce_mean": (), "reduce_sum": (),
+        "fake_quant": ("in",)}
 
 
 def held_tensors(node):

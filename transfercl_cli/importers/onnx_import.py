@@ -53,6 +53,16 @@ FOLD_ONLY = {"Constant", "ConstantOfShape"}
 # Ops whose output is a constant although an input is computed (shapes are static; CastLike only reads the dtype).
 SHAPE_OPS = {"Shape", "Size"}
 
+# Integer-arithmetic ops (onnxruntime's "QOperator" quantized format): tcl computes in float, and reads quantized
+# models in the QDQ format instead (QuantizeLinear/DequantizeLinear pairs around float ops, as tcl exports them).
+_QOPERATOR = ("an integer-arithmetic op (a model quantized in onnxruntime's QOperator format); tcl reads quantized "
+              "models in the QDQ format (QuantizeLinear + DequantizeLinear around float ops): quantize the float "
+              "model with quantize_static(..., quant_format=QuantFormat.QDQ), or import the float model")
+INTEGER_OPS = {op: _QOPERATOR for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                                         "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
+                                         "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QGemm",
+                                         "DynamicQuantizeLinear", "QLinearSoftmax")}
+
 # Kept for callers that list what the importer understands.
 SUPPORTED = set(ONNX.table) | FOLD_ONLY
 
@@ -197,6 +207,7 @@ class OnnxImporter:
         self.consts = {}  # ONNX tensor name -> numpy array
         self.tensors = {}  # ONNX tensor name -> T
         self.problems = []
+        self.quantized = {}  # ONNX name of a QuantizeLinear's output -> (scale, zero_point, dtype)
         self.batch = 1
         self._conv_cache = {}
         self.input_layout = "NHWC"
@@ -239,7 +250,7 @@ class OnnxImporter:
                 const.update(o for o in n.output if o)
                 continue
             if n.op_type not in ONNX:
-                problems[k] = (self.node_name(n), n.op_type, "")
+                problems[k] = (self.node_name(n), n.op_type, INTEGER_OPS.get(n.op_type, ""))
                 continue
             why = self._attr_problem(n, _attrs(n))
             if why:

@@ -140,6 +140,70 @@ def softmax(cx, node, name, *, cfg):
     return [cx.reshape_to(T(s, flat, f.perm), t.shape, f"{name}/unflatten", "Softmax")]
 
 
+# --- QDQ quantization (issue 16) ---------------------------------------------------------------------------------------
+# A QuantizeLinear on a computed tensor followed by DequantizeLinear(s) with the same scale and zero point is the
+# rounding of int8/uint8 arithmetic in float: tcl's `fake_quant` node. (Weights stored as int8 + DequantizeLinear
+# are constants and fold at import.) The integer tensor between the two has no float meaning of its own, so a
+# QuantizeLinear read by anything but such a DequantizeLinear is refused.
+_QDTYPES = {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8"}
+_ONNX_QDTYPES = {2: "uint8", 3: "int8"}  # TensorProto.UINT8, INT8
+
+
+def _qparams(cx, node, cfg):
+    """(scale, zero_point, dtype) of a per-tensor QuantizeLinear/DequantizeLinear."""
+    # axis only selects the axis of a per-axis scale; a per-tensor scale (the only kind read here) ignores it.
+    cfg.ignore("axis")
+    if int(cfg.get("block_size", 0) or 0):
+        raise Unsupported("blocked quantization (block_size) of a computed tensor is not supported")
+    scale = np.asarray(cx.const_input(node, 1, "scale"))
+    zp = cx.const_input(node, 2, "zero point", optional=True)
+    if scale.size != 1:
+        raise Unsupported("per-axis quantization of a computed tensor is not supported (only one scale per tensor)")
+    zp = np.zeros((), np.uint8) if zp is None else np.asarray(zp)
+    if zp.size != 1 or zp.dtype not in _QDTYPES:
+        raise Unsupported(f"only uint8 and int8 quantization is supported (zero point {zp.dtype}, size {zp.size})")
+    out_dtype = int(cfg.get("output_dtype", 0) or 0)
+    if out_dtype and _ONNX_QDTYPES.get(out_dtype) != _QDTYPES[zp.dtype]:
+        raise Unsupported(f"output_dtype {out_dtype} is not the zero point's type ({zp.dtype})")
+    s = float(scale.reshape(-1)[0])
+    if not s > 0 or not np.isfinite(s):
+        raise Unsupported(f"the scale {s} is not a positive number")
+    return s, int(zp.reshape(-1)[0]), _QDTYPES[zp.dtype]
+
+
+@ONNX.register("QuantizeLinear")
+def quantize_linear(cx, node, name, *, cfg):
+    # saturate (opset 19) only changes conversions to float8 types, which _qparams refuses.
+    cfg.ignore("saturate")
+    params = _qparams(cx, node, cfg)
+    q = node.output[0]
+    if q in cx.graph_outputs:
+        raise Unsupported("its integer output is a graph output (tcl's tensors are float)")
+    for c in cx.consumers.get(q, []):
+        if c.op_type != "DequantizeLinear" or c.input[0] != q:
+            raise Unsupported(f"its integer output is read by {c.op_type} '{cx.node_name(c)}', not by a "
+                              "DequantizeLinear (tcl computes in float: it reads QuantizeLinear + DequantizeLinear pairs)")
+    t = cx.get(node.input[0])
+    scale, zp, dtype = params
+    y = cx.emit("fake_quant", name, [t.name], {"scale": scale, "zero_point": zp, "dtype": dtype},
+                source="QuantizeLinear", out=q)
+    cx.quantized[q] = params
+    return [T(y, t.shape, t.perm)]
+
+
+@ONNX.register("DequantizeLinear")
+def dequantize_linear(cx, node, name, *, cfg):
+    # (A DequantizeLinear of constants, such as int8 weights, folds at import and never reaches this converter.)
+    params = _qparams(cx, node, cfg)
+    src = node.input[0]
+    if src not in cx.quantized:
+        raise Unsupported("it dequantizes a computed integer tensor that no QuantizeLinear made")
+    if cx.quantized[src] != params:
+        raise Unsupported(f"its scale and zero point {params[:2]} differ from those of the QuantizeLinear before it "
+                          f"{cx.quantized[src][:2]}")
+    return [cx.get(src)]
+
+
 # --- pass-through -----------------------------------------------------------------------------------------------------
 @ONNX.register("Identity")
 def identity(cx, node, name, *, cfg):

@@ -11,7 +11,7 @@ reshape) of a pooled input would be handed out again while still in use. flatten
 import numpy as np
 
 from . import register
-from .ref_elementwise import (Saved, check_labels, dropout_advance, dropout_plan, lrn_params, bn_eps, bn_momentum,
+from .ref_elementwise import (Saved, check_labels, fake_quant_params, dropout_advance, dropout_plan, lrn_params, bn_eps, bn_momentum,
                               reshape_target, _attr)
 from .shapes import global_pool_shape
 
@@ -343,6 +343,26 @@ def _make_act(op):
 
 for _op in ("relu", "relu6", "clip", "leaky_relu", "sigmoid", "tanh", "swish", "hard_sigmoid", "hard_swish"):
     _make_act(_op)
+
+
+@register(B, "fake_quant")
+def fake_quant_fwd(be, node, xs, training):
+    scale, lo, hi = fake_quant_params(node)
+    x = xs[0]
+    y = be.rt.empty(x.shape)
+    if x.size:
+        run(be.rt, EW, "fake_quant_fwd", _groups8(x.size), x, y, i32(x.size), f32(scale), f32(lo), f32(hi))
+    return [y], Saved(be, s=x)
+
+
+@register(B, "fake_quant", "backward")
+def fake_quant_bwd(be, node, saved, gys, need):
+    gx = None
+    if need.inputs[0]:
+        scale, lo, hi = fake_quant_params(node)
+        gx = act_backward(be.rt, "clip", saved["s"], gys[0], None, lo * scale, hi * scale)
+    saved.release()
+    return [gx], {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

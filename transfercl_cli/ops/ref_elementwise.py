@@ -126,6 +126,45 @@ for _op, (_f, _df, _keep) in ACTS.items():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fake_quant: ONNX QuantizeLinear then DequantizeLinear, per tensor (the activations of an int8 QDQ export).
+
+QUANT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def fake_quant_params(node):
+    """(scale, lo, hi): y = clamp(rint(x / scale), lo, hi) * scale with lo/hi = qmin/qmax - zero_point (rint(a) + zp
+    = rint(a + zp) for an integer zero point, so this is QuantizeLinear's rounding, ties to even)."""
+    dtype = node.attrs.get("dtype", "uint8")
+    if dtype not in QUANT_RANGES:
+        raise ValueError(f"fake_quant dtype {dtype!r} is not uint8 or int8")
+    scale, zp = float(node.attrs["scale"]), int(node.attrs.get("zero_point", 0))
+    if not scale > 0 or not np.isfinite(scale):
+        raise ValueError(f"fake_quant scale {scale!r} is not a positive number")
+    qmin, qmax = QUANT_RANGES[dtype]
+    if not qmin <= zp <= qmax:
+        raise ValueError(f"fake_quant zero point {zp} is outside the {dtype} range")
+    return scale, float(qmin - zp), float(qmax - zp)
+
+
+@register(B, "fake_quant")
+def fake_quant_fwd(be, node, xs, training):
+    scale, lo, hi = fake_quant_params(node)
+    x = xs[0]
+    # float32 arithmetic, as QuantizeLinear in onnxruntime and the OpenCL kernel compute it.
+    q = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), lo, hi)
+    return [_out(q * scale, x.dtype)], Saved(be, s=x)
+
+
+@register(B, "fake_quant", "backward")
+def fake_quant_bwd(be, node, saved, gys, need):
+    scale, lo, hi = fake_quant_params(node)
+    s = saved["s"]
+    gx = _out(gys[0] * ((s > lo * scale) & (s < hi * scale)), s.dtype) if need.inputs[0] else None
+    saved.release()
+    return [gx], {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # add / mul (two or more inputs, numpy broadcasting)
 
 

@@ -13,7 +13,7 @@ from . import ref_tensor as _rt
 SAME_SHAPE = {
     "batchnorm", "relu", "relu6", "sigmoid", "tanh", "swish", "hard_swish", "clip", "leaky_relu",
     "hard_sigmoid", "softmax", "scale", "lrn", "dropout", "identity",
-    "layer_norm", "erf", "gelu", "sqrt", "pow", "reciprocal", "neg",
+    "layer_norm", "erf", "gelu", "sqrt", "pow", "reciprocal", "neg", "fake_quant",
 }
 # Ops that only move data (no arithmetic).
 NO_MACS = {"flatten", "reshape", "transpose", "dropout", "identity", "concat", "pad", "slice"}
