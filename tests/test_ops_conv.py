@@ -190,6 +190,9 @@ POOL_CASES = [
      (1, 8, 5, 17)),
     ("avgpool", dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), count_include_pad=False, ceil_mode=True),
      (2, 6, 6, 1)),
+    # 70 channels: whole 32-channel chunks of the CPU-style kernels and a partial one
+    ("maxpool", dict(kernel=(3, 3), strides=(2, 2), pads=(0, 0, 0, 0), ceil_mode=True), (2, 9, 9, 70)),
+    ("avgpool", dict(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), count_include_pad=False), (1, 5, 6, 70)),
     ("global_avgpool", dict(keepdims=True), (2, 5, 3, 17)),
     ("global_avgpool", dict(keepdims=False), (1, 7, 7, 3)),
     ("global_avgpool", dict(keepdims=False), (3, 7, 7, 150)),  # whole 64-channel chunks and a partial one

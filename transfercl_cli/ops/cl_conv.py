@@ -56,6 +56,8 @@ DIRECT_MAX_CIN = 4
 GROUP_DIRECT = True
 # Channels per work-item of the CPU-style global average pool (four float16 registers).
 GAP_CW = 64
+# Channels per work-item of the CPU-style max/average pooling forward (pool.cl *_fwd_rows; a multiple of 16).
+POOL_CW = 32
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -541,7 +543,11 @@ def maxpool_fwd(be, node, xs, training):
     geom = pool_geometry(node, x.shape)
     N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
     y = rt.empty((N, OH, OW, C))
-    rt.launch(rt.kernel("pool", "maxpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom))
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("pool", "maxpool_fwd_rows", {"POOL_CW": POOL_CW}), (-(-C // POOL_CW), OW, N * OH),
+                  (1, 1, 1), x, y, *_pool_args(x.shape, geom))
+    else:
+        rt.launch(rt.kernel("pool", "maxpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom))
     return [y], (x,)
 
 
@@ -569,8 +575,12 @@ def avgpool_fwd(be, node, xs, training):
     N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
     y = rt.empty((N, OH, OW, C))
     inc = int(bool(node.attrs.get("count_include_pad", True)))
-    rt.launch(rt.kernel("pool", "avgpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom),
-              i32(geom[6]), i32(geom[7]), i32(inc))
+    args = (x, y, *_pool_args(x.shape, geom), i32(geom[6]), i32(geom[7]), i32(inc))
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("pool", "avgpool_fwd_rows", {"POOL_CW": POOL_CW}), (-(-C // POOL_CW), OW, N * OH),
+                  (1, 1, 1), *args)
+    else:
+        rt.launch(rt.kernel("pool", "avgpool_fwd"), (C, OW, N * OH), None, *args)
     return [y], (x.shape,)
 
 
