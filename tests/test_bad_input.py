@@ -262,6 +262,21 @@ def test_load_model_input_size_message(tmp_path):
         assert "input.size" in str(e.value) and "--input-size" in str(e.value)
 
 
+def test_input_size_other_than_a_fixed_model_input(run_dir, tmp_path):
+    """A model with a fixed 16x16 input and a recipe asking for 24x24 images: a recipe error naming both sizes
+    (it used to end in an internal error from the feature cache, or run convolutions at a size nothing planned for)."""
+    data = make_subset(str(tmp_path / "data"), per_class=2)
+    p = write(tmp_path / "r.yaml", f"model: {run_dir}\ndata: {{root: {data}, val: 0, test: 0}}\n"
+                                   "input: {size: 24}\nhead: [{dense: auto}]\ntrain: {epochs: 1}\n")
+    r = tcl("finetune", p, "--dry-run")
+    assert_clean(r, "input.size", "24x24", "fixed 16x16")
+    # The model's own size is fine.
+    p = write(tmp_path / "r2.yaml", f"model: {run_dir}\ndata: {{root: {data}, val: 0, test: 0}}\n"
+                                    "input: {size: 16}\nhead: [{dense: auto}]\ntrain: {epochs: 1}\n")
+    r = tcl("finetune", p, "--dry-run")
+    assert r.exit_code == 0, r.output
+
+
 def test_npz_is_not_a_model(run_dir, tmp_path):
     w = os.path.join(run_dir, "weights.npz")
     r = tcl("inspect", w)

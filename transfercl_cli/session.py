@@ -23,7 +23,8 @@ def resolve_preprocess(recipe_input, graph):
     if not size:
         shp = next(iter(graph.inputs.values()))
         size = [shp[0], shp[1]] if len(shp) == 3 and shp[0] and shp[1] else [224, 224]
-    d["size"] = list(size)
+    d["size"] = [int(v) for v in size]
+    _check_input_size(d["size"], graph, given=bool(recipe_input.get("size")))
     if recipe_input.get("mean") is not None or recipe_input.get("std") is not None:
         if recipe_input.get("mean") is None or recipe_input.get("std") is None:
             raise RecipeError("Recipe key 'input': give both mean and std, or neither.",
@@ -46,6 +47,21 @@ def resolve_preprocess(recipe_input, graph):
         if isinstance(d.get(k), list) and len(d[k]) == 1:
             d[k] = d[k][0]
     return Preprocess.from_dict(d)
+
+
+def _check_input_size(size, graph, given):
+    """A model whose input has a fixed height and width runs at that size only: images resized to another would
+    meet shapes (and a feature cache, a memory plan, a flatten + dense head) made for the model's own size."""
+    shp = next(iter(graph.inputs.values()), None)
+    if shp is None or len(shp) != 3 or not shp[0] or not shp[1] or [int(shp[0]), int(shp[1])] == list(size):
+        return
+    src = graph.meta.get("source") or "the model"
+    where = "Recipe key 'input.size'" if given else "The model's preprocessing"
+    raise RecipeError(f"{where} asks for {size[0]}x{size[1]} images, but {src} has a fixed {shp[0]}x{shp[1]} "
+                      "input.",
+                      f"Set input.size to {shp[0]} (or remove it), or export the model with a dynamic input size "
+                      "(ONNX dynamic height/width axes, Keras input_shape=(None, None, 3)) to run it at "
+                      f"{size[0]}x{size[1]}.")
 
 
 def memory_budget(max_memory_mb, be):
