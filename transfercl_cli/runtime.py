@@ -256,7 +256,7 @@ class DeviceArray:
 
     @property
     def size(self):
-        return int(np.prod(self.shape, dtype=np.int64))
+        return self.nbytes // self.dtype.itemsize  # (np.prod here cost ~10 us a call, on every kernel launch)
 
     @property
     def ndim(self):
@@ -306,6 +306,7 @@ class Runtime:
             ) from e
         self._programs = {}
         self._kernels = {}
+        self._arg_types = {}  # id(kernel) -> the scalar argument types its invoker packs (launch)
         self._pool = defaultdict(list)
         self._lock = threading.Lock()
         self.max_work_group_size = int(self.device.max_work_group_size)
@@ -387,7 +388,15 @@ class Runtime:
     def launch(self, kernel, gsize, lsize, *args):
         """Queue a kernel (no wait). Scalars must already be numpy scalars (np.int32, np.float32)."""
         cl = self.cl
-        kernel.set_args(*[a.buf if isinstance(a, DeviceArray) else a for a in args])
+        vals = [a.buf if isinstance(a, DeviceArray) else a for a in args]
+        # pyopencl packs numpy-scalar arguments through a generic path (~25 us a launch on PoCL, more than the
+        # enqueue itself); with the scalars' dtypes declared it packs them with struct (~0.5 us). Declared on a
+        # kernel's first launch, again if a later launch passes other types.
+        sig = tuple(type(v) if isinstance(v, np.generic) else None for v in vals)
+        if self._arg_types.get(id(kernel)) != sig:
+            kernel.set_scalar_arg_dtypes([None if t is None else np.dtype(t) for t in sig])
+            self._arg_types[id(kernel)] = sig
+        kernel.set_args(*vals)
         gsize = tuple(int(g) for g in gsize)
         if lsize is not None:
             lsize = tuple(int(v) for v in lsize)
