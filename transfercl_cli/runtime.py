@@ -7,6 +7,7 @@ step that repeats the same shapes allocates nothing.
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import re
 import threading
@@ -249,14 +250,14 @@ class DeviceArray:
         self.buf = buf
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize  # math.prod: np.prod costs ~5 us a call
         self.capacity = max(self.nbytes, 4) if capacity is None else capacity  # the buffer's size (>= nbytes)
         self._pooled = pooled
         self.half = False  # the values wait in a half-precision buffer (Runtime.to_half); no kernel may read them
 
     @property
     def size(self):
-        return self.nbytes // self.dtype.itemsize  # (np.prod here cost ~10 us a call, on every kernel launch)
+        return self.nbytes // self.dtype.itemsize
 
     @property
     def ndim(self):
@@ -269,9 +270,9 @@ class DeviceArray:
         shape = list(shape)
         if -1 in shape:
             i = shape.index(-1)
-            rest = int(np.prod([s for j, s in enumerate(shape) if j != i]))
+            rest = math.prod(int(s) for j, s in enumerate(shape) if j != i)
             shape[i] = self.size // max(rest, 1)
-        if int(np.prod(shape)) != self.size:
+        if math.prod(int(s) for s in shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
         return DeviceArray(self.rt, self.buf, shape, self.dtype, pooled=False, capacity=self.capacity)
 
@@ -443,7 +444,7 @@ class Runtime:
     def empty(self, shape, dtype=np.float32):
         """An uninitialised device array from the pool (`pool_fit`), else in a new buffer."""
         shape = tuple(int(s) for s in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         key = max(nbytes, 4)
         with self._lock:
             fit = pool_fit([k for k, v in self._pool.items() if v], key)
