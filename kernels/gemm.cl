@@ -342,6 +342,46 @@ __kernel void gemm_pack_b(const int lanes, const int K, __global const float* re
     src += (size_t)jb0 * NR * sl;
     PACK_BODY(NR)
 }
+
+// Small-M forward GEMM (dense layers and 1x1 convolutions of 1x1 maps at batch <= 8: classifiers, squeeze-excite):
+// C[M,N] = A[M,K] @ B[K,N] [+ bias] then act, A and B row-major in place. The block kernel above computes MR rows
+// whatever M is (8x the multiply-adds at batch 1); here a work-item computes 16 columns of all M <= SM rows,
+// streaming B's rows once. Global size ceil(N / 16); the last, partial block goes column by column.
+#ifndef SM
+#define SM 8
+#endif
+GEMM_VEC512
+__kernel void gemm_small_m(const int M, const int N, const int K, __global const float* restrict a,
+                           __global const float* restrict b, __global float* restrict c,
+                           __global const float* restrict bias, const int has_bias, const int act) {
+    const int j0 = get_global_id(0) * 16;
+    if (j0 >= N) return;
+    if (j0 + 16 <= N) {
+        float16 acc[SM];
+        _Pragma("unroll") for (int r = 0; r < SM; ++r) acc[r] = (float16)(0.0f);
+        const __global float* bk = b + j0;
+        for (int k = 0; k < K; ++k, bk += N) {
+            const float16 bv = VLD16(bk);
+            _Pragma("unroll") for (int r = 0; r < SM; ++r) acc[r] = a[(size_t)min(r, M - 1) * K + k] * bv + acc[r];
+        }
+        const float16 bb = has_bias ? VLD16(bias + j0) : (float16)(0.0f);
+        _Pragma("unroll") for (int r = 0; r < SM; ++r) {
+            if (r < M) {
+                float16 v = acc[r] + bb;
+                if (act) v = select((float16)(0.0f), v, isgreater(v, (float16)(0.0f)));
+                if (act == 2) v = select((float16)(6.0f), v, isless(v, (float16)(6.0f)));
+                VST16(c + (size_t)r * N + j0, v);
+            }
+        }
+        return;
+    }
+    for (int j = j0; j < N; ++j)
+        for (int r = 0; r < M; ++r) {
+            float s = 0.0f;
+            for (int k = 0; k < K; ++k) s = a[(size_t)r * K + k] * b[(size_t)k * N + j] + s;
+            c[(size_t)r * N + j] = gemm_epilogue(s + (has_bias ? bias[j] : 0.0f), act);
+        }
+}
 #endif  // GEMM_GPU_ONLY
 
 // ---------------------------------------------------------------------------------------------------------------

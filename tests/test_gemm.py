@@ -54,6 +54,33 @@ def test_gemm_shapes_transposes(rt, variant, ta, tb):
 
 
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_gemm_small_m_default_path(rt, act, monkeypatch):
+    """M <= 8 rows without transposes (dense layers at small batch) take gemm_small_m on the CPU path: every row
+    count up to 8 (its four programs), whole and partial 16-column blocks, with and without bias."""
+    if cl_gemm._resolve(rt, None)["kind"] != "cpu":
+        pytest.skip("the small-M kernel is the CPU path's")
+    calls = []
+    real = cl_gemm._gemm_small_m
+    monkeypatch.setattr(cl_gemm, "_gemm_small_m", lambda *a: (calls.append(a[5]), real(*a)))
+    rng = np.random.default_rng(3)
+    for M in range(1, 9):
+        for i, (K, N) in enumerate(((1, 5), (37, 16), (300, 45), (64, 1000))):
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            b = rng.standard_normal((K, N)).astype(np.float32)
+            bias = rng.standard_normal(N).astype(np.float32) if (M + i) % 2 else None
+            out = cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), act=act,
+                               bias=None if bias is None else rt.to_device(bias))
+            assert_close(out.get(), _ref(a, b, False, False, bias=bias, act=act), 1e-5, f"M,K,N={M},{K},{N}")
+            out.release()
+    assert len(calls) == 32
+    # Nine rows, a transpose or accumulation go to the block kernel.
+    x = rt.to_device(rng.standard_normal((9, 20)).astype(np.float32))
+    w = rt.to_device(rng.standard_normal((20, 7)).astype(np.float32))
+    cl_gemm.gemm(rt, x, w).release()
+    assert len(calls) == 32
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
 def test_gemm_epilogue(rt, variant, act):
     """alpha, accumulate into out, bias and activation together; also with K split into chunks."""
     rng = np.random.default_rng(7)

@@ -398,9 +398,9 @@ class Runtime:
             kernel.set_scalar_arg_dtypes([None if t is None else np.dtype(t) for t in sig])
             self._arg_types[id(kernel)] = sig
         kernel.set_args(*vals)
-        gsize = tuple(int(g) for g in gsize)
+        gsize = tuple(map(int, gsize))
         if lsize is not None:
-            lsize = tuple(int(v) for v in lsize)
+            lsize = tuple(map(int, lsize))
             gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
         try:
             return cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
@@ -447,7 +447,8 @@ class Runtime:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         key = max(nbytes, 4)
         with self._lock:
-            fit = pool_fit([k for k, v in self._pool.items() if v], key)
+            # pool_fit's first choice, the exact size, without listing the pool (the common case, every step)
+            fit = key if self._pool.get(key) else pool_fit([k for k, v in self._pool.items() if v], key)
             buf = self._pool[fit].pop() if fit is not None else None
         if buf is None:
             buf = self._alloc(key)

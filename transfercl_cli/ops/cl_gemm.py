@@ -49,6 +49,10 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     if M == 0 or N == 0:
         return out
     cfg = _resolve(rt, variant)
+    if (variant is None and cfg["kind"] == "cpu" and M <= SMALL_M and not (trans_a or trans_b or accumulate)
+            and alpha == 1.0):
+        _gemm_small_m(rt, a2, b2, out, M, N, K, bias, _ACT[act])
+        return out
     if variant is None and cfg["kind"] == "cpu":
         cfg = _shape_variant(cfg, M, N, K, trans_a, trans_b)
     if cfg["kind"] == "naive":
@@ -467,6 +471,19 @@ def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
     if cfg.get("kb") is None:  # equal chunks: a short last chunk would cost a scratch round trip for little work
         kb = _cdiv(kc, _cdiv(kc, kb))
     return {"apack": int(apack), "nb_direct": int(nb), "kc": kc, "kb": max(1, kb), "gi": max(1, int(gi))}
+
+
+SMALL_M = 8  # up to this many rows (a dense layer's batch) the CPU path runs gemm_small_m
+
+
+def _gemm_small_m(rt, a, b, out, M, N, K, bias, act):
+    """Rows M <= SMALL_M, row-major A and B read in place (gemm.cl gemm_small_m; SM, its row count, is the next
+    power of two, so four programs cover every M)."""
+    sm = 1 << (int(M) - 1).bit_length()
+    k = rt.kernel("gemm", "gemm_small_m", {"SM": sm})
+    i32 = np.int32
+    rt.launch(k, (_cdiv(N, 16),), (1,), i32(M), i32(N), i32(K), a, b, out, bias if bias is not None else out,
+              i32(bias is not None), i32(act))
 
 
 def _gemm_naive(rt, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
