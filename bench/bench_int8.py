@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -30,7 +32,15 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def layout(sess, x):
+    """x (NHWC) as the session's input wants it: a float export of a model fine-tuned from an ONNX file keeps that
+    file's input (often NCHW); tcl's own exports take NHWC."""
+    shape = sess.get_inputs()[0].shape
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if shape[1] == x.shape[3] != shape[3] else x
+
+
 def time_calls(sess, x, calls):
+    x = layout(sess, x)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})  # warm-up
     ts = []
@@ -42,8 +52,7 @@ def time_calls(sess, x, calls):
 
 
 def accuracy(sess, x, y):
-    import numpy as np
-
+    x = layout(sess, x)
     name = sess.get_inputs()[0].name
     z = np.concatenate([sess.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
     return float(np.mean(np.argmax(z, 1) == y))
@@ -57,8 +66,6 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    import numpy as np
-
     from transfercl_cli.data import recipe_splits
     from transfercl_cli.evaluate import _model_preprocess
     from transfercl_cli.export_run import _decode, export_run

@@ -148,6 +148,49 @@ def test_qdq_onnx_export_runs_in_onnxruntime_and_comes_back(folded, tmp_path):
     assert np.max(np.abs(Predictor(back, "cpu").probs(x) - Predictor(qg, "cpu").probs(x))) < 1e-4
 
 
+def _residual(rng):
+    """conv a (1x1, relu) -> conv b (3x3) -> add(b, a) -> relu -> conv c (1x1, relu) -> global pool -> dense."""
+    from transfercl_cli.graph import Graph, Node
+
+    def conv(name, x, y, k, cin, cout, act=None):
+        p = k // 2
+        return Node(name, "conv2d", [x], [y], {"kernel": (k, k), "strides": (1, 1), "dilations": (1, 1),
+                                               "pads": (p, p, p, p), "groups": 1, "act": act},
+                    {"weight": rng.normal(0, 0.5, (k, k, cin, cout)).astype(np.float32),
+                     "bias": rng.normal(0, 0.1, cout).astype(np.float32)})
+    nodes = [conv("a", "input", "ya", 1, 3, 8, "relu"), conv("b", "ya", "yb", 3, 8, 8),
+             Node("res", "add", ["yb", "ya"], ["s"]), Node("res_relu", "relu", ["s"], ["r"]),
+             conv("c", "r", "yc", 1, 8, 16, "relu"), Node("pool", "global_avgpool", ["yc"], ["p"], {"keepdims": False}),
+             Node("fc", "dense", ["p"], ["logits"], {}, {"weight": rng.normal(0, 0.5, (16, 3)).astype(np.float32)})]
+    return Graph(nodes, {"input": (9, 9, 3)}, ["logits"], "residual")
+
+
+def test_residual_add_of_int8_tensors_is_quantized_and_fused(tmp_path):
+    g = st.fold_for_int8(_residual(np.random.default_rng(6)))
+    x = _images(16, seed=4)
+    calib = st.calibrate(g, x, "cpu")
+    assert {"ya", "yb"} <= set(calib.ranges)
+    qg, qw = st.static_int8(g, calib)
+    fq = {n.inputs[0]: n.outputs[0] for n in qg.nodes if n.op == "fake_quant"}
+    assert qg.node("res").inputs == [fq["yb"], fq["ya"]] and qg.node("c").inputs[0] == fq["r"]
+    # With conv b float, the Add's inputs stay as they are (a float layer's output is not rounded for it).
+    qg2, _ = st.static_int8(g, calib, skip=["b"])
+    assert qg2.node("res").inputs == ["yb", "ya"]
+    p = tmp_path / "res.onnx"
+    export_onnx(qg, str(p), int8=qw)
+    from transfercl_cli.backends import make_backend
+    from transfercl_cli.executor import run_forward
+
+    want = run_forward(qg, make_backend("cpu"), {"input": x})["logits"]
+    got = _ort(p, x)
+    assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") >= 2 and "QLinearAdd" in fused, fused
+
+
 def test_standing_batchnorm_with_fused_relu_and_pool_exports_unfused(tmp_path):
     """fold_frozen's BatchNorm that carries its ReLU and the global pool after it is written as the three ops (the
     ONNX writer used to write the BatchNorm alone)."""

@@ -7,7 +7,8 @@ activation of the layer before, so one QuantizeLinear/DequantizeLinear pair on a
 output onnxruntime's fusion needs from the conv before it. Every conv2d/dense layer that goes int8 gets
 per-output-channel int8 weights (export.quantize_int8) and a `fake_quant` node on its input: uint8 with a zero point
 (asymmetric; exactly 0 for a non-negative tensor, so ReLU outputs keep all 256 levels), scale and zero point from the
-calibration ranges. tcl runs that graph itself, so the accuracy it reports is the int8 network's, not a guess; the
+calibration ranges; so do the inputs of a residual Add whose inputs all come from int8 layers (through ReLUs and
+other such Adds), which lets onnxruntime fuse the conv before it and the Add itself. tcl runs that graph itself, so the accuracy it reports is the int8 network's, not a guess; the
 ONNX writer turns each fake_quant into QuantizeLinear + DequantizeLinear.
 """
 import numpy as np
@@ -45,7 +46,8 @@ def calibrate(graph, x, device=None, batch=8, progress=None):
     from .executor import Executor
 
     layers = {n.name: n for n in graph.nodes}
-    targets = sorted({layers[name].inputs[0] for name in quantizable(graph)})
+    targets = sorted({layers[name].inputs[0] for name in quantizable(graph)}
+                     | {t for n in graph.nodes if n.op == "add" for t in n.inputs})
     be = make_backend(device)
     ex = Executor(graph, be)
     feed = next(iter(graph.inputs))
@@ -133,21 +135,35 @@ def static_int8(graph, calib, skip=(), correct_bias=True):
         return name
 
     quantized = {}  # tensor -> its fake-quantized copy (one per tensor, whichever int8 layers read it)
+    int8_out = set()  # tensors made by int8 layers, or by residual Adds of such tensors
     nodes = []
+
+    def quant(t, reader):
+        if t not in quantized:
+            scale, zp = qparams(*ranges[t])
+            quantized[t] = fresh(f"{t}_quantized")
+            nodes.append(Node(fresh(f"{reader}_input_quant"), "fake_quant", [t], [quantized[t]],
+                              {"scale": scale, "zero_point": zp, "dtype": "uint8"}, {}, "QuantizeLinear"))
+        return quantized[t]
+
     for n in qg.nodes:
         if n.op in ("conv2d", "dense") and "weight" in n.params and n.name not in skip:
-            t = n.inputs[0]
-            if t not in quantized:
-                scale, zp = qparams(*ranges[t])
-                quantized[t] = fresh(f"{t}_quantized")
-                nodes.append(Node(fresh(f"{n.name}_input_quant"), "fake_quant", [t], [quantized[t]],
-                                  {"scale": scale, "zero_point": zp, "dtype": "uint8"}, {}, "QuantizeLinear"))
-            n = Node(n.name, n.op, [quantized[t]] + list(n.inputs[1:]), list(n.outputs), dict(n.attrs), n.params,
+            n = Node(n.name, n.op, [quant(n.inputs[0], n.name)] + list(n.inputs[1:]), list(n.outputs),
+                     dict(n.attrs), n.params, n.source)
+            int8_out.update(n.outputs)
+        elif n.op == "add" and all(t in int8_out for t in n.inputs):
+            # A residual Add of int8 tensors (MobileNetV2, ResNet): quantizing its inputs gives the conv before it
+            # the quantized output onnxruntime needs to fuse it (QLinearConv), and the Add its integer form.
+            n = Node(n.name, n.op, [quant(t, n.name) for t in n.inputs], list(n.outputs), dict(n.attrs), n.params,
                      n.source)
+            int8_out.update(n.outputs)
+        elif n.op in ("relu", "relu6") and n.inputs[0] in int8_out:  # ResNet's ReLU after its Add
+            int8_out.update(n.outputs)
         nodes.append(n)
     out = Graph(nodes, dict(qg.inputs), list(qg.outputs), qg.name, dict(qg.meta))
     out.topo_check()
     out.meta["quantization"] = {"scheme": "static int8: per-output-channel int8 weights, uint8 activations with a "
-                                          "zero point (QDQ)",
+                                          "zero point (QDQ) on int8 layers' inputs and on residual Adds of int8 "
+                                          "tensors",
                                 "weights": sorted(qweights), "activations": sorted(quantized)}
     return out, qweights
