@@ -392,12 +392,15 @@ class Runtime:
         vals = [a.buf if isinstance(a, DeviceArray) else a for a in args]
         # pyopencl packs numpy-scalar arguments through a generic path (~25 us a launch on PoCL, more than the
         # enqueue itself); with the scalars' dtypes declared it packs them with struct (~0.5 us). Declared on a
-        # kernel's first launch, again if a later launch passes other types.
-        sig = tuple(type(v) if isinstance(v, np.generic) else None for v in vals)
-        if self._arg_types.get(id(kernel)) != sig:
-            kernel.set_scalar_arg_dtypes([None if t is None else np.dtype(t) for t in sig])
-            self._arg_types[id(kernel)] = sig
-        kernel.set_args(*vals)
+        # kernel's first launch; a later launch whose types differ fails to pack (struct refuses a float for an
+        # int, pyopencl a number for a buffer) and declares again.
+        if id(kernel) not in self._arg_types:
+            self._declare_args(kernel, vals)
+        try:
+            kernel.set_args(*vals)
+        except Exception:
+            self._declare_args(kernel, vals)
+            kernel.set_args(*vals)
         gsize = tuple(map(int, gsize))
         if lsize is not None:
             lsize = tuple(map(int, lsize))
@@ -406,6 +409,11 @@ class Runtime:
             return cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
         except cl.MemoryError as e:
             raise self._oom(e) from e
+
+    def _declare_args(self, kernel, vals):
+        sig = tuple(type(v) if isinstance(v, np.generic) else None for v in vals)
+        kernel.set_scalar_arg_dtypes([None if t is None else np.dtype(t) for t in sig])
+        self._arg_types[id(kernel)] = sig
 
     def local_size(self, want, kernel=None):
         """Clamp a wanted 1-D work-group size to the device (and kernel) limits."""
