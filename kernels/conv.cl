@@ -496,6 +496,26 @@ __kernel void copy2d(const __global float* restrict src, int sld, int sr0, int s
 
 // Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where
 // 0 < y < 6. MODE 1 relu, 2 relu6 (runtime argument).
+// The weights of a stride-1 convolution's input gradient as a forward convolution of gy: wt[kh][kw][i][c] =
+// w[KH-1-kh][KW-1-kw][j][g*COG + i] for output channel c = g*CG + j (HWIO, groups G, CG input and COG output
+// channels per group): a transpose per tap and group. A work-item moves a 16 x 16 tile (its 16 source rows stay in
+// L1, so reads and writes both go along rows; one element per work-item read w with a stride of COUT floats and
+// took longer than the convolution). Global size (ceil(CG / 16), ceil(COG / 16), KH*KW*G).
+__kernel void conv_weight_flip(const __global float* restrict w, __global float* restrict wt, int KH, int KW, int CG,
+                               int COUT, int G)
+{
+    const int j0 = get_global_id(0) * 16, i0 = get_global_id(1) * 16, t = get_global_id(2);
+    const int COG = COUT / G, C = CG * G;
+    if (j0 >= CG || i0 >= COG || t >= KH * KW * G) return;
+    const int g = t % G, tap = t / G;
+    const int kh = tap / KW, kw = tap - (tap / KW) * KW;
+    const int flip = (KH - 1 - kh) * KW + (KW - 1 - kw);
+    const int i1 = min(i0 + 16, COG), j1 = min(j0 + 16, CG);
+    for (int i = i0; i < i1; i++)
+        for (int j = j0; j < j1; j++)
+            wt[((size_t)flip * COG + i) * C + g * CG + j] = w[((size_t)tap * CG + j) * COUT + g * COG + i];
+}
+
 __kernel void act_mask(const __global float* restrict gy, const __global float* restrict y,
                        __global float* restrict out, int n, int mode)
 {

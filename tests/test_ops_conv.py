@@ -68,6 +68,11 @@ CONV_CASES = [
     (1, 9, 8, 64, 64, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 2, False, "relu6"),   # grouped, 2 x 16, stride 2
     (2, 6, 7, 24, 16, (3, 3), (1, 1), (2, 2), (2, 1, 2, 3), 4, True, None),       # grouped, 4 per group, dilated
     (1, 5, 6, 18, 24, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 3, True, None),       # grouped 5x5, 8 per group
+    # stride 1 with channels per group that fill a vector: the input gradient runs as a flipped direct conv
+    (2, 6, 7, 8, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, "relu"),      # 8 -> 12, pads 1
+    (1, 7, 5, 16, 20, (3, 3), (1, 1), (1, 1), (0, 0, 2, 1), 1, False, None),      # asymmetric pads
+    (2, 6, 6, 16, 3, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 1, True, None),        # 5x5, 3 outputs (dx: CIN 3)
+    (1, 5, 8, 24, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, None),       # grouped, 12 in per group
 ]
 
 
@@ -115,6 +120,25 @@ def test_conv2d_opencl_im2col_forward(npbe, clbe, case, monkeypatch):
         assert cl_conv.use_group_direct(clbe.rt, geom_groups, cout)
     monkeypatch.setattr(cl_conv, "GROUP_DIRECT", False)
     check_op(npbe, clbe, node, [x], backward=False)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[6] == (1, 1) and c[7] == (1, 1) and c[5] != (1, 1)],
+                         ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}g{c[9]}")
+def test_conv2d_flipped_dx_matches_im2col(npbe, clbe, case, monkeypatch):
+    """The stride-1 input gradient as a direct convolution of gy with flipped weights (where a direct kernel fits),
+    against the reference, and the im2col + col2im path it replaces on the same case."""
+    from transfercl_cli.ops import cl_conv
+
+    node, x = _conv_case(case)
+    N, H, W, C, Cout = case[:5]
+    geom = (case[5][0], case[5][1], 1, 1, 1, 1, *case[8])
+    assert not cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, cl_conv.FLIPPED_DX_MIN_PIXELS - 1)
+    monkeypatch.setattr(cl_conv, "FLIPPED_DX_MIN_PIXELS", 0)  # these test maps are small
+    if C > cl_conv.DIRECT_MAX_CIN and (C // case[9]) % 4 == 0:
+        assert cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, H * W)
+    check_op(npbe, clbe, node, [x])
+    monkeypatch.setattr(cl_conv, "FLIPPED_DX", False)
+    check_op(npbe, clbe, node, [x])
 
 
 def test_conv2d_opencl_chunked(npbe, clbe, monkeypatch):

@@ -12,9 +12,13 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - k x k (any strides, dilations, groups; not depthwise) whose output channels per group fill a vector (4 or more),
   forward: the direct kernel conv_group_fwd, NBV vectors of output channels of one group for PIX pixels per
   work-item, the input row segment in registers per input channel; no im2col matrix, no per-group copies.
-- everything else (and the backward of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g)
-  matrix, then GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same
-  scratch, then a col2im gather kernel.
+- k x k, stride 1, dilation 1, backward dX: the forward of dY with the weights flipped in space and input/output
+  channels swapped per group (conv_weight_flip), padded by k - 1 - pad, through the direct kernels above, where
+  one of them fits the flipped shape (FLIPPED_DX).
+- everything else (and dW of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then
+  GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same scratch,
+  then a col2im gather kernel.
+- max/average pooling forward on CPUs: 32 channels of one output pixel per work-item (pool.cl *_fwd_rows).
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
   kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
   recomputes each window's argmax (first maximum in window order, as the reference) in a small int32 scratch.
@@ -50,6 +54,12 @@ DW_SMALL_ITEM = 32
 # Convolutions (groups 1, not pointwise) with at most this many input channels run the direct kernel forward
 # (conv1 on RGB images) instead of im2col + GEMM.
 DIRECT_MAX_CIN = 4
+# Stride-1 convolutions compute their input gradient as a direct forward convolution of gy with flipped weights
+# (conv_backward); False: im2col + GEMM + col2im, as every other convolution (tests compare the two).
+FLIPPED_DX = True
+# ...for inputs of at least this many pixels: on smaller maps with many channels (ResNet's 7x7x512) im2col + GEMM
+# was faster (batch 16: 25 ms against 29-33 ms; 14x14x256: 33 against 22 ms; 56x56x64: 83 against 15 ms).
+FLIPPED_DX_MIN_PIXELS = 100
 # KxK convolutions (grouped or not, not depthwise) whose output channels per group fill a vector run the direct
 # kernel conv_group_fwd forward instead of im2col + a GEMM per group. PoCL, 2 cores, batch 8, 3x3: 4.8-13.7x faster
 # on RegNetX-400MF's grouped shapes (16 channels per group), 1.0-2.2x on ResNet-18's (56x56x64 .. 7x7x512).
@@ -404,6 +414,34 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
     return y
 
 
+def flipped_dx_ok(rt, geom, groups, C, Cout, pixels):
+    """Whether the input gradient of this convolution (its input: `pixels` = H * W) runs as a direct forward
+    convolution of gy (stride 1, dilation 1, pads within the kernel, a map of at least FLIPPED_DX_MIN_PIXELS, and a
+    direct kernel for the flipped shape): FLIPPED_DX = False turns it off (tests compare the two paths)."""
+    kh, kw, sh, sw, dh, dw, pt, pl, pb, pr = geom[:10]
+    if not FLIPPED_DX or (sh, sw, dh, dw) != (1, 1, 1, 1) or max(pt, pb) > kh - 1 or max(pl, pr) > kw - 1:
+        return False
+    if pixels < FLIPPED_DX_MIN_PIXELS:
+        return False
+    return use_group_direct(rt, groups, C) or (groups == 1 and Cout <= DIRECT_MAX_CIN)
+
+
+def _flipped_dx(rt, w, gy, geom, groups, dx):
+    """dx of a stride-1 convolution: gy convolved with the weights flipped in space and with input and output
+    channels swapped within each group (conv_weight_flip), padded by kernel - 1 - pad, through the direct forward
+    kernels: no im2col / col2im matrix."""
+    kh, kw, cg, Cout = w.shape
+    pt, pl, pb, pr = geom[6:10]
+    H, W = dx.shape[1], dx.shape[2]
+    wt = rt.empty((kh, kw, Cout // groups, cg * groups))
+    rt.launch(rt.kernel("conv", "conv_weight_flip"), (_cdiv(cg, 16), _cdiv(Cout // groups, 16), kh * kw * groups),
+              (1, 1, 1), w, wt, i32(kh), i32(kw), i32(cg), i32(Cout), i32(groups))
+    g2 = (kh, kw, 1, 1, 1, 1, kh - 1 - pt, kw - 1 - pl, kh - 1 - pb, kw - 1 - pr, H, W)
+    conv_forward(rt, gy, wt, None, g2, groups, None, dx)
+    wt.release()
+    return dx
+
+
 def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
     """(dx, dW, db) of a general convolution; gy already masked by the activation."""
     from .cl_gemm import gemm
@@ -427,6 +465,11 @@ def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
         if need_w:
             gemm(rt, x.reshape(N * H * W, C), gy2, dW.reshape(C, Cout), trans_a=True)
         return dx, dW, db
+    if need_x and flipped_dx_ok(rt, geom, G, C, Cout, H * W):
+        _flipped_dx(rt, w, gy, geom, G, dx)
+        need_x = False  # the weight gradient below still goes through im2col + GEMM
+        if not need_w:
+            return dx, dW, db
     K = kh * kw * cg
     nimg = _chunk_images(rt, N, OH, OW, K)
     whole = nimg == N
