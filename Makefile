@@ -58,7 +58,13 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_gemm.py
 	$(PY) bench/bench_depthwise.py
 	$(PY) bench/bench_mobilenet.py --rounds 3 --markdown bench/results/bench_mobilenet.md | tee bench/results/bench_mobilenet.txt
+	@$(MAKE) -s --no-print-directory bench-int8
 	@$(MAKE) -s --no-print-directory bench-zoo
+
+# Static int8 ONNX against float32 in onnxruntime (issue 16; onnxruntime comes with the test extras) on the demo run.
+bench-int8: $(VENV)/.installed
+	test -d runs/sample_dogs_cats || $(TCL) finetune configs/sample_dogs_cats.yaml
+	$(PY) bench/bench_int8.py --json bench/results/bench_int8.json | tee bench/results/bench_int8.txt
 
 # tcl against onnxruntime and PyTorch on twelve architectures (issue 15): needs torch, torchvision and onnxruntime,
 # kept out of .venv; BENCH_PY is a Python that has them and tcl (bench/bench_zoo.py's docstring: set-up).
@@ -66,4 +72,4 @@ BENCH_PY ?= /work/zoo-venv/bin/python
 bench-zoo:
 	$(BENCH_PY) bench/bench_zoo.py --markdown bench/results/bench_zoo.md
 
-.PHONY: install demo path-hint install-user uninstall-user test bench bench-zoo
+.PHONY: install demo path-hint install-user uninstall-user test bench bench-int8 bench-zoo
