@@ -8,8 +8,9 @@ output onnxruntime's fusion needs from the conv before it. Every conv2d/dense la
 per-output-channel int8 weights (export.quantize_int8) and a `fake_quant` node on its input: uint8 with a zero point
 (asymmetric; exactly 0 for a non-negative tensor, so ReLU outputs keep all 256 levels), scale and zero point from the
 calibration ranges; so do the inputs of a residual Add whose inputs all come from int8 layers (through ReLUs and
-other such Adds), which lets onnxruntime fuse the conv before it and the Add itself. tcl runs that graph itself, so the accuracy it reports is the int8 network's, not a guess; the
-ONNX writer turns each fake_quant into QuantizeLinear + DequantizeLinear.
+other such Adds), which lets onnxruntime fuse the conv before it and the Add itself. tcl runs that graph itself, so
+the accuracy it reports is the int8 network's, not a guess; the ONNX writer turns each fake_quant into
+QuantizeLinear + DequantizeLinear.
 """
 import numpy as np
 
@@ -32,9 +33,9 @@ def quantizable(graph):
 
 
 class Calibration:
-    """What the calibration images say about each quantizable layer's input tensor: `ranges` {tensor: (lo, hi)},
-    the mean over batches of each batch's 0.01th and 99.99th percentile; `means` {tensor: per-channel mean (last
-    axis)}, for bias correction."""
+    """What the calibration images say about each quantizable layer's (and residual Add's) input tensor: `ranges`
+    {tensor: (lo, hi)}, the mean over batches of each batch's 0.01th and 99.99th percentile; `means` {tensor:
+    per-channel mean (last axis)}, for bias correction."""
 
     def __init__(self, ranges, means):
         self.ranges, self.means = ranges, means
@@ -45,6 +46,9 @@ def calibrate(graph, x, device=None, batch=8, progress=None):
     from .backends import make_backend
     from .executor import Executor
 
+    if not len(x):
+        raise TclError("No calibration image to measure the activation ranges on.",
+                       "Check the run's training split (data.root in recipe.resolved.yaml).")
     layers = {n.name: n for n in graph.nodes}
     targets = sorted({layers[name].inputs[0] for name in quantizable(graph)}
                      | {t for n in graph.nodes if n.op == "add" for t in n.inputs})
@@ -70,9 +74,6 @@ def calibrate(graph, x, device=None, batch=8, progress=None):
             highs[t].append(float(hi))
         if progress:
             progress("activation ranges", min(i + batch, len(x)), len(x))
-    if not len(x):
-        raise TclError("No calibration image to measure the activation ranges on.",
-                       "Check the run's training split (data.root in recipe.resolved.yaml).")
     return Calibration({t: (float(np.mean(lows[t])), float(np.mean(highs[t]))) for t in targets},
                        {t: sums[t] / counts[t] for t in targets})
 
