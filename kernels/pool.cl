@@ -235,6 +235,90 @@ __kernel void maxpool_fwd_rows(const __global float* restrict x, __global float*
     }
 }
 
+// Max pooling backward, CPU style, in two passes like maxpool_argmax / maxpool_bwd above but POOL_CW channels per
+// work-item in float16 registers. The argmax index ih*W + iw is stored as a float (exact below 2^24; the host
+// takes the int32 kernels beyond), so it moves through the same vector loads as the data.
+// First maximum in window order, as maxpool_argmax; -1 for an empty window. Global size (ceil(C/POOL_CW), OW, N*OH).
+POOL_VEC512
+__kernel void maxpool_argmax_rows(const __global float* restrict x, __global float* restrict y,
+                                  int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
+{
+    POOL_ROWS_ITEM()
+    if (c0 + POOL_CW <= C) {
+        float16 m[POOL_CW / 16], best[POOL_CW / 16];
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {
+            m[v] = (float16)(-INFINITY);
+            best[v] = (float16)(-1.0f);
+        }
+        for (int ih = h0; ih < h1; ih++)
+            for (int iw = w0; iw < w1; iw++) {
+                const __global float* xp = xn + ((size_t)ih * W + iw) * C;
+                const float16 me = (float16)((float)(ih * W + iw));
+                _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {
+                    const float16 t = VLD16(xp + 16 * v);
+                    const int16 take = isgreater(t, m[v]) | isless(best[v], (float16)(0.0f));
+                    m[v] = select(m[v], t, take);
+                    best[v] = select(best[v], me, take);
+                }
+            }
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) VST16(yp + 16 * v, best[v]);
+        return;
+    }
+    for (int c = 0; c < C - c0; c++) {
+        float m = -INFINITY, best = -1.0f;
+        for (int ih = h0; ih < h1; ih++)
+            for (int iw = w0; iw < w1; iw++) {
+                const float t = xn[((size_t)ih * W + iw) * C + c];
+                if (t > m || best < 0.0f) {
+                    m = t;
+                    best = (float)(ih * W + iw);
+                }
+            }
+        yp[c] = best;
+    }
+}
+
+// dx[n, h, w, c] = sum of gy over the windows whose (float) argmax is (h, w); POOL_CW channels per work-item.
+// Global size (ceil(C/POOL_CW), W, N*H).
+POOL_VEC512
+__kernel void maxpool_bwd_rows(const __global float* restrict gy, const __global float* restrict idx,
+                               __global float* restrict dx,
+                               int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
+{
+    const int c0 = get_global_id(0) * POOL_CW;
+    if (c0 >= C) return;
+    const int w = get_global_id(1);
+    const int nh = get_global_id(2);
+    const int n = nh / H, h = nh - n * H;
+    const float mef = (float)(h * W + w);
+    const int oh0 = first_cover(h, kh, sh, pt), oh1 = min(OH - 1, (h + pt) / sh);
+    const int ow0 = first_cover(w, kw, sw, pl), ow1 = min(OW - 1, (w + pl) / sw);
+    __global float* dp = dx + ((size_t)nh * W + w) * C + c0;
+    if (c0 + POOL_CW <= C) {
+        float16 s[POOL_CW / 16];
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) s[v] = (float16)(0.0f);
+        for (int oh = oh0; oh <= oh1; oh++)
+            for (int ow = ow0; ow <= ow1; ow++) {
+                const size_t o = ((size_t)(n * OH + oh) * OW + ow) * C + c0;
+                _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {
+                    const int16 mine = isequal(VLD16(idx + o + 16 * v), (float16)(mef));
+                    s[v] += select((float16)(0.0f), VLD16(gy + o + 16 * v), mine);
+                }
+            }
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) VST16(dp + 16 * v, s[v]);
+        return;
+    }
+    for (int c = 0; c < C - c0; c++) {
+        float t = 0.0f;
+        for (int oh = oh0; oh <= oh1; oh++)
+            for (int ow = ow0; ow <= ow1; ow++) {
+                const size_t o = ((size_t)(n * OH + oh) * OW + ow) * C + c0 + c;
+                if (idx[o] == mef) t += gy[o];
+            }
+        dp[c] = t;
+    }
+}
+
 POOL_VEC512
 __kernel void avgpool_fwd_rows(const __global float* restrict x, __global float* restrict y,
                                int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl,

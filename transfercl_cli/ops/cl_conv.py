@@ -18,10 +18,11 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - everything else (and dW of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then
   GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same scratch,
   then a col2im gather kernel.
-- max/average pooling forward on CPUs: 32 channels of one output pixel per work-item (pool.cl *_fwd_rows).
+- max/average pooling forward and max pooling backward on CPUs: 32 channels per work-item (pool.cl *_rows).
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
   kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
-  recomputes each window's argmax (first maximum in window order, as the reference) in a small int32 scratch.
+  recomputes each window's argmax (first maximum in window order, as the reference) in a scratch (int32, or
+  float indices on CPUs).
 
 Fused activations are an inference epilogue; the backward still masks the incoming gradient by the output.
 """
@@ -602,10 +603,18 @@ def maxpool_bwd(be, node, saved, gys, need):
     N, H, W, C = x.shape
     OH, OW = geom[8], geom[9]
     args = _pool_args(x.shape, geom)
-    idx = rt.empty((N, OH, OW, C), np.int32)
-    rt.launch(rt.kernel("pool", "maxpool_argmax"), (C, OW, N * OH), None, x, idx, *args)
     dx = rt.empty(x.shape)
-    rt.launch(rt.kernel("pool", "maxpool_bwd"), (C, W, N * H), None, gys[0], idx, dx, *args)
+    if _cpu_style(rt) and H * W < 1 << 24:  # float argmax indices are exact below 2^24
+        d = {"POOL_CW": POOL_CW}
+        idx = rt.empty((N, OH, OW, C))
+        rt.launch(rt.kernel("pool", "maxpool_argmax_rows", d), (-(-C // POOL_CW), OW, N * OH), (1, 1, 1), x, idx,
+                  *args)
+        rt.launch(rt.kernel("pool", "maxpool_bwd_rows", d), (-(-C // POOL_CW), W, N * H), (1, 1, 1), gys[0], idx,
+                  dx, *args)
+    else:
+        idx = rt.empty((N, OH, OW, C), np.int32)
+        rt.launch(rt.kernel("pool", "maxpool_argmax"), (C, OW, N * OH), None, x, idx, *args)
+        rt.launch(rt.kernel("pool", "maxpool_bwd"), (C, W, N * H), None, gys[0], idx, dx, *args)
     idx.release()
     return [dx], {}
 
