@@ -66,10 +66,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    from transfercl_cli.data import recipe_splits
-    from transfercl_cli.evaluate import _model_preprocess
+    from transfercl_cli.evaluate import _model_preprocess, run_eval_items
     from transfercl_cli.export_run import _decode, export_run
-    from transfercl_cli.recipe import load_recipe
     from transfercl_cli.runfile import load_run_model
 
     if not os.path.isdir(args.run_dir):
@@ -80,8 +78,7 @@ def main():
         t = time.perf_counter()
         q = export_run(args.run_dir, "onnx", output=i8, int8=True)["int8"]
         export_s = time.perf_counter() - t
-        splits = recipe_splits(load_recipe(os.path.join(args.run_dir, "recipe.resolved.yaml"))["data"])
-        x, y = _decode(splits["test"] or splits["val"] or splits["train"], _model_preprocess(load_run_model(args.run_dir)))
+        x, y = _decode(run_eval_items(args.run_dir), _model_preprocess(load_run_model(args.run_dir)))
         sess = {"float32": session(f32, args.threads), "int8": session(i8, args.threads)}
         res = {"run_dir": args.run_dir, "threads": args.threads, "rounds": args.rounds,
                "size_mb": {"float32": os.path.getsize(f32) / 1e6, "int8": os.path.getsize(i8) / 1e6},

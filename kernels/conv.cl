@@ -494,8 +494,6 @@ __kernel void copy2d(const __global float* restrict src, int sld, int sr0, int s
     dst[(size_t)(dr0 + r) * dld + dc0 + c] = src[(size_t)(sr0 + r) * sld + sc0 + c];
 }
 
-// Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where
-// 0 < y < 6. MODE 1 relu, 2 relu6 (runtime argument).
 // The weights of a stride-1 convolution's input gradient as a forward convolution of gy: wt[kh][kw][i][c] =
 // w[KH-1-kh][KW-1-kw][j][g*COG + i] for output channel c = g*CG + j (HWIO, groups G, CG input and COG output
 // channels per group): a transpose per tap and group. A work-item moves a 16 x 16 tile (its 16 source rows stay in
@@ -516,6 +514,8 @@ __kernel void conv_weight_flip(const __global float* restrict w, __global float*
             wt[((size_t)flip * COG + i) * C + g * CG + j] = w[((size_t)tap * CG + j) * COUT + g * COG + i];
 }
 
+// Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where
+// 0 < y < 6. MODE 1 relu, 2 relu6 (runtime argument).
 __kernel void act_mask(const __global float* restrict gy, const __global float* restrict y,
                        __global float* restrict out, int n, int mode)
 {

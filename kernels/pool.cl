@@ -239,6 +239,7 @@ __kernel void maxpool_fwd_rows(const __global float* restrict x, __global float*
 // work-item in float16 registers. The argmax index ih*W + iw is stored as a float (exact below 2^24; the host
 // takes the int32 kernels beyond), so it moves through the same vector loads as the data.
 // First maximum in window order, as maxpool_argmax; -1 for an empty window. Global size (ceil(C/POOL_CW), OW, N*OH).
+// `y` receives the indices (the name POOL_ROWS_ITEM addresses).
 POOL_VEC512
 __kernel void maxpool_argmax_rows(const __global float* restrict x, __global float* restrict y,
                                   int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)

@@ -287,13 +287,20 @@ def run_items(run_dir, split):
     return splits[split]
 
 
-def evaluate_graph_on_run(run_dir, graph, device=None, split="test"):
-    """Accuracy of `graph` on a run's own split (used to measure what int8 quantization changes)."""
-    from .data import ImageLoader, recipe_splits
+def run_eval_items(run_dir, split="test"):
+    """[(path, label)] a run is evaluated on: its `split`, else its validation split, else its training split."""
+    from .data import recipe_splits
     from .recipe import load_recipe
 
     splits = recipe_splits(load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))["data"])
-    items = splits[split] or splits["val"] or splits["train"]
+    return splits[split] or splits["val"] or splits["train"]
+
+
+def evaluate_graph_on_run(run_dir, graph, device=None, split="test"):
+    """Accuracy of `graph` on a run's own split (used to measure what int8 quantization changes)."""
+    from .data import ImageLoader
+
+    items = run_eval_items(run_dir, split)
     pr = Predictor(graph, device)
     pre = _model_preprocess(graph)
     correct = total = 0

@@ -92,11 +92,12 @@ def int8_sensitivity(graph, x, y, quantize, device, threshold, progress=None):
     while the whole int8 model still costs more than `threshold`, the most sensitive quantized layer goes back to
     float."""
     from .evaluate import Predictor
+    from .int8_static import quantizable
 
     progress = progress or (lambda stage, done, total: None)
     p_f = _probs(Predictor(graph, device), x)
     acc_f = _acc(p_f, y)
-    candidates = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and "weight" in n.params]
+    candidates = quantizable(graph)
 
     def measure(kept_float):
         qg, _ = quantize(kept_float)
@@ -186,21 +187,17 @@ def _onnxruntime_check(run_dir, graph, qgraph, device, path, report):
     agrees with tcl's int8 network `qgraph`, and which integer kernels onnxruntime fused (QLinearConv, ...); added
     to the report. Without onnxruntime: only a note (tcl's own accuracy of the same int8 network stands)."""
     import json
+    import tempfile
 
-    from .data import recipe_splits
-    from .evaluate import Predictor, _model_preprocess
-    from .recipe import load_recipe
+    import numpy as np
+
+    from .evaluate import Predictor, _model_preprocess, run_eval_items
 
     try:
+        import onnx
         import onnxruntime as ort
     except ImportError:
         return {"onnxruntime": "not installed: accuracy measured by tcl only"}
-    import numpy as np
-
-    import tempfile
-
-    import onnx
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # its warning that an optimised model is machine-specific: this one is only read
     with tempfile.TemporaryDirectory() as tmp:  # onnxruntime's optimised graph, to see which kernels it fused
@@ -210,8 +207,7 @@ def _onnxruntime_check(run_dir, graph, qgraph, device, path, report):
         for n in onnx.load(opts.optimized_model_filepath).graph.node:
             if n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "MatMulInteger", "ConvInteger"):
                 fused[n.op_type] = fused.get(n.op_type, 0) + 1
-    splits = recipe_splits(load_recipe(os.path.join(run_dir, "recipe.resolved.yaml"))["data"])
-    x, y = _decode(splits["test"] or splits["val"] or splits["train"], _model_preprocess(graph))  # as _int8_accuracy
+    x, y = _decode(run_eval_items(run_dir), _model_preprocess(graph))  # the images _int8_accuracy measured
     name = sess.get_inputs()[0].name
     logits = np.concatenate([sess.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
     ours = _probs(Predictor(qgraph, device), x)

@@ -64,8 +64,8 @@ def calibrate(graph, x, device=None, batch=8, progress=None):
             a = be.to_host(out[t])
             be.release(out[t])
             v = a.reshape(-1)
-            rows = a.reshape(-1, a.shape[-1]).astype(np.float64)
-            sums[t] = sums[t] + rows.sum(0)
+            rows = a.reshape(-1, a.shape[-1])
+            sums[t] = sums[t] + rows.sum(0, dtype=np.float64)
             counts[t] += len(rows)
             if v.size > SAMPLE:
                 v = v[rng.integers(0, v.size, SAMPLE)]
@@ -116,11 +116,14 @@ def static_int8(graph, calib, skip=(), correct_bias=True):
     from .graph import Graph, Node
 
     qg, qweights = quantize_int8(graph, skip=skip)
-    skip = set(skip)
     ranges = calib.ranges
+
+    def is_int8(n):  # exactly the layers quantize_int8 quantized
+        return f"{n.name}/weight" in qweights
+
     if correct_bias:
         for n in qg.nodes:
-            if f"{n.name}/weight" in qweights:
+            if is_int8(n):
                 w = graph.node(n.name).params["weight"]
                 db = bias_correction(n, w, n.params["weight"], calib.means[n.inputs[0]])
                 b = n.params.get("bias")
@@ -148,7 +151,7 @@ def static_int8(graph, calib, skip=(), correct_bias=True):
         return quantized[t]
 
     for n in qg.nodes:
-        if n.op in ("conv2d", "dense") and "weight" in n.params and n.name not in skip:
+        if is_int8(n):
             n = Node(n.name, n.op, [quant(n.inputs[0], n.name)] + list(n.inputs[1:]), list(n.outputs),
                      dict(n.attrs), n.params, n.source)
             int8_out.update(n.outputs)

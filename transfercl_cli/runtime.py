@@ -307,7 +307,7 @@ class Runtime:
             ) from e
         self._programs = {}
         self._kernels = {}
-        self._arg_types = {}  # id(kernel) -> the scalar argument types its invoker packs (launch)
+        self._declared = set()  # id() of the kernels whose scalar argument types pyopencl knows (launch)
         self._pool = defaultdict(list)
         self._lock = threading.Lock()
         self.max_work_group_size = int(self.device.max_work_group_size)
@@ -394,7 +394,7 @@ class Runtime:
         # enqueue itself); with the scalars' dtypes declared it packs them with struct (~0.5 us). Declared on a
         # kernel's first launch; a later launch whose types differ fails to pack (struct refuses a float for an
         # int, pyopencl a number for a buffer) and declares again.
-        if id(kernel) not in self._arg_types:
+        if id(kernel) not in self._declared:
             self._declare_args(kernel, vals)
         try:
             kernel.set_args(*vals)
@@ -411,9 +411,8 @@ class Runtime:
             raise self._oom(e) from e
 
     def _declare_args(self, kernel, vals):
-        sig = tuple(type(v) if isinstance(v, np.generic) else None for v in vals)
-        kernel.set_scalar_arg_dtypes([None if t is None else np.dtype(t) for t in sig])
-        self._arg_types[id(kernel)] = sig
+        kernel.set_scalar_arg_dtypes([v.dtype if isinstance(v, np.generic) else None for v in vals])
+        self._declared.add(id(kernel))
 
     def local_size(self, want, kernel=None):
         """Clamp a wanted 1-D work-group size to the device (and kernel) limits."""
