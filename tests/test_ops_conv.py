@@ -73,6 +73,7 @@ CONV_CASES = [
     (1, 7, 5, 16, 20, (3, 3), (1, 1), (1, 1), (0, 0, 2, 1), 1, False, None),      # asymmetric pads
     (2, 6, 6, 16, 3, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 1, True, None),        # 5x5, 3 outputs (dx: CIN 3)
     (1, 5, 8, 24, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, None),       # grouped, 12 in per group
+    (2, 7, 6, 20, 8, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, True, None),        # im2col/col2im rows, 16 + 4
 ]
 
 
@@ -138,6 +139,20 @@ def test_conv2d_flipped_dx_matches_im2col(npbe, clbe, case, monkeypatch):
         assert cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, H * W)
     check_op(npbe, clbe, node, [x])
     monkeypatch.setattr(cl_conv, "FLIPPED_DX", False)
+    check_op(npbe, clbe, node, [x])
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["rows", "elements"])
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[12], CONV_CASES[14], CONV_CASES[-1]],
+                         ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}g{c[9]}")
+def test_conv2d_im2col_styles(npbe, clbe, case, portable, monkeypatch):
+    """im2col and col2im (the weight gradient and the strided input gradient of every KxK convolution) in both
+    styles: a matrix row per work-item, 16 channels at a time (CPUs; channels per group 5, 32, 6 and 16 + 4) and an
+    element per work-item (GPUs)."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", portable)
+    node, x = _conv_case(case, seed=5)
     check_op(npbe, clbe, node, [x])
 
 

@@ -17,7 +17,8 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
   one of them fits the flipped shape (FLIPPED_DX).
 - everything else (and dW of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then
   GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same scratch,
-  then a col2im gather kernel.
+  then a col2im gather kernel. On CPUs both move a whole matrix row (pixel) per work-item, 16 channels at a time
+  (im2col_rows, col2im_rows).
 - max/average pooling forward and max pooling backward on CPUs: 32 channels per work-item (pool.cl *_rows).
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
   kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
@@ -292,7 +293,11 @@ def _im2col(rt, x, col, geom, Cg, c0, n0, nimg):
     N, H, W, C = x.shape
     kh, kw = geom[0], geom[1]
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
-    rt.launch(rt.kernel("conv", "im2col"), (kh * kw * Cg, OW, nimg * OH), None, x, col,
+    if _cpu_style(rt):  # a work-item per col row, 16 channels at a time
+        gsize, lsize, name = (OW, nimg * OH), (1, 1), "im2col_rows"
+    else:
+        gsize, lsize, name = (kh * kw * Cg, OW, nimg * OH), None, "im2col"
+    rt.launch(rt.kernel("conv", name), gsize, lsize, x, col,
               i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
               *[i32(v) for v in geom[:6]])
 
@@ -300,7 +305,11 @@ def _im2col(rt, x, col, geom, Cg, c0, n0, nimg):
 def _col2im(rt, dcol, dx, geom, Cg, c0, n0, nimg):
     N, H, W, C = dx.shape
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
-    rt.launch(rt.kernel("conv", "col2im"), (Cg, W, nimg * H), None, dcol, dx,
+    if _cpu_style(rt):  # a work-item per dx pixel, 16 channels at a time
+        gsize, lsize, name = (W, nimg * H), (1, 1), "col2im_rows"
+    else:
+        gsize, lsize, name = (Cg, W, nimg * H), None, "col2im"
+    rt.launch(rt.kernel("conv", name), gsize, lsize, dcol, dx,
               i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
               *[i32(v) for v in geom[:6]])
 
