@@ -405,20 +405,6 @@ __kernel KATTR void conv_group_fwd(const __global float* restrict x, const __glo
 
 #else  // generic helpers
 
-// Column sums of a (rows, ncols) matrix in two stages, without atomics.
-// colsum_partial: part[r, c] = sum of rows [r*rows_per, (r+1)*rows_per) of column c. Global size (ncols, R).
-__kernel void colsum_partial(const __global float* restrict a, __global float* restrict part,
-                             int rows, int ncols, int rows_per)
-{
-    const int c = get_global_id(0);
-    const int r = get_global_id(1);
-    if (c >= ncols) return;
-    const int q1 = min((r + 1) * rows_per, rows);
-    float s = 0.0f;
-    for (int q = r * rows_per; q < q1; q++) s += a[(size_t)q * ncols + c];
-    part[(size_t)r * ncols + c] = s;
-}
-
 // colsum_split: column c of the (rows, ncols) matrix summed; c < split goes to out1[c], else out2[c - split]
 // (dW and db of the depthwise partials in one launch). Global size (ncols).
 __kernel void colsum_split(const __global float* restrict a, int rows, int ncols,
@@ -493,28 +479,45 @@ __kernel void col2im(const __global float* restrict dcol, __global float* restri
 #else
 #define ROWS_VEC512
 #endif
+// d[0, n) = s[0, n) (s != 0) or zeros, 16 floats at a time.
+inline void copy_or_zero(__global float* restrict d, const __global float* restrict s, int n)
+{
+    int c = 0;
+    if (s) {
+        for (; c + 16 <= n; c += 16) VST16(d + c, VLD16(s + c));
+        for (; c < n; c++) d[c] = s[c];
+    } else {
+        for (; c + 16 <= n; c += 16) VST16(d + c, (float16)(0.0f));
+        for (; c < n; c++) d[c] = 0.0f;
+    }
+}
+
 // col row of output pixel (ow, qoh = (n - n0)*OH + oh): KH*KW segments of Cg channels, each the input pixel's
-// channels c0.. or zeros outside the image. Global size (OW, nimg*OH).
+// channels c0.. or zeros outside the image. Where those are all the channels (Cg == C) and the taps of a kernel row
+// are adjacent pixels (DW == 1), the row's in-image taps are one contiguous run of x (conv1 on RGB: 21 floats
+// instead of 7 runs of 3). Global size (OW, nimg*OH).
 ROWS_VEC512
 __kernel void im2col_rows(const __global float* restrict x, __global float* restrict col,
                           IM2COL_GEOMETRY)
 {
     const int ow = get_global_id(0), qoh = get_global_id(1);
     const int nl = qoh / OH, oh = qoh - nl * OH;
+    const int iw0 = ow * SW - pl;
+    const int whole = Cg == C && DW == 1;
+    const int j0 = whole ? clamp(-iw0, 0, KW) : 0, j1 = whole ? clamp(W - iw0, j0, KW) : 0;
     __global float* d = col + ((size_t)qoh * OW + ow) * (KH * KW * Cg);
-    for (int i = 0; i < KH; i++) {
+    for (int i = 0; i < KH; i++, d += KW * Cg) {
         const int ih = oh * SH - pt + i * DH;
-        for (int j = 0; j < KW; j++, d += Cg) {
-            const int iw = ow * SW - pl + j * DW;
-            int c = 0;
-            if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
-                const __global float* s = x + ((size_t)((n0 + nl) * H + ih) * W + iw) * C + c0;
-                for (; c + 16 <= Cg; c += 16) VST16(d + c, VLD16(s + c));
-                for (; c < Cg; c++) d[c] = s[c];
-            } else {
-                for (; c + 16 <= Cg; c += 16) VST16(d + c, (float16)(0.0f));
-                for (; c < Cg; c++) d[c] = 0.0f;
-            }
+        const __global float* xr = ih >= 0 && ih < H ? x + (size_t)((n0 + nl) * H + ih) * W * C + c0 : 0;
+        if (whole) {
+            copy_or_zero(d, 0, j0 * C);
+            copy_or_zero(d + j0 * C, xr ? xr + (iw0 + j0) * C : 0, (j1 - j0) * C);
+            copy_or_zero(d + j1 * C, 0, (KW - j1) * C);
+            continue;
+        }
+        for (int j = 0; j < KW; j++) {
+            const int iw = iw0 + j * DW;
+            copy_or_zero(d + j * Cg, xr && iw >= 0 && iw < W ? xr + iw * C : 0, Cg);
         }
     }
 }

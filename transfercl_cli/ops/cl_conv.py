@@ -32,6 +32,7 @@ import numpy as np
 from ..runtime import DeviceArray
 from . import register
 from .ref_conv import conv_geometry, pool_geometry
+from .cl_elementwise import colsum
 from .shapes import global_pool_shape
 
 i32 = np.int32
@@ -105,28 +106,6 @@ def _masked_grad(rt, gy, y, act):
 def _copy2d(rt, src, sld, sr0, sc0, dst, dld, dr0, dc0, rows, cols):
     rt.launch(rt.kernel("conv", "copy2d"), (cols, rows), None, src, i32(sld), i32(sr0), i32(sc0),
               dst, i32(dld), i32(dr0), i32(dc0), i32(rows), i32(cols))
-
-
-def colsum(rt, a2, out1, split=None, out2=None):
-    """Column sums of a (rows, ncols) matrix in two deterministic stages; columns >= split go to out2."""
-    rows, ncols = a2.shape
-    split = ncols if split is None else split
-    out2 = out1 if out2 is None else out2
-    target = 256 if rt.is_cpu else 8192  # partial sums in flight: enough work-items for the device
-    R = max(1, min(rows, _cdiv(target * 16, max(ncols, 1)), 1024))
-    rows_per = _cdiv(rows, R)
-    R = _cdiv(rows, rows_per)
-    if R > 1:
-        part = rt.empty((R, ncols))
-        rt.launch(rt.kernel("conv", "colsum_partial"), (ncols, R), None, a2, part, i32(rows), i32(ncols),
-                  i32(rows_per))
-        src, nrows = part, R
-    else:
-        part, src, nrows = None, a2, rows
-    rt.launch(rt.kernel("conv", "colsum_split"), (ncols,), None, src, i32(nrows), i32(ncols), out1, i32(split),
-              out2)
-    if part is not None:
-        part.release()  # in-order queue: later reuse runs after the reduction
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,8 +446,7 @@ def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
     dW = rt.empty(w.shape) if need_w else None
     db = None
     if need_w and has_bias:
-        db = rt.empty((Cout,))
-        colsum(rt, gy2, db)
+        db = colsum(rt, gy2, 1, N * P, Cout, rt.empty((Cout,)))  # 8 channels per work-item
     if _is_pointwise(geom, G):
         if need_x:
             gemm(rt, gy2, w.reshape(C, Cout), dx.reshape(N * H * W, C), trans_b=True)
