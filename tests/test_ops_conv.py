@@ -156,6 +156,47 @@ def test_conv2d_im2col_styles(npbe, clbe, case, portable, monkeypatch):
     check_op(npbe, clbe, node, [x])
 
 
+WGRAD_CASES = [
+    (2, 6, 7, 5, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, None),        # MR 1, NV 1
+    (2, 7, 6, 6, 32, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, False, None),       # MR 6, NV 2, TF-SAME stride 2
+    (1, 8, 9, 8, 32, (3, 2), (1, 2), (2, 1), (2, 0, 1, 1), 1, True, None),        # dilated, asymmetric
+    (2, 5, 7, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, None),       # groups 2, 16 per group
+    (3, 8, 8, 2, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, None),        # several row chunks
+    (2, 9, 9, 3, 16, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0), 1, True, None),        # 1x1 stride 2 (ResNet shortcut)
+]
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}g{c[9]}")
+@pytest.mark.parametrize("pixels", [128, 1])
+def test_conv2d_direct_wgrad(npbe, clbe, case, pixels, monkeypatch):
+    """The weight gradient without an im2col matrix (conv_wgrad_rows: CPU style, output channels per group a
+    multiple of 16) against the reference, with many rows per register round and with one; the im2col path it
+    replaces on the same case."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    monkeypatch.setattr(cl_conv, "WGRAD_PIXELS", pixels)
+    node, x = _conv_case(case, seed=7)
+    N, H, W, C, Cout = case[:5]
+    assert cl_conv.direct_wgrad_ok(clbe.rt, case[9], C // case[9], Cout // case[9])
+    check_op(npbe, clbe, node, [x])
+    monkeypatch.setattr(cl_conv, "DIRECT_WGRAD", False)
+    check_op(npbe, clbe, node, [x])
+
+
+def test_direct_wgrad_chunks(rt):
+    """Row chunks: whole rows, several where partial sums stay small next to gy (ResNet-18's 56x56x64 at batch 16,
+    the several-chunks case above), one where they would not (7x7x512: dW is 6x the size of gy)."""
+    from transfercl_cli.ops import cl_conv
+
+    for nrows, dw_size, ncob, gy_size, several in [(24, 18 * 16, 1, 3 * 8 * 8 * 16, True),
+                                                   (16 * 56, 576 * 64, 2, 16 * 56 * 56 * 64, True),
+                                                   (16 * 7, 4608 * 512, 16, 16 * 7 * 7 * 512, False)]:
+        n, per = cl_conv.wgrad_chunks(rt, nrows, dw_size, ncob, gy_size)
+        assert n * per >= nrows > (n - 1) * per
+        assert (n > 1) == several and n * dw_size <= max(gy_size // 2, dw_size)
+
+
 def test_conv2d_opencl_chunked(npbe, clbe, monkeypatch):
     """A scratch bound smaller than one batch: the im2col path runs image chunks (forward, dW accumulation)."""
     from transfercl_cli.ops import cl_conv

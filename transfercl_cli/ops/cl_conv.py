@@ -63,10 +63,19 @@ FLIPPED_DX = True
 # ...for inputs of at least this many pixels: on smaller maps with many channels (ResNet's 7x7x512) im2col + GEMM
 # was faster (batch 16: 25 ms against 29-33 ms; 14x14x256: 33 against 22 ms; 56x56x64: 83 against 15 ms).
 FLIPPED_DX_MIN_PIXELS = 100
+# KxK weight gradients (not pointwise, not depthwise) on CPUs with 16k output channels per group: the direct kernel
+# conv_wgrad_rows (no im2col matrix) with about WGRAD_ITEMS_PER_CU work-items per compute unit; False: im2col + GEMM.
+DIRECT_WGRAD = True
+WGRAD_ITEMS_PER_CU = 16
+# ... and about this many output pixels (whole rows) per round of its running sums through registers.
+WGRAD_PIXELS = 128
 # KxK convolutions (grouped or not, not depthwise) whose output channels per group fill a vector run the direct
 # kernel conv_group_fwd forward instead of im2col + a GEMM per group. PoCL, 2 cores, batch 8, 3x3: 4.8-13.7x faster
 # on RegNetX-400MF's grouped shapes (16 channels per group), 1.0-2.2x on ResNet-18's (56x56x64 .. 7x7x512).
 GROUP_DIRECT = True
+# Output maps of at most this many pixels with 256+ input channels run forward as im2col + GEMM on CPUs
+# (im2col_forward_faster).
+IM2COL_MAX_PIXELS = 400
 # Channels per work-item of the CPU-style global average pool (four float16 registers).
 GAP_CW = 64
 # Channels per work-item of the CPU-style max/average pooling forward (pool.cl *_fwd_rows; a multiple of 16).
@@ -342,6 +351,19 @@ def use_group_direct(rt, groups, cout):
     return GROUP_DIRECT and _group_blocks(rt, cout // groups) is not None
 
 
+def im2col_forward_faster(rt, geom, groups, cin, pixels):
+    """Where im2col + GEMM beat the direct kernel forward (CPU style, groups 1, measured on PoCL, 2 cores, batch 1
+    and 8, since im2col moves 16 channels at a time): strides > 1 on 64+ channels (ResNet's 56x56x64 -> 128: 0.89
+    against 1.39 ms at batch 1), 256+ input channels on maps of at most IM2COL_MAX_PIXELS (ResNet's 14x14x256 and
+    7x7x512, VGG's 14x14x512: 1.3-1.5x) and tall kernels one column wide (Inception's 7x1: 1.4x), where the
+    direct kernel's input row segment is reused by few taps. Grouped convolutions stay direct (one GEMM per group
+    is a poor micro-kernel operand)."""
+    kh, kw, sh, sw = geom[:4]
+    if groups != 1 or not _cpu_style(rt):
+        return False
+    return (max(sh, sw) > 1 and cin >= 64) or (cin >= 256 and pixels <= IM2COL_MAX_PIXELS) or (kw == 1 < kh)
+
+
 def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
     """Direct grouped convolution (no im2col matrix, no per-group copies): see conv_group_fwd in kernels/conv.cl."""
     N, H, W, C = x.shape
@@ -369,7 +391,7 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
-    if use_group_direct(rt, G, Cout):
+    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C, OH * OW):
         return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     K = kh * kw * cg
     P = OH * OW
@@ -431,6 +453,55 @@ def _flipped_dx(rt, w, gy, geom, groups, dx):
     return dx
 
 
+def _wgrad_blocks(cg, cog):
+    """(MR, NV) of conv_wgrad_rows: NV float16 vectors of output channels that divide the channels per group (16 or
+    32 at a time), MR input channels dividing theirs (16 accumulators); None when no vector fits."""
+    nv = 2 if cog % 32 == 0 else 1 if cog % 16 == 0 else 0
+    if not nv:
+        return None
+    return next(mr for mr in ((8, 6, 4, 3, 2, 1) if nv == 2 else (16, 8, 4, 2, 1)) if cg % mr == 0), nv
+
+
+def direct_wgrad_ok(rt, groups, cg, cog):
+    """Whether the weight gradient runs as conv_wgrad_rows (CPU style, output channels per group a multiple of 16);
+    DIRECT_WGRAD = False turns it off (tests compare the two paths)."""
+    return DIRECT_WGRAD and _cpu_style(rt) and _wgrad_blocks(cg, cog) is not None
+
+
+def wgrad_chunks(rt, nrows, dw_size, ncob, gy_size):
+    """(chunks, rows per chunk) of conv_wgrad_rows over nrows output rows: about WGRAD_ITEMS_PER_CU work-items per
+    compute unit, but partial sums (dw_size each, written and summed again) of at most half the size of gy in all
+    (ResNet's 7x7x512 and 14x14x256 at batch 16: one or two chunks), and within the scratch bound."""
+    cap = max(1, min(COL_BYTES, int(getattr(rt.info, "max_alloc", COL_BYTES)) // 2) // (dw_size * 4))
+    cap = min(cap, max(1, gy_size // (2 * dw_size)))
+    nchunks = max(1, min(nrows, cap, _cdiv(WGRAD_ITEMS_PER_CU * rt.info.compute_units, ncob)))
+    rows_per = _cdiv(nrows, nchunks)
+    return _cdiv(nrows, rows_per), rows_per
+
+
+def _direct_wgrad(rt, x, gy, geom, groups, dW):
+    """dW of a KxK convolution without an im2col matrix: kernels/conv_wgrad.cl. Chunks of output rows give the
+    work-items (a column sum adds their partial dW when there are several)."""
+    N, H, W, C = x.shape
+    kh, kw, cg, Cout = dW.shape
+    cog = Cout // groups
+    OH, OW = geom[10], geom[11]
+    mr, nv = _wgrad_blocks(cg, cog)
+    ncob = Cout // (16 * nv)
+    nrows = N * OH
+    K = kh * kw * cg
+    nchunks, rows_per = wgrad_chunks(rt, nrows, K * Cout, ncob, gy.size)
+    part = dW if nchunks == 1 else rt.empty((nchunks, K * Cout))
+    d = {"KH": kh, "KW": kw, "SH": geom[2], "SW": geom[3], "DH": geom[4], "DW": geom[5], "MR": mr, "NV": nv}
+    rb = _cdiv(WGRAD_PIXELS, OW)  # rows per register round (see the kernel)
+    rt.launch(rt.kernel("conv_wgrad", "conv_wgrad_rows", d), (ncob, nchunks), (1, 1), x, gy, part,
+              *[i32(v) for v in (H, W, C, OH, OW, Cout, geom[6], geom[7], cg, cog, nrows, rows_per, rb)])
+    if nchunks > 1:
+        colsum(rt, part, 1, nchunks, K * Cout, dW.reshape(K * Cout))
+        part.release()
+    return dW
+
+
 def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
     """(dx, dW, db) of a general convolution; gy already masked by the activation."""
     from .cl_gemm import gemm
@@ -455,9 +526,12 @@ def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
         return dx, dW, db
     if need_x and flipped_dx_ok(rt, geom, G, C, Cout, H * W):
         _flipped_dx(rt, w, gy, geom, G, dx)
-        need_x = False  # the weight gradient below still goes through im2col + GEMM
-        if not need_w:
-            return dx, dW, db
+        need_x = False
+    if need_w and direct_wgrad_ok(rt, G, cg, cog):
+        _direct_wgrad(rt, x, gy, geom, G, dW)
+        need_w = False
+    if not (need_x or need_w):
+        return dx, dW, db
     K = kh * kw * cg
     nimg = _chunk_images(rt, N, OH, OW, K)
     whole = nimg == N
