@@ -21,6 +21,21 @@
 #else
 #define WG_VEC512
 #endif
+// The host always defines these; the defaults let the file build on its own (tcl doctor, the Oclgrind cases).
+#ifndef KH
+#define KH 1
+#define KW 1
+#define SH 1
+#define SW 1
+#define DH 1
+#define DW 1
+#endif
+#ifndef MR
+#define MR 1
+#endif
+#ifndef NV
+#define NV 1
+#endif
 #define NR (16 * NV)
 
 WG_VEC512
