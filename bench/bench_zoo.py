@@ -115,7 +115,7 @@ MODELS = {
     "inception_v3": _tv("Inception v3", ["/Mixed_7a/*", "/Mixed_7b/*", "/Mixed_7c/*"],
                         ["Mixed_7a.", "Mixed_7b.", "Mixed_7c."], "fc", size=299),
     "vgg11": _tv("VGG-11", [f"/features/features.{i}/*" for i in _r(16, 20)] + ["/classifier/*"],
-                 [f"features.{i}." for i in _r(16, 20)] + ["classifier."], "classifier.6"),
+                 ["features.16.", "features.18.", "classifier."], "classifier.6"),  # 17, 19, 20: no parameters
     "mobilenet_v1": dict(title="MobileNet V1 1.0/224 (real weights)", kind="mobilenet_v1", size=224,
                          last_tcl=["conv_pw_13*"], last_torch=["mods.conv_pw_13"], head="mods.head_dense",
                          cut="conv_pw_13_relu", extra_fwd=[32]),

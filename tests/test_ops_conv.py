@@ -197,6 +197,29 @@ def test_direct_wgrad_chunks(rt):
         assert (n > 1) == several and n * dw_size <= max(gy_size // 2, dw_size)
 
 
+def test_im2col_forward_choice(npbe, clbe, monkeypatch):
+    """On CPUs the forward takes im2col + GEMM where it measured faster than the direct kernel (strides > 1 on 64+
+    channels, 256+ input channels, 7x1 kernels) and the direct kernel elsewhere; both give the reference's result."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    rt = clbe.rt
+    g3 = lambda s, k=(3, 3): (*k, s, s, 1, 1)  # noqa: E731  (kernel, strides, dilations)
+    assert cl_conv.im2col_forward_faster(rt, g3(2), 1, 64) and not cl_conv.im2col_forward_faster(rt, g3(2), 1, 32)
+    assert cl_conv.im2col_forward_faster(rt, g3(1), 1, 256) and not cl_conv.im2col_forward_faster(rt, g3(1), 1, 128)
+    assert cl_conv.im2col_forward_faster(rt, g3(1, (7, 1)), 1, 160)
+    assert not cl_conv.im2col_forward_faster(rt, g3(1, (1, 7)), 1, 160)
+    assert not cl_conv.im2col_forward_faster(rt, g3(2), 2, 256)  # grouped: direct
+    monkeypatch.setattr(cl_conv, "PORTABLE", True)
+    assert not cl_conv.im2col_forward_faster(rt, g3(1), 1, 256)  # GPU style: unchanged
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    for case in [(1, 4, 5, 256, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, "relu"),
+                 (2, 7, 6, 64, 16, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, False, None),
+                 (1, 9, 5, 20, 16, (7, 1), (1, 1), (1, 1), (3, 0, 3, 0), 1, True, None)]:
+        node, x = _conv_case(case, seed=9)
+        check_op(npbe, clbe, node, [x], backward=False)
+
+
 def test_conv2d_opencl_chunked(npbe, clbe, monkeypatch):
     """A scratch bound smaller than one batch: the im2col path runs image chunks (forward, dW accumulation)."""
     from transfercl_cli.ops import cl_conv

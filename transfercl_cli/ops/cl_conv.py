@@ -73,9 +73,8 @@ WGRAD_PIXELS = 128
 # kernel conv_group_fwd forward instead of im2col + a GEMM per group. PoCL, 2 cores, batch 8, 3x3: 4.8-13.7x faster
 # on RegNetX-400MF's grouped shapes (16 channels per group), 1.0-2.2x on ResNet-18's (56x56x64 .. 7x7x512).
 GROUP_DIRECT = True
-# Output maps of at most this many pixels with 256+ input channels run forward as im2col + GEMM on CPUs
-# (im2col_forward_faster).
-IM2COL_MAX_PIXELS = 400
+# Convolutions with at least this many input channels run forward as im2col + GEMM on CPUs (im2col_forward_faster).
+IM2COL_MIN_CIN = 256
 # Channels per work-item of the CPU-style global average pool (four float16 registers).
 GAP_CW = 64
 # Channels per work-item of the CPU-style max/average pooling forward (pool.cl *_fwd_rows; a multiple of 16).
@@ -351,17 +350,17 @@ def use_group_direct(rt, groups, cout):
     return GROUP_DIRECT and _group_blocks(rt, cout // groups) is not None
 
 
-def im2col_forward_faster(rt, geom, groups, cin, pixels):
+def im2col_forward_faster(rt, geom, groups, cin):
     """Where im2col + GEMM beat the direct kernel forward (CPU style, groups 1, measured on PoCL, 2 cores, batch 1
     and 8, since im2col moves 16 channels at a time): strides > 1 on 64+ channels (ResNet's 56x56x64 -> 128: 0.89
-    against 1.39 ms at batch 1), 256+ input channels on maps of at most IM2COL_MAX_PIXELS (ResNet's 14x14x256 and
-    7x7x512, VGG's 14x14x512: 1.3-1.5x) and tall kernels one column wide (Inception's 7x1: 1.4x), where the
-    direct kernel's input row segment is reused by few taps. Grouped convolutions stay direct (one GEMM per group
-    is a poor micro-kernel operand)."""
+    against 1.39 ms at batch 1), 256+ input channels at any map size (ResNet's 14x14x256 and 7x7x512, VGG's
+    56x56x256 .. 14x14x512: 1.2-1.8x; with 128 channels the two are even) and tall kernels one column wide
+    (Inception's 7x1: 1.4x), where the direct kernel's input row segment is reused by few taps. Grouped
+    convolutions stay direct (one GEMM per group is a poor micro-kernel operand)."""
     kh, kw, sh, sw = geom[:4]
     if groups != 1 or not _cpu_style(rt):
         return False
-    return (max(sh, sw) > 1 and cin >= 64) or (cin >= 256 and pixels <= IM2COL_MAX_PIXELS) or (kw == 1 < kh)
+    return (max(sh, sw) > 1 and cin >= 64) or cin >= IM2COL_MIN_CIN or (kw == 1 < kh)
 
 
 def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
@@ -391,7 +390,7 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
-    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C, OH * OW):
+    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C):
         return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     K = kh * kw * cg
     P = OH * OW
