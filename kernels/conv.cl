@@ -474,11 +474,6 @@ __kernel void col2im(const __global float* restrict dcol, __global float* restri
 // im2col and col2im, CPU style: one work-item per matrix row (im2col: an output pixel; col2im: an input pixel), its
 // channels moved 16 at a time through float16 registers (the element-per-work-item kernels above cost PoCL ~7x:
 // ResNet-18's 16x56x56x64 3x3 im2col 80 ms, twice its dW GEMM). Same arguments and results as im2col / col2im.
-#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
-#define ROWS_VEC512 __attribute__((min_vector_width(512)))
-#else
-#define ROWS_VEC512
-#endif
 // d[0, n) = s[0, n) (s != 0) or zeros, 16 floats at a time.
 inline void copy_or_zero(__global float* restrict d, const __global float* restrict s, int n)
 {
@@ -496,7 +491,7 @@ inline void copy_or_zero(__global float* restrict d, const __global float* restr
 // channels c0.. or zeros outside the image. Where those are all the channels (Cg == C) and the taps of a kernel row
 // are adjacent pixels (DW == 1), the row's in-image taps are one contiguous run of x (conv1 on RGB: 21 floats
 // instead of 7 runs of 3). Global size (OW, nimg*OH).
-ROWS_VEC512
+VEC512
 __kernel void im2col_rows(const __global float* restrict x, __global float* restrict col,
                           IM2COL_GEOMETRY)
 {
@@ -534,7 +529,7 @@ __kernel void im2col_rows(const __global float* restrict x, __global float* rest
             if (tw < 0 || tw % SW || ow >= OW) continue;                                                        \
             const __global float* p = dcol + ((size_t)(nl * OH + oh) * OW + ow) * K + (i * KW + j) * Cg + (c);
 #define COL2IM_TAPS_END }}
-ROWS_VEC512
+VEC512
 __kernel void col2im_rows(const __global float* restrict dcol, __global float* restrict dx,
                           IM2COL_GEOMETRY)
 {

@@ -16,11 +16,6 @@
 
 #include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
 
-#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
-#define WG_VEC512 __attribute__((min_vector_width(512)))
-#else
-#define WG_VEC512
-#endif
 // The host always defines these; the defaults let the file build on its own (tcl doctor, the Oclgrind cases).
 #ifndef KH
 #define KH 1
@@ -38,7 +33,7 @@
 #endif
 #define NR (16 * NV)
 
-WG_VEC512
+VEC512
 __kernel void conv_wgrad_rows(const __global float* restrict x, const __global float* restrict gy,
                               __global float* restrict part, int H, int W, int C, int OH, int OW, int Cout,
                               int pt, int pl, int CG, int COG, int nrows, int rows_per, int rb)

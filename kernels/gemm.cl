@@ -82,12 +82,6 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 #define NV 2
 #endif
 #define NR (NV * 16)
-// Keeps float16 in single 512-bit registers where PoCL's CPU has them (a Clang attribute: PoCL builds only).
-#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
-#define GEMM_VEC512 __attribute__((min_vector_width(512)))
-#else
-#define GEMM_VEC512
-#endif
 
 // The micro-kernel: acc[MR][NV] += A(rows, k) * B(k, NR columns) for k in [KB, KE).
 #define GEMM_LOOP(ROW, KB, KE)                                                                                  \
@@ -145,7 +139,7 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 // split s, like BLIS inside one work-item: for each KB-deep chunk of k, the B chunk (KB x NR, L1-sized) is reused
 // by the gsz register blocks one after another, whose running sums wait in a private scratch block between
 // chunks (L1/L2). Column blocks vary fastest across work-items, so neighbours share the A rows (L2).
-GEMM_VEC512
+VEC512
 __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, const int kb_len,
                        __global const float* restrict a, const int ars, const int aks, const long a_bs,
                        __global const float* restrict b, const int ldb, const int nb_direct,
@@ -210,7 +204,7 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
 
 // Sum of the K-split partial blocks, then the epilogue. One work-item per MR x NR block of C; the nsplit partial
 // blocks of a tile lie one after another (sequential reads).
-GEMM_VEC512
+VEC512
 __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global const float* restrict w,
                           __global float* restrict c, const float alpha, const int accumulate,
                           __global const float* restrict bias, const int has_bias, const int act) {
@@ -316,27 +310,27 @@ __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global c
         }                                                                                                       \
     }
 
-GEMM_VEC512
+VEC512
 __kernel void gemm_pack_a_rows(const int lanes, const int K, __global const float* restrict src, const int sk,
                                __global float* restrict out) {
     PACK_ROWS_BODY(MR)
 }
 
-GEMM_VEC512
+VEC512
 __kernel void gemm_pack_b_rows(const int lanes, const int K, __global const float* restrict src, const int sk,
                                __global float* restrict out, const int jb0) {
     src += (size_t)jb0 * NR;
     PACK_ROWS_BODY(NR)
 }
 
-GEMM_VEC512
+VEC512
 __kernel void gemm_pack_a(const int lanes, const int K, __global const float* restrict src, const int sl,
                           const int sk, __global float* restrict out) {
     PACK_BODY(MR)
 }
 
 // B panels from column block jb0 on (the blocks before it are read in place).
-GEMM_VEC512
+VEC512
 __kernel void gemm_pack_b(const int lanes, const int K, __global const float* restrict src, const int sl,
                           const int sk, __global float* restrict out, const int jb0) {
     src += (size_t)jb0 * NR * sl;
@@ -350,7 +344,7 @@ __kernel void gemm_pack_b(const int lanes, const int K, __global const float* re
 #ifndef SM
 #define SM 8
 #endif
-GEMM_VEC512
+VEC512
 __kernel void gemm_small_m(const int M, const int N, const int K, __global const float* restrict a,
                            __global const float* restrict b, __global float* restrict c,
                            __global const float* restrict bias, const int has_bias, const int act) {

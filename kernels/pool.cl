@@ -162,12 +162,7 @@ __kernel void pad_shift(const __global float* restrict x, __global float* restri
 // The same padding, one work-item per output row (n, oh): a row is a left fill, one contiguous copy and a right
 // fill of OW*C floats, moved 16 at a time through float16 registers (VLD16/VST16: element-wise on PoCL, where
 // vloadN and vstoreN become calls, see the top of the file). Global size (N*OH).
-#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
-#define POOL_VEC512 __attribute__((min_vector_width(512)))
-#else
-#define POOL_VEC512
-#endif
-POOL_VEC512
+VEC512
 __kernel void pad_rows(const __global float* restrict x, __global float* restrict y,
                        int H, int W, int C, int OH, int OW, int pt, int pl, float value, int nrows)
 {
@@ -211,7 +206,7 @@ __kernel void pad_rows(const __global float* restrict x, __global float* restric
     const __global float* xn = x + (size_t)n * H * W * C + c0;                                                  \
     __global float* yp = y + ((size_t)noh * OW + ow) * C + c0;
 
-POOL_VEC512
+VEC512
 __kernel void maxpool_fwd_rows(const __global float* restrict x, __global float* restrict y,
                                int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
 {
@@ -240,7 +235,7 @@ __kernel void maxpool_fwd_rows(const __global float* restrict x, __global float*
 // takes the int32 kernels beyond), so it moves through the same vector loads as the data.
 // First maximum in window order, as maxpool_argmax; -1 for an empty window. Global size (ceil(C/POOL_CW), OW, N*OH).
 // `y` receives the indices (the name POOL_ROWS_ITEM addresses).
-POOL_VEC512
+VEC512
 __kernel void maxpool_argmax_rows(const __global float* restrict x, __global float* restrict y,
                                   int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
 {
@@ -281,7 +276,7 @@ __kernel void maxpool_argmax_rows(const __global float* restrict x, __global flo
 
 // dx[n, h, w, c] = sum of gy over the windows whose (float) argmax is (h, w); POOL_CW channels per work-item.
 // Global size (ceil(C/POOL_CW), W, N*H).
-POOL_VEC512
+VEC512
 __kernel void maxpool_bwd_rows(const __global float* restrict gy, const __global float* restrict idx,
                                __global float* restrict dx,
                                int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
@@ -320,7 +315,7 @@ __kernel void maxpool_bwd_rows(const __global float* restrict gy, const __global
     }
 }
 
-POOL_VEC512
+VEC512
 __kernel void avgpool_fwd_rows(const __global float* restrict x, __global float* restrict y,
                                int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl,
                                int pb, int pr, int include_pad)
@@ -352,7 +347,7 @@ __kernel void avgpool_fwd_rows(const __global float* restrict x, __global float*
 #ifndef GAP_CW
 #define GAP_CW 64  // a multiple of 16; the host passes its own value (cl_conv.GAP_CW)
 #endif
-POOL_VEC512
+VEC512
 __kernel void global_avgpool_fwd_rows(const __global float* restrict x, __global float* restrict y, int HW, int C)
 {
     const int c0 = get_global_id(0) * GAP_CW;
@@ -378,7 +373,7 @@ __kernel void global_avgpool_fwd_rows(const __global float* restrict x, __global
 
 // Global average pooling backward, one work-item per pixel row (n, p): dx[n, p, :] = gy[n, :] / HW, 16 channels at
 // a time (CPU style, as pad_rows). Global size (N*HW).
-POOL_VEC512
+VEC512
 __kernel void global_avgpool_bwd_rows(const __global float* restrict gy, __global float* restrict dx, int HW, int C,
                                       int nrows)
 {

@@ -24,3 +24,10 @@
 #define VST8(p, v) vstore8(v, 0, p)
 #define VST16(p, v) vstore16(v, 0, p)
 #endif
+
+// Clang's hint that a kernel may keep 512-bit vectors (PoCL builds only: no other compiler sees the attribute).
+#if defined(TCL_POCL) && TCL_POCL && defined(__clang__)
+#define VEC512 __attribute__((min_vector_width(512)))
+#else
+#define VEC512
+#endif

@@ -15,10 +15,12 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - k x k, stride 1, dilation 1, backward dX: the forward of dY with the weights flipped in space and input/output
   channels swapped per group (conv_weight_flip), padded by k - 1 - pad, through the direct kernels above, where
   one of them fits the flipped shape (FLIPPED_DX).
-- everything else (and dW of all the above): im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then
-  GEMM; the images are processed in chunks that bound the scratch matrix. dX: GEMM dY W^T into the same scratch,
-  then a col2im gather kernel. On CPUs both move a whole matrix row (pixel) per work-item, 16 channels at a time
-  (im2col_rows, col2im_rows).
+- k x k weight gradients on CPUs with output channels per group a multiple of 16: kernels/conv_wgrad.cl, no im2col
+  matrix (DIRECT_WGRAD; partial sums per chunk of rows, then a column sum).
+- everything else (and dW of all the above on GPUs; on CPUs the forward too where im2col_forward_faster says so):
+  im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then GEMM; the images are processed in chunks that
+  bound the scratch matrix. dX: GEMM dY W^T into the same scratch, then a col2im gather kernel. On CPUs both move a
+  whole matrix row (pixel) per work-item, 16 channels at a time (im2col_rows, col2im_rows).
 - max/average pooling forward and max pooling backward on CPUs: 32 channels per work-item (pool.cl *_rows).
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
   kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
@@ -270,35 +272,40 @@ def _is_pointwise(geom, groups):
     return groups == 1 and kh == kw == sh == sw == 1 and pt == pl == pb == pr == 0
 
 
+def _scratch_bytes(rt):
+    """The most one convolution's scratch (an im2col chunk, the direct weight gradient's partial sums) may take."""
+    return min(COL_BYTES, int(getattr(rt.info, "max_alloc", COL_BYTES)) // 2)
+
+
 def _chunk_images(rt, N, OH, OW, K):
     per = max(OH * OW * K * 4, 1)
-    limit = min(COL_BYTES, int(getattr(rt.info, "max_alloc", COL_BYTES)) // 2)
-    return max(1, min(N, limit // per))
+    return max(1, min(N, _scratch_bytes(rt) // per))
+
+
+def _launch_im2col(rt, name, rows, elems, src, dst, x_shape, geom, Cg, c0, n0):
+    """im2col / col2im (kernels/conv.cl, IM2COL_GEOMETRY arguments; x_shape: the image side's shape): on CPUs the
+    *_rows kernel over `rows` (a matrix row per work-item, 16 channels at a time), elsewhere the element kernel
+    over `elems`."""
+    N, H, W, C = x_shape
+    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
+    if _cpu_style(rt):
+        name, gsize, lsize = name + "_rows", rows, (1,) * len(rows)
+    else:
+        gsize, lsize = elems, None
+    rt.launch(rt.kernel("conv", name), gsize, lsize, src, dst,
+              i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
+              *[i32(v) for v in geom[:6]])
 
 
 def _im2col(rt, x, col, geom, Cg, c0, n0, nimg):
-    N, H, W, C = x.shape
-    kh, kw = geom[0], geom[1]
-    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
-    if _cpu_style(rt):  # a work-item per col row, 16 channels at a time
-        gsize, lsize, name = (OW, nimg * OH), (1, 1), "im2col_rows"
-    else:
-        gsize, lsize, name = (kh * kw * Cg, OW, nimg * OH), None, "im2col"
-    rt.launch(rt.kernel("conv", name), gsize, lsize, x, col,
-              i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
-              *[i32(v) for v in geom[:6]])
+    OH, OW = geom[10], geom[11]
+    _launch_im2col(rt, "im2col", (OW, nimg * OH), (geom[0] * geom[1] * Cg, OW, nimg * OH), x, col, x.shape, geom,
+                   Cg, c0, n0)
 
 
 def _col2im(rt, dcol, dx, geom, Cg, c0, n0, nimg):
-    N, H, W, C = dx.shape
-    pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
-    if _cpu_style(rt):  # a work-item per dx pixel, 16 channels at a time
-        gsize, lsize, name = (W, nimg * H), (1, 1), "col2im_rows"
-    else:
-        gsize, lsize, name = (Cg, W, nimg * H), None, "col2im"
-    rt.launch(rt.kernel("conv", name), gsize, lsize, dcol, dx,
-              i32(H), i32(W), i32(C), i32(OH), i32(OW), i32(pt), i32(pl), i32(Cg), i32(c0), i32(n0),
-              *[i32(v) for v in geom[:6]])
+    H, W = dx.shape[1], dx.shape[2]
+    _launch_im2col(rt, "col2im", (W, nimg * H), (Cg, W, nimg * H), dcol, dx, dx.shape, geom, Cg, c0, n0)
 
 
 def _direct_defines(rt, geom, pix, **extra):
@@ -471,7 +478,7 @@ def wgrad_chunks(rt, nrows, dw_size, ncob, gy_size):
     """(chunks, rows per chunk) of conv_wgrad_rows over nrows output rows: about WGRAD_ITEMS_PER_CU work-items per
     compute unit, but partial sums (dw_size each, written and summed again) of at most half the size of gy in all
     (ResNet's 7x7x512 and 14x14x256 at batch 16: one or two chunks), and within the scratch bound."""
-    cap = max(1, min(COL_BYTES, int(getattr(rt.info, "max_alloc", COL_BYTES)) // 2) // (dw_size * 4))
+    cap = max(1, _scratch_bytes(rt) // (dw_size * 4))
     cap = min(cap, max(1, gy_size // (2 * dw_size)))
     nchunks = max(1, min(nrows, cap, _cdiv(WGRAD_ITEMS_PER_CU * rt.info.compute_units, ncob)))
     rows_per = _cdiv(nrows, nchunks)
