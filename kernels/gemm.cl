@@ -341,20 +341,24 @@ __kernel void gemm_pack_b(const int lanes, const int K, __global const float* re
 // C[M,N] = A[M,K] @ B[K,N] [+ bias] then act, A and B row-major in place. The block kernel above computes MR rows
 // whatever M is (8x the multiply-adds at batch 1); here a work-item computes 16 columns of all M <= SM rows,
 // streaming B's rows once. Global size ceil(N / 16); the last, partial block goes column by column.
+// With `packed`, whole blocks read B from bp, 16-column panels of K x 16 floats one after another (gemm_pack_b_rows
+// with NR = 16: a frozen weight packed once): one contiguous stream per work-item instead of K rows N floats apart.
 #ifndef SM
 #define SM 8
 #endif
 VEC512
 __kernel void gemm_small_m(const int M, const int N, const int K, __global const float* restrict a,
                            __global const float* restrict b, __global float* restrict c,
-                           __global const float* restrict bias, const int has_bias, const int act) {
+                           __global const float* restrict bias, const int has_bias, const int act,
+                           __global const float* restrict bp, const int packed) {
     const int j0 = get_global_id(0) * 16;
     if (j0 >= N) return;
     if (j0 + 16 <= N) {
         float16 acc[SM];
         _Pragma("unroll") for (int r = 0; r < SM; ++r) acc[r] = (float16)(0.0f);
-        const __global float* bk = b + j0;
-        for (int k = 0; k < K; ++k, bk += N) {
+        const __global float* bk = packed ? bp + (size_t)get_global_id(0) * K * 16 : b + j0;
+        const int bstep = packed ? 16 : N;
+        for (int k = 0; k < K; ++k, bk += bstep) {
             const float16 bv = VLD16(bk);
             _Pragma("unroll") for (int r = 0; r < SM; ++r) acc[r] = a[(size_t)min(r, M - 1) * K + k] * bv + acc[r];
         }

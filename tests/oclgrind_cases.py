@@ -119,6 +119,20 @@ def test_gemm_variant(rt, variant):
         assert_close(out.get(), ref, 1e-5, f"{variant} ta={ta} tb={tb}")
 
 
+@pytest.mark.skipif(STYLE != "cpu", reason="panels are the CPU path's")
+def test_gemm_packed_panels(rt):
+    """A constant B packed once (gemm_pack_b_rows into 16- and 32-column panels), read by gemm_small_m and
+    gemm_cpu."""
+    from transfercl_cli.ops import cl_gemm
+
+    for M in (3, 21):
+        a, b, bias = randn(M, 40), randn(40, 37), randn(37)
+        packs = {}
+        out = cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), bias=rt.to_device(bias), b_packs=packs)
+        assert packs
+        assert_close(out.get(), a.astype(np.float64) @ b + bias, 1e-5, f"packed panels M={M}")
+
+
 def test_dense_with_bias_gradient_in_parts(npbe, clbe):
     # 300 rows: the bias gradient sums in row chunks (colsum + colsum_parts); relu: act_grad.
     for rows in (300, 10):

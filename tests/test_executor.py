@@ -187,3 +187,32 @@ def test_per_node_times_times_every_node_and_changes_no_result(clbe):
     assert {k for k in times if k[1] == "fwd"} == {(n.name, "fwd") for n in g.nodes}
     assert (("fc", "bwd") in times) and all(v >= 0 for v in times.values())
     assert ex._fwd == before
+
+
+def test_const_cache_follows_the_weights(clbe):
+    """Packed copies of a frozen weight: kept while the weight cannot change, never for a node an Executor trains,
+    rebuilt after the device copy is replaced, and none for a parameter above the size limit."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((20, 24)).astype(np.float32)
+    g = Graph([Node("fc", "dense", ["x"], ["y"], {}, {"weight": w})], {"x": (20,)}, ["y"])
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    node = g.node("fc")
+    be = clbe
+    ex = Executor(g, be)
+    y0 = be.to_host(ex.forward({"x": x})["y"])
+    assert_close(y0, x.astype(np.float64) @ w, 1e-5, "frozen dense")
+    packs = be.const_cache(node, "weight")
+    assert packs, "a frozen dense weight keeps its packed panels"
+    assert be.const_cache(node, "weight") is packs
+    # A new host array (weights loaded from elsewhere): a fresh upload and an empty cache.
+    node.params["weight"] = w2 = (w * 2).astype(np.float32)
+    assert be.const_cache(node, "weight") is not packs
+    assert_close(be.to_host(ex.forward({"x": x})["y"]), x.astype(np.float64) @ w2, 1e-5, "new weights")
+    # Once an Executor trains the node, its weight changes in place: no cache, and forward sees every update.
+    Executor(g, be, trainable={"fc"})
+    assert be.const_cache(node, "weight") is None
+    be.rt.to_device(-w2, out=be.param(node, "weight"))
+    assert_close(be.to_host(ex.forward({"x": x})["y"]), -(x.astype(np.float64) @ w2), 1e-5, "updated in place")
+    big = Node("big", "dense", ["x"], ["z"], {}, {"weight": w})
+    be.CONST_CACHE_MAX_BYTES = w.nbytes - 1
+    assert be.const_cache(big, "weight") is None

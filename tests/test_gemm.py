@@ -291,3 +291,43 @@ def test_shape_tuner_tries_plans_then_keeps_one(rt, monkeypatch, trans_a):
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
     assert_close(results[0], _ref(a, b, trans_a, False), 1e-5, "tuned gemm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed panels of a constant B (frozen weights, Backend.const_cache) and the block width by N.
+
+
+@pytest.mark.parametrize("M", [1, 5, 49, 600])
+def test_gemm_packed_panels_match_in_place(rt, M):
+    """With b_packs, B's panels are packed on the first call and reused after; the sums are the same as reading B
+    in place (bit for bit), for the small-M kernel (M <= 8), the in-place plans (M < 512) and the packing ones."""
+    if cl_gemm._resolve(rt, None)["kind"] != "cpu":
+        pytest.skip("panels are the CPU path's")
+    rng = np.random.default_rng(M)
+    for K, N in ((70, 37), (160, 96), (33, 16), (20, 5)):
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        bias = rng.standard_normal(N, dtype=np.float32)
+        da, db, dbias = rt.to_device(a), rt.to_device(b), rt.to_device(bias)
+        plain = cl_gemm.gemm(rt, da, db, bias=dbias, act="relu").get()
+        packs = {}
+        first = cl_gemm.gemm(rt, da, db, bias=dbias, act="relu", b_packs=packs).get()
+        kept = dict(packs)
+        again = cl_gemm.gemm(rt, da, db, bias=dbias, act="relu", b_packs=packs).get()
+        np.testing.assert_array_equal(first, plain)
+        np.testing.assert_array_equal(again, plain)
+        assert_close(plain, _ref(a, b, False, False, bias=bias, act="relu"), 1e-5, f"M,K,N={M},{K},{N}")
+        assert len(packs) == (0 if M <= cl_gemm.SMALL_M and N < 16 else 1)
+        assert all(packs[k] is kept[k] for k in kept), "the second call packed again"
+
+
+def test_gemm_block_width_follows_narrow_n():
+    """Narrow outputs take the block width that pads N least (ties and N >= NARROW_N keep the default choice)."""
+    tuned = cl_gemm.VARIANTS["cpu14x32"]
+    width = lambda M, N: 16 * cl_gemm._shape_variant(tuned, M, N, 64, False, False)["NV"]  # noqa: E731
+    assert width(12544, 16) == 16
+    assert width(3136, 24) == 32 and width(196, 24) == 32
+    assert width(3136, 144) == 48
+    assert width(3136, 64) == 64 and width(196, 64) == 32  # unchanged: the 6 x 64 rule for tall maps
+    assert width(49, 960) == 32 and width(3136, 320) == 64
+    assert cl_gemm._shape_variant(tuned, 3136, 16, 64, True, False) is tuned  # weight gradients keep theirs

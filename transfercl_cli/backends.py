@@ -14,6 +14,8 @@ class Backend:
 
     def __init__(self):
         self._params = {}  # (node name, param name) -> backend tensor
+        self._derived = {}  # (node name, param name) -> (its device tensor, {tag: tensor derived from it})
+        self._trained = set()  # nodes some Executor on this backend trains (their parameters change in place)
 
     # tensors ------------------------------------------------------------------------------------------------------
     def asarray(self, x):
@@ -61,10 +63,39 @@ class Backend:
     def has_param(self, node, key):
         return key in node.params
 
+    CONST_CACHE_MAX_BYTES = 64 << 20  # a larger parameter gets no derived copies (VGG's 411 MB fc6 weight)
+
+    def const_cache(self, node, key):
+        """A dict for tensors an op derives from a parameter that cannot change (GEMM panels of a frozen weight,
+        packed once), or None where it can: a node an Executor on this backend trains, a parameter above
+        CONST_CACHE_MAX_BYTES. The dict lives as long as the parameter's device copy (a fresh upload, as after
+        forget_params or a replaced host array, starts an empty one)."""
+        if node.name in self._trained or node.params[key].nbytes > self.CONST_CACHE_MAX_BYTES:
+            return None
+        base = self.param(node, key)
+        k = (node.name, key)
+        hit = self._derived.get(k)
+        if hit is None or hit[0] is not base:
+            self._drop_derived(k)
+            hit = self._derived[k] = (base, {})
+        return hit[1]
+
+    def declare_trained(self, names):
+        """Nodes whose parameters an optimizer will update in place: no derived copies for them from now on."""
+        self._trained.update(names)
+        for k in [k for k in self._derived if k[0] in self._trained]:
+            self._drop_derived(k)
+
+    def _drop_derived(self, k):
+        hit = self._derived.pop(k, None)
+        for t in (hit[1].values() if hit else ()):
+            self.release(t)
+
     def forget_params(self, node=None):
         """Drop device copies (all, or one node's) after host-side parameters changed."""
         for k in [k for k in self._params if node is None or k[0] == node.name]:
             self.release(self._params.pop(k)[1])
+            self._drop_derived(k)
 
     def sync_params_to_host(self, graph):
         """Copy device parameters back into graph.node.params (float32)."""

@@ -45,6 +45,8 @@ class Executor:
         self.be = backend
         self.trainable = set(trainable)
         self.half_saved = bool(half_saved)
+        if self.trainable and hasattr(backend, "declare_trained"):
+            backend.declare_trained(self.trainable)  # ops may not keep copies derived from weights that will change
         self._fwd = {}
         self._bwd = {}
         for n in graph.nodes:

@@ -383,8 +383,9 @@ def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
     return y
 
 
-def conv_forward(rt, x, w, b, geom, groups, act, y):
-    """General convolution into y (N, OH, OW, Cout)."""
+def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
+    """General convolution into y (N, OH, OW, Cout). w_packs: the GEMM's cache of packed panels for a weight that
+    does not change (Backend.const_cache), used where the convolution is one GEMM on the whole weight."""
     from .cl_gemm import gemm
 
     N, H, W, C = x.shape
@@ -393,7 +394,8 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
     cog = Cout // G
     OH, OW = geom[10], geom[11]
     if _is_pointwise(geom, G):
-        gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act)
+        gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act,
+             b_packs=w_packs)
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
@@ -420,10 +422,10 @@ def conv_forward(rt, x, w, b, geom, groups, act, y):
             nb = min(nimg, N - n0)
             _im2col(rt, x, col, geom, cg, g * cg, n0, nb)
             if direct:
-                gemm(rt, col, wg, y.reshape(N * P, Cout), bias=bg, act=act)
+                gemm(rt, col, wg, y.reshape(N * P, Cout), bias=bg, act=act, b_packs=w_packs)
             else:
                 ytv = _view(yt, (nb * P, cog))
-                gemm(rt, _view(col, (nb * P, K)), wg, ytv, bias=bg, act=act)
+                gemm(rt, _view(col, (nb * P, K)), wg, ytv, bias=bg, act=act, b_packs=w_packs if G == 1 else None)
                 _copy2d(rt, ytv, cog, 0, 0, y, Cout, n0 * P, g * cog, nb * P, cog)
     for t in (col, yt) + ((wg, bg) if G > 1 else ()):
         if t is not None:
@@ -608,7 +610,7 @@ def conv2d_fwd(be, node, xs, training):
     if _is_depthwise(x.shape, w.shape, G):
         depthwise_forward(rt, x, w, b, geom, act, y)
     else:
-        conv_forward(rt, x, w, b, geom, G, act, y)
+        conv_forward(rt, x, w, b, geom, G, act, y, be.const_cache(node, "weight"))
     # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
     return [y], (x, y if _act_code(act) else None)
 

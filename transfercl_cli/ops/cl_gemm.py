@@ -25,10 +25,13 @@ def _as2d(x):
 
 
 def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, alpha=1.0, bias=None, act=None,
-         variant=None):
+         variant=None, b_packs=None):
     """out = [out +] alpha * op(a) @ op(b) [+ bias] then act; returns out (allocated (M, N) when not given).
 
     `variant` forces an implementation (tests); by default the per-device autotuned one runs.
+    `b_packs`: a dict owned by the caller for a B that does not change while the dict lives (a frozen layer's
+    weight, Backend.const_cache): the CPU path keeps B's packed panels in it, packed on first use, instead of
+    reading B in place or packing it on every call.
     """
     a2, b2 = _as2d(a), _as2d(b)
     M, Ka = (a2.shape[1], a2.shape[0]) if trans_a else a2.shape
@@ -51,7 +54,7 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     cfg = _resolve(rt, variant)
     if (variant is None and cfg["kind"] == "cpu" and M <= SMALL_M and not (trans_a or trans_b or accumulate)
             and alpha == 1.0):
-        _gemm_small_m(rt, a2, b2, out, M, N, K, bias, _ACT[act])
+        _gemm_small_m(rt, a2, b2, out, M, N, K, bias, _ACT[act], b_packs)
         return out
     if variant is None and cfg["kind"] == "cpu":
         cfg = _shape_variant(cfg, M, N, K, trans_a, trans_b)
@@ -65,7 +68,7 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
         _gemm_gpu_direct(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
         return out
     _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act],
-              tune=variant is None and _online_tuning())
+              tune=variant is None and _online_tuning(), b_packs=None if trans_b else b_packs)
     return out
 
 
@@ -79,6 +82,8 @@ VARIANTS = {
     "cpu14x32": dict(kind="cpu", MR=14, NV=2, tune=True),
     "cpu8x32": dict(kind="cpu", MR=8, NV=2, tune=True),
     "cpu6x64": dict(kind="cpu", MR=6, NV=4),
+    "cpu8x48": dict(kind="cpu", MR=8, NV=3),
+    "cpu8x16": dict(kind="cpu", MR=8, NV=1),
     "gpu": dict(kind="gpu", LS=16, WPT=4, tune=True),
     "gpu2": dict(kind="gpu", LS=16, WPT=2, tune=True),
     "gpu_direct": dict(kind="gpu_direct", RM=4, tune=True),
@@ -92,13 +97,25 @@ _PLAN_VERSION = 1  # bump when the Python side of a variant changes what the cac
 _TUNED = {}  # device id -> variant name, for this process
 
 
+NARROW_N = 256  # below this many columns the block width is chosen to pad N least (_shape_variant)
+
+
 def _shape_variant(cfg, M, N, K, trans_a, trans_b):
     """The tuned CPU variant, or wider register blocks (6 x 64) where they were faster here (PoCL, 2 cores,
     MobileNet shapes, fwd/dgrad at N <= 512: 5-15% less time): fewer column blocks, so each A row is broadcast
-    from fewer work-items. With a transposed A (weight gradients) the tall 14 x 32 blocks stayed ahead."""
-    if not trans_a and N <= 512 and M >= 1024:
-        return VARIANTS["cpu6x64"]
-    return cfg
+    from fewer work-items. With a transposed A (weight gradients) the tall 14 x 32 blocks stayed ahead.
+
+    Narrow outputs (the 16-144 channels of MobileNetV2/V3 and EfficientNet's projections) take the block width that
+    computes the fewest padding columns: N = 16 ran 8 x 16 blocks in half the time of 6 x 64 ones (a quarter of
+    whose columns were real), N = 24 and 144 the 14 x 32 and 8 x 48 ones 1.3-1.8x faster (bench/bench_gemm.py
+    --shapes). Ties keep the wider block."""
+    if trans_a:
+        return cfg
+    base = VARIANTS["cpu6x64"] if N <= 512 and M >= 1024 else cfg
+    if N >= NARROW_N:
+        return base
+    padded = lambda c: _cdiv(N, 16 * int(c["NV"])) * 16 * int(c["NV"])  # noqa: E731
+    return min([base, cfg, VARIANTS["cpu8x48"], VARIANTS["cpu8x16"]], key=padded)
 
 
 def default_variant(rt):
@@ -304,7 +321,7 @@ def _tuner_key(rt, cfg, M, N, K, trans_a, trans_b):
     return (rt.info.id, tuple(sorted((k, v) for k, v in cfg.items() if k != "tune")), M, N, K, trans_a, trans_b)
 
 
-def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act, tune=False):
+def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act, tune=False, b_packs=None):
     i32 = np.int32
     MR, NV = int(cfg["MR"]), int(cfg["NV"])
     NR = 16 * NV
@@ -343,6 +360,8 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
     nb_direct = plan["nb_direct"]
     npk = nbj - nb_direct
     bp = b
+    if b_packs is not None:  # every column block from panels packed once (the same sums as in place)
+        bp, nb_direct, npk = packed_panels(rt, b, K, N, NR, b_packs), 0, 0
     if npk:
         bp = rt.empty((npk * K * NR,))
         scratch.append(bp)
@@ -476,14 +495,30 @@ def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
 SMALL_M = 8  # up to this many rows (a dense layer's batch) the CPU path runs gemm_small_m
 
 
-def _gemm_small_m(rt, a, b, out, M, N, K, bias, act):
-    """Rows M <= SMALL_M, row-major A and B read in place (gemm.cl gemm_small_m; SM, its row count, is the next
-    power of two, so four programs cover every M)."""
+def _gemm_small_m(rt, a, b, out, M, N, K, bias, act, b_packs=None):
+    """Rows M <= SMALL_M, row-major A and B read in place, or B's 16-column panels from b_packs (gemm.cl
+    gemm_small_m; SM, its row count, is the next power of two, so four programs cover every M)."""
     sm = 1 << (int(M) - 1).bit_length()
     k = rt.kernel("gemm", "gemm_small_m", {"SM": sm})
     i32 = np.int32
+    bp = packed_panels(rt, b, K, N, 16, b_packs) if b_packs is not None and N >= 16 else b
     rt.launch(k, (_cdiv(N, 16),), (1,), i32(M), i32(N), i32(K), a, b, out, bias if bias is not None else out,
-              i32(bias is not None), i32(act))
+              i32(bias is not None), i32(act), bp, i32(bp is not b))
+
+
+def packed_panels(rt, b, K, N, NR, packs):
+    """B (K x N, row-major) as NR-column panels of K x NR floats (zero-padded), kept in `packs` under NR: packed on
+    the first call, returned as they are after. Panels read as one contiguous stream per column block: a weight
+    read in place (K rows N floats apart) ran at half the speed when it was not in L2 (49 x 160 x 960, MobileNetV2
+    at batch 1: 194 -> 99 us; the dense 1280 -> 1000 at batch 1 ...)."""
+    bp = packs.get(("panels", NR))
+    if bp is None:
+        nbj = _cdiv(N, NR)
+        bp = rt.empty((nbj * K * NR,))
+        rt.launch(rt.kernel("gemm", "gemm_pack_b_rows", {"MR": 8, "NV": NR // 16}), (_cdiv(nbj, 16), _cdiv(K, 16)),
+                  (1, 1), np.int32(N), np.int32(K), b, np.int32(N), bp, np.int32(0))
+        packs[("panels", NR)] = bp
+    return bp
 
 
 def _gemm_naive(rt, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
@@ -534,7 +569,8 @@ def dense_fwd(be, node, xs, training):
     w = be.param(node, "weight")
     bias = be.param(node, "bias") if be.has_param(node, "bias") else None
     act = node.attrs.get("act")
-    y = gemm(rt, x, w, rt.empty(tuple(x.shape[:-1]) + (w.shape[1],)), bias=bias, act=act)
+    y = gemm(rt, x, w, rt.empty(tuple(x.shape[:-1]) + (w.shape[1],)), bias=bias, act=act,
+             b_packs=be.const_cache(node, "weight"))
     # x (and y, for a fused activation's gradient) stay alive for the backward: the executor pins what it holds.
     return [y], (x, y if _ACT.get(act, 0) else None)
 
