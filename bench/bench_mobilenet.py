@@ -80,7 +80,7 @@ def run_tcl(model, work, batch, repeats, layers=False):
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
     times = []
     if work == "forward":
-        eg = fold_frozen(g, set())
+        eg = fold_frozen(g, set(), engine=True)
         ex = Executor(eg, be)
         inp = next(iter(eg.inputs))
         for i in range(repeats + 1):

@@ -186,7 +186,7 @@ def tcl_setup(name, work, opset, device):
     x = images(batch, spec["size"])
     info = {}
     if work.startswith("fwd"):
-        eg = fold_frozen(g, set())
+        eg = fold_frozen(g, set(), engine=True)
         ex = Executor(eg, be)
         inp, outn = next(iter(eg.inputs)), eg.outputs[0]
 

@@ -13,13 +13,12 @@
 //   geometry as runtime arguments: one build per process serves every convolution.
 
 #include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
+#include "fused_act.h"  // FUSED_ACT: the epilogue activations
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 // relu / the cap of relu6 as comparisons and selects: on PoCL fmax/fmin of vectors are function calls, and every
 // call spills all live vector registers (they are caller-saved) - it halved the depthwise kernel's speed.
-#define RELU(v) ((v) > 0.0f ? (v) : 0.0f)
-#define CAP6(v) ((v) < 6.0f ? (v) : 6.0f)
 
 // Shared by the depthwise and direct sections: vector width VW, output pixels per chunk PIX, input row span.
 #if (defined(DEPTHWISE) && DEPTHWISE) || (defined(DIRECT) && DIRECT)
@@ -72,7 +71,7 @@ typedef CAT(float, VW) vec;
 
 
 // y[n, oh, ow, c*MULT + m] = act(sum_ij x[n, oh*SH - pt + i*DH, ow*SW - pl + j*DW, c] * w[i, j, 0, c*MULT + m] + b)
-// act: 0 none, 1 relu, 2 relu6; has_bias 0/1 (runtime: uniform branches cost nothing next to the taps).
+// act: fused_act.h's codes; has_bias 0/1 (runtime: uniform branches cost nothing next to the taps).
 // Work-item: bpi blocks of VW output channels from co0 (VW > 1 needs MULT == 1), one after the other, for ppi
 // chunks of PIX output pixels of rpi rows (CPUs: few, long work-items; PoCL pays per work-group).
 // Global size: (ceil(blocks / bpi), ceil(OW / (PIX * ppi)), ceil(N * OH / rpi)); nrows = N * OH.
@@ -110,8 +109,7 @@ __kernel KATTR void dw_fwd(const __global float* restrict x, const __global floa
         __global float* yr = y + ((size_t)noh * OW + owb) * Cout + co;
         _Pragma("unroll") for (int p = 0; p < PIX; p++) {
             vec v = acc[p];
-            if (act) v = RELU(v);
-            if (act == 2) v = CAP6(v);
+            FUSED_ACT(vec, v, act);
             if (owb + p < OW) ST(yr + (size_t)p * Cout, v);
         }
     }
@@ -312,8 +310,7 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
     _Pragma("unroll") for (int p_ = 0; p_ < PIX; p_++)                                                          \
         _Pragma("unroll") for (int u_ = 0; u_ < NBV; u_++) {                                                    \
             vec v_ = acc[u_][p_];                                                                               \
-            if (act) v_ = RELU(v_);                                                                             \
-            if (act == 2) v_ = CAP6(v_);                                                                        \
+            FUSED_ACT(vec, v_, act);                                                                            \
             if ((owb) + p_ < OW) ST(y + ((size_t)(noh) * OW + (owb) + p_) * Cout + (co) + u_ * VW, v_);         \
         }
 #ifdef CIN  // conv_direct_fwd's build; conv_group_fwd's has no CIN

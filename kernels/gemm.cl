@@ -2,12 +2,11 @@
 // Operands are addressed by strides so transposes cost nothing: A(i,k) = a[i*sai + k*sak], B(k,j) = b[k*sbk + j*sbj].
 
 #include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
+#include "fused_act.h"  // FUSED_ACT: the epilogue activations
 
-// ACT: 0 none, 1 relu, 2 relu6 (runtime argument: applied once per output element, off the hot loop)
-// Comparisons, not fmax/fmin/min: PoCL emits those built-ins as calls, and a call spills every live vector register.
+// act: fused_act.h's codes (runtime argument: applied once per output element, off the hot loop).
 inline float gemm_epilogue(float v, int act) {
-    if (act) v = v > 0.0f ? v : 0.0f;
-    if (act == 2) v = v < 6.0f ? v : 6.0f;
+    FUSED_ACT(float, v, act);
     return v;
 }
 
@@ -113,8 +112,7 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
                         float16 x = alpha * acc[r][v];                                                          \
                         if (accumulate) x += VLD16(cr + 16 * v);                                                \
                         if (has_bias) x += VLD16(bias + j0 + 16 * v);                                           \
-                        if (act) x = x > (float16)(0.0f) ? x : (float16)(0.0f);                                 \
-                        if (act == 2) x = x < (float16)(6.0f) ? x : (float16)(6.0f);                            \
+                        FUSED_ACT(float16, x, act);                                                             \
                         VST16(cr + 16 * v, x);                                                                  \
                     }                                                                                           \
                 }                                                                                               \
@@ -366,8 +364,7 @@ __kernel void gemm_small_m(const int M, const int N, const int K, __global const
         _Pragma("unroll") for (int r = 0; r < SM; ++r) {
             if (r < M) {
                 float16 v = acc[r] + bb;
-                if (act) v = select((float16)(0.0f), v, isgreater(v, (float16)(0.0f)));
-                if (act == 2) v = select((float16)(6.0f), v, isless(v, (float16)(6.0f)));
+                FUSED_ACT(float16, v, act);
                 VST16(c + (size_t)r * N + j0, v);
             }
         }

@@ -341,33 +341,43 @@ __kernel void avgpool_fwd_rows(const __global float* restrict x, __global float*
     }
 }
 
-// Global average pooling forward, CPU style: work-item (chunk, n) sums GAP_CW channels of image n over its HW
-// pixels in float16 registers, so each pixel row is read as whole cache lines (the per-channel kernel above strides
-// by C between loads and ran at ~3 GB/s on PoCL). Global size (ceil(C / GAP_CW), N).
+// Global average pooling forward, CPU style: work-item (chunk, n, segment) sums GAP_CW channels of image n over
+// `seg` of its HW pixels in float16 registers, so each pixel row is read as whole cache lines (the per-channel kernel
+// above strides by C between loads and ran at ~3 GB/s on PoCL), and writes the sum times `scale` to row
+// n * S + segment of y (S = the global size's third dimension). One segment (S = 1, scale 1 / HW) is the whole
+// pool; with S > 1 (a large map at batch 1: one work-item would do it all) the host sums the S partial rows with a
+// second launch (HW = seg = S, scale 1). Channels past the last whole chunk go 16 at a time, then one by one.
 #ifndef GAP_CW
 #define GAP_CW 64  // a multiple of 16; the host passes its own value (cl_conv.GAP_CW)
 #endif
 VEC512
-__kernel void global_avgpool_fwd_rows(const __global float* restrict x, __global float* restrict y, int HW, int C)
+__kernel void global_avgpool_fwd_rows(const __global float* restrict x, __global float* restrict y, int HW, int C,
+                                      int seg, float scale)
 {
     const int c0 = get_global_id(0) * GAP_CW;
     if (c0 >= C) return;
-    const int n = get_global_id(1);
-    const __global float* xp = x + (size_t)n * HW * C + c0;
-    __global float* yp = y + (size_t)n * C + c0;
-    const float s = 1.0f / (float)HW;
+    const int n = get_global_id(1), sg = get_global_id(2);
+    const int p0 = sg * seg, np = min(HW, p0 + seg) - p0;
+    const __global float* xp = x + ((size_t)n * HW + p0) * C + c0;
+    __global float* yp = y + ((size_t)n * get_global_size(2) + sg) * C + c0;
     if (c0 + GAP_CW <= C) {
         float16 acc[GAP_CW / 16];
         _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) acc[v] = (float16)(0.0f);
-        for (int i = 0; i < HW; i++, xp += C)
+        for (int i = 0; i < np; i++, xp += C)
             _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) acc[v] += VLD16(xp + 16 * v);
-        _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) VST16(yp + 16 * v, acc[v] * s);
+        _Pragma("unroll") for (int v = 0; v < GAP_CW / 16; v++) VST16(yp + 16 * v, acc[v] * scale);
         return;
     }
-    for (int c = 0; c < C - c0; c++) {  // the last, partial chunk
+    int c = 0;
+    for (; c + 16 <= C - c0; c += 16) {  // the last, partial chunk
+        float16 t = (float16)(0.0f);
+        for (int i = 0; i < np; i++) t += VLD16(xp + (size_t)i * C + c);
+        VST16(yp + c, t * scale);
+    }
+    for (; c < C - c0; c++) {
         float t = 0.0f;
-        for (int i = 0; i < HW; i++) t += xp[(size_t)i * C + c];
-        yp[c] = t * s;
+        for (int i = 0; i < np; i++) t += xp[(size_t)i * C + c];
+        yp[c] = t * scale;
     }
 }
 

@@ -180,6 +180,16 @@ def test_conv2d(npbe, clbe, case, monkeypatch):
     check_op(npbe, clbe, node, [randn(*shape, scale=2)])
 
 
+@pytest.mark.parametrize("act", ["swish", "hard_swish"])
+def test_conv2d_engine_activations(npbe, clbe, act):
+    """The epilogue activations without a fused gradient (forward only): depthwise, direct and GEMM epilogues."""
+    for shape, cout, groups, k in (((1, 5, 6, 17), 17, 17, (3, 3)), ((1, 5, 6, 3), 21, 1, (3, 3)),
+                                   ((1, 4, 5, 17), 20, 1, (1, 1))):
+        pads = (1, 1, 1, 1) if k == (3, 3) else (0, 0, 0, 0)
+        check_op(npbe, clbe, conv_node(shape[3], cout, k, pads=pads, groups=groups, act=act),
+                 [randn(*shape, scale=4)], backward=False)
+
+
 @pytest.mark.parametrize("node", [
     make_node("maxpool", attrs=dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))),
     make_node("avgpool", attrs=dict(kernel=(3, 3), strides=(2, 1), pads=(1, 1, 1, 1), count_include_pad=True)),
@@ -189,6 +199,15 @@ def test_conv2d(npbe, clbe, case, monkeypatch):
 ], ids=["maxpool", "avgpool_pad", "avgpool_nopad", "global_avgpool", "pad"])
 def test_pooling_and_pad(npbe, clbe, node):
     check_op(npbe, clbe, node, [randn(2, 5, 6, 70)])  # 70 channels: a 64-channel block and a tail
+
+
+def test_global_avgpool_segments(npbe, clbe, monkeypatch):
+    """The CPU-style global pool split into pixel segments (two launches), 40 channels: a 16-wide and 8 tails."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "GAP_MIN_SEGMENT", 4)
+    monkeypatch.setattr(cl_conv, "GAP_ITEMS_PER_CU", 8)
+    check_op(npbe, clbe, make_node("global_avgpool", attrs={"keepdims": False}), [randn(1, 5, 3, 40)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -332,6 +332,20 @@ def test_pool_portable_variants(npbe, clbe, monkeypatch):
             check_op(npbe, clbe, make_node(op, attrs=attrs), [rand(shape, 13)])
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 7, 40), (2, 5, 5, 150), (1, 3, 1, 17)])
+def test_global_avgpool_pixel_segments(npbe, clbe, shape, monkeypatch):
+    """Too few (chunk, image) work-items: the CPU-style pool splits the pixels into segments and sums their partial
+    rows with a second launch (segments of 4 pixels here; uneven last segments, 16-channel and single tails)."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "GAP_MIN_SEGMENT", 4)
+    monkeypatch.setattr(cl_conv, "GAP_ITEMS_PER_CU", 64)
+    N, H, W, C = shape
+    assert cl_conv.gap_segments(clbe.rt, N, H * W, C) == max(1, min(-(-64 * clbe.rt.device.max_compute_units // (
+        N * -(-C // cl_conv.GAP_CW))), H * W // 4))
+    check_op(npbe, clbe, make_node("global_avgpool", attrs={"keepdims": False}), [rand(shape, 14)])
+
+
 def test_maxpool_ties(npbe, clbe):
     """Equal values in a window: the gradient goes to the first maximum in window order on both backends."""
     x = np.random.default_rng(3).integers(0, 3, (2, 7, 6, 5)).astype(np.float32)
@@ -390,3 +404,39 @@ def test_depthwise_merged_work_items(npbe, clbe, monkeypatch):
                                                  "relu6")):
         node, x = _conv_case(case, seed=9)
         check_op(npbe, clbe, node, [x * 6])
+
+
+ENGINE_ACTS = ("swish", "sigmoid", "hard_swish", "hard_sigmoid")
+
+
+@pytest.mark.parametrize("act", ENGINE_ACTS)
+def test_engine_activations_fused_into_every_forward_path(npbe, clbe, act, monkeypatch):
+    """Swish, sigmoid, hard-swish and hard-sigmoid in the epilogue of each convolution path (depthwise, direct,
+    grouped, pointwise GEMM, im2col GEMM, CPU and portable kernels) and of dense (small-M and block GEMMs) match
+    the float64 reference; values from -8 to 8 cover the saturating parts."""
+    from transfercl_cli.ops import cl_conv
+
+    cases = [((1, 6, 7, 8), dict(cin=8, cout=8, groups=8)),          # depthwise
+             ((2, 5, 6, 5), dict(cin=5, cout=17)),                     # direct 3x3
+             ((1, 5, 5, 8), dict(cin=8, cout=16, groups=2)),           # grouped
+             ((2, 4, 5, 24), dict(cin=24, cout=40, k=(1, 1), pads=(0, 0, 0, 0))),  # pointwise: the GEMM
+             ((1, 6, 6, 300), dict(cin=300, cout=20))]                 # 300 input channels: im2col + GEMM
+    for portable in (False, True):
+        monkeypatch.setattr(cl_conv, "PORTABLE", portable)
+        for shape, kw in cases:
+            node = conv_node(act=act, **kw)
+            check_op(npbe, clbe, node, [rand(shape, 21) * 4], backward=False)
+    for rows in (3, 20):
+        node = make_node("dense", attrs={"act": act}, params={"weight": rand((30, 37), 22), "bias": rand(37, 23)})
+        check_op(npbe, clbe, node, [rand((rows, 30), 24) * 2], backward=False)
+
+
+def test_engine_activation_has_no_fused_gradient(clbe):
+    """A backward through a fused swish is refused (the plan never asks for one): a clear error, not a gradient
+    computed as if it were a ReLU."""
+    node = conv_node(4, 4, act="swish")
+    with pytest.raises(ValueError, match="no gradient"):
+        run_node(clbe, node, [rand((1, 4, 4, 4), 25)], grad_out=np.ones((1, 4, 4, 4)))
+    dense = make_node("dense", attrs={"act": "sigmoid"}, params={"weight": rand((4, 3), 26)})
+    with pytest.raises(ValueError, match="no gradient"):
+        run_node(clbe, dense, [rand((2, 4), 27)], grad_out=np.ones((2, 3)))

@@ -207,3 +207,34 @@ def test_memory_estimate_follows_the_buffer_pool(rt, freeze, precision):
     params = sum(v.capacity for _, v in be._params.values())
     measured = be.rt.allocated_bytes - params
     assert measured <= est["activations"] <= 2 * measured, (measured, est)
+
+
+def test_engine_activations_fuse_only_where_no_gradient_flows():
+    """fold_frozen(engine=True) fuses swish / sigmoid / hard-swish / PyTorch's hard-sigmoid into a frozen conv or
+    dense outside the gradient region; exports (engine=False) and layers a gradient passes keep them apart; an
+    ONNX-default hard-sigmoid (alpha 0.2) is never fused."""
+    from transfercl_cli.graph import Graph, Node
+
+    rng = np.random.default_rng(6)
+
+    def conv(name, x, cin, cout):
+        return Node(name, "conv2d", [x], [name], {"kernel": (1, 1), "strides": (1, 1), "dilations": (1, 1),
+                                                   "pads": (0, 0, 0, 0), "groups": 1},
+                    {"weight": rng.normal(0, 0.5, (1, 1, cin, cout)).astype(np.float32)})
+
+    nodes = [conv("c1", "x", 3, 4), Node("a1", "swish", ["c1"], ["a1"]),
+             conv("c2", "a1", 4, 4), Node("a2", "hard_sigmoid", ["c2"], ["a2"], {"alpha": 1 / 6, "beta": 0.5}),
+             conv("c3", "a2", 4, 4), Node("a3", "hard_sigmoid", ["c3"], ["a3"], {"alpha": 0.2, "beta": 0.5}),
+             conv("c4", "a3", 4, 4), Node("a4", "hard_swish", ["c4"], ["a4"]),
+             conv("c5", "a4", 4, 2), Node("a5", "sigmoid", ["c5"], ["y"])]
+    g = Graph(nodes, {"x": (3, 3, 3)}, ["y"])
+    x = rng.uniform(-3, 3, (2, 3, 3, 3)).astype(np.float32)
+    ref = run_forward(g, NumpyBackend(), {"x": x})["y"]
+    acts = lambda f: {n.name: n.attrs.get("act") for n in f.nodes if n.op == "conv2d"}  # noqa: E731
+    assert set(acts(fold_frozen(g, set())).values()) == {None}
+    eng = fold_frozen(g, set(), engine=True)
+    assert acts(eng) == {"c1": "swish", "c2": "hard_sigmoid", "c3": None, "c4": "hard_swish", "c5": "sigmoid"}
+    assert_close(run_forward(eng, NumpyBackend(), {"x": x})["y"], ref, 1e-6, "engine-fused graph")
+    # c3 trains: the gradient flows through c3..c5 (their activations stay), c1 and c2 are before it.
+    part = fold_frozen(g, {"c3"}, engine=True)
+    assert acts(part) == {"c1": "swish", "c2": "hard_sigmoid", "c3": None, "c4": None, "c5": None}

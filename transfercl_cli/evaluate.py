@@ -78,7 +78,7 @@ class Predictor:
         from .executor import Executor
         from .plan import fold_frozen
 
-        self.graph = fold_frozen(graph, set())
+        self.graph = fold_frozen(graph, set(), engine=True)
         self.be = make_backend(device)
         self.ex = Executor(self.graph, self.be)
         self.input = next(iter(self.graph.inputs))

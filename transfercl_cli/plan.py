@@ -11,12 +11,37 @@ from .errors import RecipeError, closest
 from .graph import Graph, Node
 
 ACT_OPS = {"relu": "relu", "relu6": "relu6"}
+# Activations the convolution and GEMM epilogues apply too (kernels/fused_act.h) but cannot differentiate: fused by
+# fold_frozen(..., engine=True) into a frozen conv/dense where no gradient flows (inference; the frozen layers before
+# the first trainable one). One pass over the output instead of two (EfficientNet's swish, MobileNetV3's hard-swish).
+ENGINE_ACTS = ("swish", "sigmoid", "hard_swish", "hard_sigmoid")
 
 
 def _clip_as_act(n):
     if n.op == "clip" and n.attrs.get("min") == 0 and n.attrs.get("max") == 6:
         return "relu6"
     return ACT_OPS.get(n.op)
+
+
+def _epilogue_act(n, no_grad):
+    """The activation node n as a fused epilogue activation: ReLU/ReLU6 anywhere, ENGINE_ACTS where no_grad
+    (hard_sigmoid only as PyTorch's alpha 1/6, beta 1/2, the one the kernels compute), else None."""
+    act = _clip_as_act(n)
+    if act or not no_grad or n.op not in ENGINE_ACTS:
+        return act
+    if n.op == "hard_sigmoid" and not (abs(float(n.attrs.get("alpha", 0.2)) - 1 / 6) < 1e-6
+                                       and float(n.attrs.get("beta", 0.5)) == 0.5):
+        return None
+    return n.op
+
+
+def _gradient_tensors(graph, trainable):
+    """Tensors a gradient reaches: outputs of trainable layers with parameters and everything computed from them."""
+    grad = set()
+    for n in graph.nodes:
+        if (n.name in trainable and n.params) or any(t in grad for t in n.inputs):
+            grad.update(n.outputs)
+    return grad
 
 
 def cut_after(graph, layer):
@@ -174,12 +199,14 @@ def batchnorm_summary(plan):
             if n.op == "batchnorm" and n.name in plan.trainable]
 
 
-def fold_frozen(graph, trainable):
+def fold_frozen(graph, trainable, engine=False):
     """The graph that runs: frozen Conv+BN folded into the conv's weights and bias, a following ReLU/ReLU6 fused into
     the conv's epilogue (or, where the BN stays, into the BN, with a global average pool after it), zero Pads into
     the next conv's padding. Trainable nodes are the same objects or share their parameter dicts, so updates made
-    through the returned graph are seen by `graph`."""
+    through the returned graph are seen by `graph`. engine=True (the graph tcl's own executor runs, not one to
+    export): swish, sigmoid, hard-swish and hard-sigmoid fused too where no gradient flows (ENGINE_ACTS)."""
     cons = graph.consumers()
+    grad = _gradient_tensors(graph, trainable) if engine else None
     out_nodes = []
     skip = set()
     # A zero Pad read only by a convolution becomes that convolution's own padding (frozen or trainable: a Pad has
@@ -220,11 +247,12 @@ def fold_frozen(graph, trainable):
                 skip.add(bn.name)
                 merged.append(bn)
                 nxt = cons.get(cur.outputs[0], [])
-            if len(nxt) == 1 and _clip_as_act(nxt[0]) and nxt[0].name not in trainable and cur.outputs[0] not in graph.outputs:
+            fused = _epilogue_act(nxt[0], engine and n.outputs[0] not in grad) if len(nxt) == 1 else None
+            if fused and nxt[0].name not in trainable and cur.outputs[0] not in graph.outputs:
                 act = nxt[0]
                 if cur is n:
                     cur = Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), dict(n.params), n.source)
-                cur.attrs["act"] = _clip_as_act(act)
+                cur.attrs["act"] = fused
                 cur.attrs["folded"] = cur.attrs.get("folded", []) + [act.name]
                 cur.outputs = list(act.outputs)
                 skip.add(act.name)
@@ -338,7 +366,7 @@ def build_plan(model_graph, recipe, classes):
     trainable = resolve_freeze(graph, recipe["freeze"], recipe["unfreeze"], new)
     set_batchnorm_modes(graph, trainable, new, recipe["train"].get("batchnorm") or {"default": "batch"})
     frozen = [n.name for n in graph.nodes if n.params and n.name not in trainable]
-    exec_graph = fold_frozen(graph, trainable)
+    exec_graph = fold_frozen(graph, trainable, engine=True)
     plan = Plan(graph, exec_graph, trainable, frozen, cut, new, half_saved=recipe["precision"] == "fp16")
     aug = recipe["augment"]
     if recipe["train"]["cache"] == "off":

@@ -32,13 +32,13 @@ Fused activations are an inference epilogue; the backward still masks the incomi
 import numpy as np
 
 from ..runtime import DeviceArray
-from . import register
+from . import cl_gemm, register
 from .ref_conv import conv_geometry, pool_geometry
 from .cl_elementwise import colsum
 from .shapes import global_pool_shape
 
 i32 = np.int32
-_ACT = {None: 0, "": 0, "linear": 0, "none": 0, "relu": 1, "relu6": 2}
+_ACT = dict(cl_gemm._ACT, **{"": 0, "none": 0})  # fused activations (kernels/fused_act.h)
 
 # Vector registers the dW partial kernel may plan for (of AVX-512's 32).
 BUDGET_DW = 30
@@ -105,7 +105,8 @@ def _act_code(act):
 
 def _masked_grad(rt, gy, y, act):
     """(gradient, temporary or None): gy masked by the fused activation's derivative (from its output)."""
-    mode = _act_code(act)
+    _act_code(act)
+    mode = cl_gemm.grad_act_code(act if act not in ("", "none") else None, "conv2d")
     if not mode:
         return gy, None
     out = rt.empty(gy.shape)
@@ -612,7 +613,7 @@ def conv2d_fwd(be, node, xs, training):
     else:
         conv_forward(rt, x, w, b, geom, G, act, y, be.const_cache(node, "weight"))
     # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
-    return [y], (x, y if _act_code(act) else None)
+    return [y], (x, y if cl_gemm.DIFFERENTIABLE_ACTS.get(act or None, 0) else None)
 
 
 @register("opencl", "conv2d", "backward")
@@ -718,6 +719,35 @@ def avgpool_bwd(be, node, saved, gys, need):
     return [dx], {}
 
 
+GAP_ITEMS_PER_CU = 4  # work-items per compute unit the CPU-style pool aims for before it splits the pixels
+GAP_MIN_SEGMENT = 64  # pixels per segment at least (each partial row costs a write and a read)
+
+
+def gap_segments(rt, N, HW, C):
+    """Pixel segments per image for global_avgpool_fwd_rows: 1 unless too few (chunk, image) work-items would
+    leave cores idle (batch 1 on a 112 x 112 x 32 map: one work-item, ~3x slower than the map split in 4)."""
+    items = N * -(-C // GAP_CW)
+    want = GAP_ITEMS_PER_CU * int(getattr(rt.device, "max_compute_units", 1) or 1)
+    return max(1, min(-(-want // items), HW // GAP_MIN_SEGMENT))
+
+
+def _global_avgpool_rows(rt, x, y):
+    N, H, W, C = x.shape
+    HW = H * W
+    k = rt.kernel("pool", "global_avgpool_fwd_rows", {"GAP_CW": GAP_CW})
+    nchunk = -(-C // GAP_CW)
+    S = gap_segments(rt, N, HW, C)
+    if S == 1:
+        rt.launch(k, (nchunk, N, 1), (1, 1, 1), x, y, i32(HW), i32(C), i32(HW), np.float32(1.0 / HW))
+        return
+    seg = -(-HW // S)
+    S = -(-HW // seg)
+    part = rt.empty((N, S, C))
+    rt.launch(k, (nchunk, N, S), (1, 1, 1), x, part, i32(HW), i32(C), i32(seg), np.float32(1.0 / HW))
+    rt.launch(k, (nchunk, N, 1), (1, 1, 1), part, y, i32(S), i32(C), i32(S), np.float32(1.0))
+    part.release()
+
+
 @register("opencl", "global_avgpool")
 def global_avgpool_fwd(be, node, xs, training):
     rt = be.rt
@@ -725,8 +755,7 @@ def global_avgpool_fwd(be, node, xs, training):
     N, H, W, C = x.shape
     y = rt.empty(global_pool_shape(x.shape, node.attrs.get("keepdims", False)))
     if _cpu_style(rt):
-        rt.launch(rt.kernel("pool", "global_avgpool_fwd_rows", {"GAP_CW": GAP_CW}), (-(-C // GAP_CW), N), (1, 1), x, y,
-                  i32(H * W), i32(C))
+        _global_avgpool_rows(rt, x, y)
     else:
         rt.launch(rt.kernel("pool", "global_avgpool_fwd"), (C, N), None, x, y, i32(H * W), i32(C))
     return [y], (x.shape,)

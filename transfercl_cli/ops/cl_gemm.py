@@ -12,7 +12,18 @@ import numpy as np
 
 from . import register
 
-_ACT = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
+# Fused activations (kernels/fused_act.h). Only the first two have a gradient from the output (act_grad, act_mask);
+# plan.fold_frozen fuses the others only where no gradient flows.
+_ACT = {None: 0, "linear": 0, "relu": 1, "relu6": 2, "swish": 3, "sigmoid": 4, "hard_swish": 5, "hard_sigmoid": 6}
+DIFFERENTIABLE_ACTS = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
+
+
+def grad_act_code(act, where):
+    """The act code of a fused activation that a backward pass goes through; an error for one it cannot."""
+    if act not in DIFFERENTIABLE_ACTS:
+        raise ValueError(f"{where}: the fused activation {act!r} has no gradient here (plan.fold_frozen fuses it only "
+                         "where none flows)")
+    return DIFFERENTIABLE_ACTS[act]
 
 
 def _as2d(x):
@@ -572,7 +583,7 @@ def dense_fwd(be, node, xs, training):
     y = gemm(rt, x, w, rt.empty(tuple(x.shape[:-1]) + (w.shape[1],)), bias=bias, act=act,
              b_packs=be.const_cache(node, "weight"))
     # x (and y, for a fused activation's gradient) stay alive for the backward: the executor pins what it holds.
-    return [y], (x, y if _ACT.get(act, 0) else None)
+    return [y], (x, y if DIFFERENTIABLE_ACTS.get(act, 0) else None)
 
 
 @register("opencl", "dense", "backward")
@@ -585,7 +596,7 @@ def dense_bwd(be, node, saved, gys, need):
     g = gy
     tmp = None
     if _ACT.get(act, 0):
-        tmp = g = act_grad(rt, gy, y, act)
+        tmp = g = act_grad(rt, gy, y, act)  # (an error for an activation without a gradient from y)
     gx = None
     if need.inputs and need.inputs[0]:
         gx = rt.empty(x.shape)
@@ -603,9 +614,10 @@ def dense_bwd(be, node, saved, gys, need):
 
 def act_grad(rt, gy, y, act):
     """gy masked by the activation's derivative, computed from its output y."""
+    code = grad_act_code(act, "dense")
     out = rt.empty(gy.shape)
     k = rt.kernel("gemm", "act_grad", _AUX)
-    rt.launch(k, (gy.size,), (rt.local_size(64, k),), np.int32(gy.size), gy, y, out, np.int32(_ACT[act]))
+    rt.launch(k, (gy.size,), (rt.local_size(64, k),), np.int32(gy.size), gy, y, out, np.int32(code))
     return out
 
 

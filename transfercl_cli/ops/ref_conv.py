@@ -65,12 +65,21 @@ def pool_geometry(node, x_shape):
 
 
 def _act(y, act):
+    """A fused activation (plan.fold_frozen; kernels/fused_act.h)."""
     if act in (None, "", "linear", "none"):
         return y
     if act == "relu":
         return np.maximum(y, 0)
     if act == "relu6":
         return np.clip(y, 0, 6)
+    if act in ("swish", "sigmoid"):
+        with np.errstate(over="ignore"):  # exp(-y) = inf for very negative y gives the right limit, 0
+            s = 1 / (1 + np.exp(-y))
+        return y * s if act == "swish" else s
+    if act == "hard_swish":
+        return y * np.clip(y + 3, 0, 6) / 6
+    if act == "hard_sigmoid":  # PyTorch's (alpha 1/6, beta 1/2): the only one the plan fuses
+        return np.clip(y + 3, 0, 6) / 6
     raise ValueError(f"unsupported fused activation {act!r}")
 
 
