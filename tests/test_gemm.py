@@ -331,3 +331,14 @@ def test_gemm_block_width_follows_narrow_n():
     assert width(3136, 64) == 64 and width(196, 64) == 32  # unchanged: the 6 x 64 rule for tall maps
     assert width(49, 960) == 32 and width(3136, 320) == 64
     assert cl_gemm._shape_variant(tuned, 3136, 16, 64, True, False) is tuned  # weight gradients keep theirs
+
+
+def test_exp_activations_need_their_program(rt, monkeypatch):
+    """Swish & co. are compiled only into programs built with EPI_EXP (cl_gemm.act_defines); a program without it
+    that is handed such a code writes NaN, so a host path that forgot the define fails loudly in tests."""
+    a = rt.to_device(np.ones((3, 4), np.float32))
+    b = rt.to_device(np.ones((4, 5), np.float32))
+    ok = cl_gemm.gemm(rt, a, b, act="swish", variant="naive").get()
+    assert_close(ok, np.full((3, 5), 4 / (1 + np.exp(-4.0))), 1e-6, "swish with EPI_EXP")
+    monkeypatch.setattr(cl_gemm, "act_defines", lambda code: {})
+    assert np.isnan(cl_gemm.gemm(rt, a, b, act="swish", variant="naive").get()).all()

@@ -204,7 +204,8 @@ def depthwise_forward(rt, x, w, b, geom, act, y):
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
     pix = _pix(OW)
     for vw, c0, nb in _dw_blocks(rt, Cout, mult):
-        k = rt.kernel("conv", "dw_fwd", _dw_defines(rt, geom, mult, vw, pix))
+        defs = dict(_dw_defines(rt, geom, mult, vw, pix), **cl_gemm.act_defines(_act_code(act)))
+        k = rt.kernel("conv", "dw_fwd", defs)
         nch = _cdiv(OW, pix)
         bpi = _bpi(rt, nb, nch * N * OH)
         ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
@@ -337,7 +338,8 @@ def _direct_forward(rt, x, w, b, geom, act, y):
         nbv = 1
         if _cpu_style(rt) and vw == 16:  # two float16 per step share the input row (16 accumulators at PIX 8)
             nbv = 2 if nb % 2 == 0 else 1
-        k = rt.kernel("conv", "conv_direct_fwd", _direct_defines(rt, geom, pix, CIN=C, VW=vw, NBV=nbv))
+        k = rt.kernel("conv", "conv_direct_fwd", _direct_defines(rt, geom, pix, CIN=C, VW=vw, NBV=nbv,
+                                                                 **cl_gemm.act_defines(_act_code(act))))
         _launch_direct(rt, k, x, w, b, y, geom, pix, nb // nbv, (H, W, OH, OW, Cout, pt, pl), (c0,), act)
     return y
 
@@ -379,7 +381,8 @@ def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
     vw, nbv = _group_blocks(rt, cog)
     pix = _pix(OW, 8 if geom[3] == 1 else 4)  # stride 2 doubles the row segment each pixel chunk keeps in registers
-    k = rt.kernel("conv", "conv_group_fwd", _direct_defines(rt, geom, pix, VW=vw, NBV=nbv))
+    k = rt.kernel("conv", "conv_group_fwd", _direct_defines(rt, geom, pix, VW=vw, NBV=nbv,
+                                                            **cl_gemm.act_defines(_act_code(act))))
     _launch_direct(rt, k, x, w, b, y, geom, pix, Cout // (vw * nbv), (H, W, C, OH, OW, Cout, pt, pl), (cg, cog), act)
     return y
 

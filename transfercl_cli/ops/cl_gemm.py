@@ -18,6 +18,12 @@ _ACT = {None: 0, "linear": 0, "relu": 1, "relu6": 2, "swish": 3, "sigmoid": 4, "
 DIFFERENTIABLE_ACTS = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
 
 
+def act_defines(code):
+    """Build options for a kernel whose epilogue applies fused activation `code`: codes 3..6 (exp, hard-swish)
+    live in their own programs (kernels/fused_act.h, EPI_EXP) so that the common ones stay lean."""
+    return {"EPI_EXP": 1} if int(code) >= 3 else {}
+
+
 def grad_act_code(act, where):
     """The act code of a fused activation that a backward pass goes through; an error for one it cannot."""
     if act not in DIFFERENTIABLE_ACTS:
@@ -352,7 +358,7 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
         else:
             tuner = None
     apack = plan["apack"]
-    defs = {"MR": MR, "NV": NV}
+    defs = dict({"MR": MR, "NV": NV}, **act_defines(act))
     kern = lambda name: rt.kernel("gemm", name, defs)  # noqa: E731  (one program per configuration)
     scratch = []
     if apack:
@@ -423,12 +429,12 @@ def _gemm_gpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
         while ls > 1 and ls * ls > rt.max_work_group_size:
             ls //= 2
         while ls > 1:
-            kern = rt.kernel("gemm", "gemm_gpu", {"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt})
+            kern = rt.kernel("gemm", "gemm_gpu", dict({"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt}, **act_defines(act)))
             if rt.local_size(ls * ls, kern) >= ls * ls and min(rt.info.max_work_item_sizes[:2]) >= ls:
                 break
             ls //= 2
         _GPU_LS[ck] = ls
-    kern = rt.kernel("gemm", "gemm_gpu", {"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt})
+    kern = rt.kernel("gemm", "gemm_gpu", dict({"GEMM_GPU_ONLY": 1, "LS": ls, "WPT": wpt}, **act_defines(act)))
     ts = ls * wpt
     sai, sak = (1, M) if trans_a else (K, 1)
     sbk, sbj = (1, K) if trans_b else (N, 1)
@@ -440,7 +446,7 @@ def _gemm_gpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
 def _gemm_gpu_direct(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
     i32 = np.int32
     rm = int(cfg.get("RM", 4))
-    kern = rt.kernel("gemm", "gemm_gpu_direct", {"GEMM_GPU_ONLY": 1, "RM": rm})
+    kern = rt.kernel("gemm", "gemm_gpu_direct", dict({"GEMM_GPU_ONLY": 1, "RM": rm}, **act_defines(act)))
     sai, sak = (1, M) if trans_a else (K, 1)
     sbk, sbj = (1, K) if trans_b else (N, 1)
     rt.launch(kern, (_cdiv(N, 4), _cdiv(M, rm)), None, i32(M), i32(N), i32(K), a, i32(sai), i32(sak), b, i32(sbk),
@@ -510,7 +516,7 @@ def _gemm_small_m(rt, a, b, out, M, N, K, bias, act, b_packs=None):
     """Rows M <= SMALL_M, row-major A and B read in place, or B's 16-column panels from b_packs (gemm.cl
     gemm_small_m; SM, its row count, is the next power of two, so four programs cover every M)."""
     sm = 1 << (int(M) - 1).bit_length()
-    k = rt.kernel("gemm", "gemm_small_m", {"SM": sm})
+    k = rt.kernel("gemm", "gemm_small_m", dict({"SM": sm}, **act_defines(act)))
     i32 = np.int32
     bp = packed_panels(rt, b, K, N, 16, b_packs) if b_packs is not None and N >= 16 else b
     rt.launch(k, (_cdiv(N, 16),), (1,), i32(M), i32(N), i32(K), a, b, out, bias if bias is not None else out,
@@ -533,7 +539,7 @@ def packed_panels(rt, b, K, N, NR, packs):
 
 
 def _gemm_naive(rt, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act):
-    k = rt.kernel("gemm", "gemm_naive", _AUX)
+    k = rt.kernel("gemm", "gemm_naive", dict(_AUX, **act_defines(act)))
     sai, sak = (1, M) if trans_a else (K, 1)
     sbk, sbj = (1, K) if trans_b else (N, 1)
     i32 = np.int32
