@@ -502,5 +502,24 @@ def estimate_memory(plan, batch):
             if j == i and t in kept:
                 pool.give(kept.pop(t))
     acts = pool.allocated
-    total = params + 3 * train_params + acts
-    return {"params": params, "optimizer_and_grads": 3 * train_params, "activations": acts, "total": total}
+    packed = packed_weight_bytes(g, plan.trainable)
+    total = params + packed + 3 * train_params + acts
+    return {"params": params, "packed_weights": packed, "optimizer_and_grads": 3 * train_params, "activations": acts,
+            "total": total}
+
+
+def packed_weight_bytes(graph, trainable):
+    """An upper bound on the GEMM panels the OpenCL backend keeps for frozen weights (Backend.const_cache): one
+    copy of each frozen conv (not depthwise) and dense weight up to its size limit, columns padded to 64."""
+    from .backends import Backend
+
+    total = 0
+    for n in graph.nodes:
+        w = n.params.get("weight")
+        if (n.op not in ("conv2d", "dense") or n.name in trainable or w is None
+                or w.nbytes > Backend.CONST_CACHE_MAX_BYTES
+                or (n.op == "conv2d" and int(n.attrs.get("groups", 1)) > 1)):
+            continue
+        cols = w.shape[-1]
+        total += w.nbytes // cols * (-(-cols // 64) * 64)
+    return total

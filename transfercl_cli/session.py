@@ -225,7 +225,7 @@ class Session:
                      f"seed {t['seed']}")
         mem = p.memory
         lines.append(f"memory     about {mem['total'] / 2**20:.0f} MiB on the device for a training step "
-                     f"(parameters {mem['params'] / 2**20:.0f}, optimizer+gradients "
+                     f"(parameters {(mem['params'] + mem.get('packed_weights', 0)) / 2**20:.0f}, optimizer+gradients "
                      f"{mem['optimizer_and_grads'] / 2**20:.0f}, activations {mem['activations'] / 2**20:.0f})")
         be = self.be
         dev = be.rt.info.name if hasattr(be, "rt") else "numpy reference (slow fallback)"
