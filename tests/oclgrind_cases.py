@@ -248,7 +248,7 @@ def test_fake_quant(npbe, clbe):
     check_op(npbe, clbe, make_node("fake_quant", attrs={"scale": 0.05, "zero_point": 20, "dtype": "uint8"}), [x])
 
 
-@pytest.mark.parametrize("shapes", [((2, 3, 19), (2, 3, 19)), ((2, 3, 19), (19,)), ((2, 3, 4, 19), (2, 1, 1, 19)),
+@pytest.mark.parametrize("shapes", [((2, 3, 19), (2, 3, 19)), ((2, 3, 19), (19,)), ((2, 3, 4, 27), (2, 1, 1, 27)),
                                     ((2, 1, 5, 3), (1, 4, 1, 3)), ((3, 1, 5), (3, 4, 1))], ids=str)
 @pytest.mark.parametrize("op", ["add", "mul", "sub", "div"])
 def test_binary(npbe, clbe, op, shapes):

@@ -121,12 +121,18 @@ BCAST = [
     [(4, 8, 8, 5), (5,)],  # several row chunks in the two-pass column sum
     [(2, 3, 4), (2, 3, 1)],  # one value per row
     [(1, 9, 9, 17), (1, 9, 9, 1)],
+    [(3, 5, 7, 27), (3, 1, 1, 27)],  # squeeze-excite's scale: per image, 16 + 8 + 3 channels
 ]
 
 
 @pytest.mark.parametrize("op", ["add", "mul"])
 @pytest.mark.parametrize("shapes", BCAST, ids=[str(s) for s in BCAST])
-def test_add_mul_opencl(npbe, clbe, op, shapes):
+@pytest.mark.parametrize("rows", [None, True, False], ids=["device", "portable", "row-kernels"])
+def test_add_mul_opencl(npbe, clbe, op, shapes, rows, monkeypatch):
+    """Every broadcast pattern, with the row kernels chosen by device type and forced either way."""
+    from transfercl_cli.ops import cl_elementwise
+
+    monkeypatch.setattr(cl_elementwise, "ROWS_PORTABLE", rows)
     node = make_node(op, n_inputs=len(shapes))
     check_op(npbe, clbe, node, [randn(*s) for s in shapes])
 

@@ -175,12 +175,31 @@ def binary(rt, op, a, b, out=None):
             d = d + [1]
         B_, M_, C_ = d
         vb = 0 if B_ == 1 else C_
-        run(rt, EW, "bin_row", (-(-C_ // 8), M_, B_), a, b, out, i32(M_), i32(C_), i32(vb), code)
+        if row_style(rt):
+            rpi = row_chunk(rt, B_, M_)
+            rt.launch(rt.kernel(EW, "bin_row_rows"), (-(-M_ // rpi), B_), (1, 1), a, b, out, i32(M_), i32(C_),
+                      i32(vb), code, i32(rpi))
+        else:
+            run(rt, EW, "bin_row", (-(-C_ // 8), M_, B_), a, b, out, i32(M_), i32(C_), i32(vb), code)
     else:
         d = _pad6(dims, 1)
         run(rt, EW, "bin_bcast", (n,), a, b, out, i32(n), *[i32(v) for v in d[1:]],
             *[i32(v) for v in _pad6(sa, 0)], *[i32(v) for v in _pad6(sb, 0)], code)
     return out
+
+
+ROWS_PORTABLE = None  # None: row kernels (a work-item per chunk of rows) on CPUs only; True/False force (tests)
+ROW_ITEMS_PER_CU = 16  # work-items per compute unit the row kernels aim for (PoCL pays per work-group)
+
+
+def row_style(rt):
+    return getattr(rt, "is_cpu", False) if ROWS_PORTABLE is None else not ROWS_PORTABLE
+
+
+def row_chunk(rt, B, M):
+    """Rows per work-item of a row kernel over B x M rows: about ROW_ITEMS_PER_CU work-items per compute unit."""
+    want = ROW_ITEMS_PER_CU * int(getattr(rt.device, "max_compute_units", 1) or 1)
+    return max(1, -(-int(B) * int(M) // want))
 
 
 def chunking(M, C):
