@@ -22,9 +22,7 @@
 
 // Shared by the depthwise and direct sections: vector width VW, output pixels per chunk PIX, input row span.
 #if (defined(DEPTHWISE) && DEPTHWISE) || (defined(DIRECT) && DIRECT)
-#ifndef VW
-#define VW 1
-#endif
+#include "vec_width.h"  // vec, LD, ST, ZERO_UNLESS, KATTR for VW channels
 #ifndef PIX
 #define PIX 1
 #endif
@@ -32,32 +30,12 @@
 #define MULT 1
 #endif
 
-#if defined(MINVEC) && MINVEC && defined(__clang__)
-#define KATTR __attribute__((min_vector_width(512)))
-#else
-#define KATTR
-#endif
-
-#if VW == 1
-typedef float vec;
-#define LD(p) (*(p))
-#define ST(p, v) (*(p) = (v))
-#else
-typedef CAT(float, VW) vec;
-#define LD(p) CAT(VLD, VW)(p)
-#define ST(p, v) CAT(VST, VW)(p, v)
-#endif
 #define SPAN ((PIX - 1) * SW + (KW - 1) * DW + 1)
 // xs[0..SPAN) = the input row segment from column iw0 (row pointer xr, channel stride Cin), zero outside the image.
 // Every vector is loaded from a column clamped into the row, then zeroed outside it with a bit mask: no branch or
 // select around a load (PoCL compiled those into branches around its element-wise loads: the depthwise forward
 // ran ~10% slower than with the old pointer casts; with the mask it is on par), never out of bounds, exact zeros.
 #define CLAMP_COL(i, n) ((i) < 0 ? 0 : ((i) < (n) ? (i) : (n) - 1))
-#if VW == 1
-#define ZERO_UNLESS(c, v) as_float(as_int(v) & -(int)(c))
-#else
-#define ZERO_UNLESS(c, v) CAT(as_float, VW)(CAT(as_int, VW)(v) & -(int)(c))
-#endif
 #define LOAD_SPAN(xs, xr, iw0)                                                                                  \
     vec xs[SPAN];                                                                                               \
     _Pragma("unroll") for (int q_ = 0; q_ < SPAN; q_++) {                                                       \

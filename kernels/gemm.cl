@@ -137,6 +137,8 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 // split s, like BLIS inside one work-item: for each KB-deep chunk of k, the B chunk (KB x NR, L1-sized) is reused
 // by the gsz register blocks one after another, whose running sums wait in a private scratch block between
 // chunks (L1/L2). Column blocks vary fastest across work-items, so neighbours share the A rows (L2).
+// Grid dimension 2 runs independent GEMMs of one shape side by side (a_zs, bp_zs, c_zs, sc_zs: the distances between
+// their A, packed B, C and scratch; B read in place is shared by all of them).
 VEC512
 __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, const int kb_len,
                        __global const float* restrict a, const int ars, const int aks, const long a_bs,
@@ -144,7 +146,13 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
                        __global const float* restrict bp,
                        __global float* restrict c, const float alpha, const int accumulate,
                        __global const float* restrict bias, const int has_bias, const int act, const int raw,
-                       const int gi, __global float* restrict scratch) {
+                       const int gi, __global float* restrict scratch, const long a_zs, const long bp_zs,
+                       const long c_zs, const long sc_zs) {
+    const int z = get_global_id(2);  // batched GEMMs (Winograd): operand z lies z * (its stride) further on
+    a += z * a_zs;
+    bp += z * bp_zs;
+    c += z * c_zs;
+    scratch += z * sc_zs;
     const int nbi = (M + MR - 1) / MR, nbj = (N + NR - 1) / NR;
     const int ngrp = (nbi + gi - 1) / gi;
     const int g = get_global_id(0), s = get_global_id(1);

@@ -180,6 +180,17 @@ def test_conv2d(npbe, clbe, case, monkeypatch):
     check_op(npbe, clbe, node, [randn(*shape, scale=2)])
 
 
+@pytest.mark.skipif(STYLE != "cpu", reason="Winograd runs the CPU-style kernels")
+def test_conv2d_winograd(npbe, clbe, monkeypatch):
+    """F(4x4, 3x3): the weight, input and output transforms around the batched gemm_cpu (16- and 4-channel
+    vectors), forward and the input gradient through the flipped weights."""
+    from transfercl_cli.ops import cl_conv, cl_winograd
+
+    monkeypatch.setattr(cl_winograd, "WINOGRAD", True)
+    monkeypatch.setattr(cl_conv, "FLIPPED_DX_MIN_PIXELS", 0)
+    check_op(npbe, clbe, conv_node(16, 20, act="relu"), [randn(1, 5, 6, 16, scale=2)])
+
+
 @pytest.mark.parametrize("act", ["swish", "hard_swish"])
 def test_conv2d_engine_activations(npbe, clbe, act):
     """The epilogue activations without a fused gradient (forward only): depthwise, direct and GEMM epilogues."""

@@ -12,9 +12,11 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - k x k (any strides, dilations, groups; not depthwise) whose output channels per group fill a vector (4 or more),
   forward: the direct kernel conv_group_fwd, NBV vectors of output channels of one group for PIX pixels per
   work-item, the input row segment in registers per input channel; no im2col matrix, no per-group copies.
+- 3x3, stride 1, dilation 1, groups 1 on CPUs, forward, where cl_winograd.use_winograd says (enough work): Winograd
+  F(4x4, 3x3), 4x fewer multiplies (ops/cl_winograd.py); a frozen weight's transform is kept (Backend.const_cache).
 - k x k, stride 1, dilation 1, backward dX: the forward of dY with the weights flipped in space and input/output
   channels swapped per group (conv_weight_flip), padded by k - 1 - pad, through the direct kernels above, where
-  one of them fits the flipped shape (FLIPPED_DX).
+  one of them fits the flipped shape (FLIPPED_DX), or through Winograd where it takes the flipped shape.
 - k x k weight gradients on CPUs with output channels per group a multiple of 16: kernels/conv_wgrad.cl, no im2col
   matrix (DIRECT_WGRAD; partial sums per chunk of rows, then a column sum).
 - everything else (and dW of all the above on GPUs; on CPUs the forward too where im2col_forward_faster says so):
@@ -32,7 +34,7 @@ Fused activations are an inference epilogue; the backward still masks the incomi
 import numpy as np
 
 from ..runtime import DeviceArray
-from . import cl_gemm, register
+from . import cl_gemm, cl_winograd, register
 from .ref_conv import conv_geometry, pool_geometry
 from .cl_elementwise import colsum
 from .shapes import global_pool_shape
@@ -403,6 +405,8 @@ def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
         return y
     if G == 1 and C <= DIRECT_MAX_CIN:
         return _direct_forward(rt, x, w, b, geom, act, y)
+    if cl_winograd.use_winograd(rt, geom, G, N, C, Cout):
+        return cl_winograd.winograd_forward(rt, x, w, b, geom, act, y, w_packs)
     if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C):
         return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     K = kh * kw * cg
@@ -437,14 +441,21 @@ def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
     return y
 
 
-def flipped_dx_ok(rt, geom, groups, C, Cout, pixels):
-    """Whether the input gradient of this convolution (its input: `pixels` = H * W) runs as a direct forward
-    convolution of gy (stride 1, dilation 1, pads within the kernel, a map of at least FLIPPED_DX_MIN_PIXELS, and a
-    direct kernel for the flipped shape): FLIPPED_DX = False turns it off (tests compare the two paths)."""
+def _flipped_geometry(geom, H, W):
+    kh, kw, pt, pl, pb, pr = geom[0], geom[1], *geom[6:10]
+    return (kh, kw, 1, 1, 1, 1, kh - 1 - pt, kw - 1 - pl, kh - 1 - pb, kw - 1 - pr, H, W)
+
+
+def flipped_dx_ok(rt, geom, groups, C, Cout, pixels, N=0, W=0):
+    """Whether the input gradient of this convolution (its input: `pixels` = H * W, N images) runs as a direct
+    forward convolution of gy (stride 1, dilation 1, pads within the kernel, a map of at least FLIPPED_DX_MIN_PIXELS
+    or one the Winograd path takes, and a direct kernel for the flipped shape): FLIPPED_DX = False turns it off
+    (tests compare the two paths)."""
     kh, kw, sh, sw, dh, dw, pt, pl, pb, pr = geom[:10]
     if not FLIPPED_DX or (sh, sw, dh, dw) != (1, 1, 1, 1) or max(pt, pb) > kh - 1 or max(pl, pr) > kw - 1:
         return False
-    if pixels < FLIPPED_DX_MIN_PIXELS:
+    if pixels < FLIPPED_DX_MIN_PIXELS and not (
+            N and cl_winograd.use_winograd(rt, _flipped_geometry(geom, pixels // W, W), groups, N, Cout, C)):
         return False
     return use_group_direct(rt, groups, C) or (groups == 1 and Cout <= DIRECT_MAX_CIN)
 
@@ -452,15 +463,13 @@ def flipped_dx_ok(rt, geom, groups, C, Cout, pixels):
 def _flipped_dx(rt, w, gy, geom, groups, dx):
     """dx of a stride-1 convolution: gy convolved with the weights flipped in space and with input and output
     channels swapped within each group (conv_weight_flip), padded by kernel - 1 - pad, through the direct forward
-    kernels: no im2col / col2im matrix."""
+    kernels or the Winograd path (conv_forward chooses): no im2col / col2im matrix."""
     kh, kw, cg, Cout = w.shape
-    pt, pl, pb, pr = geom[6:10]
     H, W = dx.shape[1], dx.shape[2]
     wt = rt.empty((kh, kw, Cout // groups, cg * groups))
     rt.launch(rt.kernel("conv", "conv_weight_flip"), (_cdiv(cg, 16), _cdiv(Cout // groups, 16), kh * kw * groups),
               (1, 1, 1), w, wt, i32(kh), i32(kw), i32(cg), i32(Cout), i32(groups))
-    g2 = (kh, kw, 1, 1, 1, 1, kh - 1 - pt, kw - 1 - pl, kh - 1 - pb, kw - 1 - pr, H, W)
-    conv_forward(rt, gy, wt, None, g2, groups, None, dx)
+    conv_forward(rt, gy, wt, None, _flipped_geometry(geom, H, W), groups, None, dx)
     wt.release()
     return dx
 
@@ -536,7 +545,7 @@ def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
         if need_w:
             gemm(rt, x.reshape(N * H * W, C), gy2, dW.reshape(C, Cout), trans_a=True)
         return dx, dW, db
-    if need_x and flipped_dx_ok(rt, geom, G, C, Cout, H * W):
+    if need_x and flipped_dx_ok(rt, geom, G, C, Cout, H * W, N, W):
         _flipped_dx(rt, w, gy, geom, G, dx)
         need_x = False
     if need_w and direct_wgrad_ok(rt, G, cg, cog):

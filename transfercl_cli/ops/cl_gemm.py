@@ -400,9 +400,9 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
         sc = rt.empty((nwi * nsplit * gi * MR * NR,))
         scratch.append(sc)
     bias_arg = bias if bias is not None else out
-    rt.launch(kern("gemm_cpu"), (nwi, nsplit), (1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(ars),
+    rt.launch(kern("gemm_cpu"), (nwi, nsplit, 1), (1, 1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(ars),
               i32(aks), np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), i32(int(accumulate)),
-              bias_arg, i32(bias is not None), i32(act), i32(nsplit > 1), i32(gi), sc)
+              bias_arg, i32(bias is not None), i32(act), i32(nsplit > 1), i32(gi), sc, *_NO_BATCH)
     if nsplit > 1:
         rt.launch(kern("gemm_reduce"), (nbj, nbi), (1, 1), i32(M), i32(N), i32(nsplit), target, out,
                   np.float32(alpha), i32(int(accumulate)), bias_arg, i32(bias is not None), i32(act))
@@ -411,6 +411,41 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
     if tuner is not None:
         rt.finish()
         tuner.record(pick, time.perf_counter() - t0)
+
+
+_NO_BATCH = (np.int64(0),) * 4  # gemm_cpu's batch strides for a single GEMM
+
+
+def batched_config(rt, M, N, K):
+    """The CPU variant that gemm_batched_panels would run Z GEMMs of M x N x K with (its NR = 16 * NV is the width
+    of the B panels the caller prepares), or None on devices without the CPU variant."""
+    cfg = _resolve(rt, None)
+    if cfg["kind"] != "cpu":
+        return None
+    return _shape_variant(cfg, M, N, K, False, False)
+
+
+def gemm_batched_panels(rt, cfg, a, bp, out, Z, M, N, K):
+    """out[z] (M x N) = a[z] (M x K, row-major) @ B[z] for z < Z, one launch (grid dimension 2 = z), where bp holds
+    every B[z] as the packed panels of cfg's width (gemm_cpu's layout: bp[z][jb][K][NR], zero past N), made by the
+    caller (Winograd's weight transform). No bias, activation or K split: the caller's epilogue follows."""
+    i32 = np.int32
+    MR, NR = int(cfg["MR"]), 16 * int(cfg["NV"])
+    nbi, nbj = _cdiv(M, MR), _cdiv(N, NR)
+    plan = _cpu_plan(dict(cfg, apack=0, pack="all", kc=K), M, N, K, False, False)
+    kb, gi = plan["kb"], plan["gi"]
+    nwi = _cdiv(nbi, gi) * nbj
+    sc, sc_zs = out, 0
+    if K > kb:  # running sums between k chunks, one scratch area per GEMM
+        sc_zs = nwi * gi * MR * NR
+        sc = rt.empty((Z * sc_zs,))
+    k = rt.kernel("gemm", "gemm_cpu", {"MR": MR, "NV": int(cfg["NV"])})
+    rt.launch(k, (nwi, 1, Z), (1, 1, 1), i32(M), i32(N), i32(K), i32(K), i32(kb), a, i32(K), i32(1),
+              np.int64(MR * K), a, i32(N), i32(0), bp, out, np.float32(1.0), i32(0), out, i32(0), i32(0), i32(0),
+              i32(gi), sc, np.int64(M * K), np.int64(nbj * K * NR), np.int64(M * N), np.int64(sc_zs))
+    if sc is not out:
+        sc.release()
+    return out
 
 
 _AUX = {"GEMM_GPU_ONLY": 1}  # the small kernels build without the CPU variant's code
