@@ -99,18 +99,22 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
 #define ROW_FULL(r) ((r) * ars)
 #define ROW_EDGE(r) (((r) < rlast ? (r) : rlast) * ars)
 
-// C block at (i0, j0) = epilogue(acc): vector stores inside C, scalar ones on the right edge.
+// C block at (i0, j0) = epilogue(acc): vector stores inside C, scalar ones on the right edge. accumulate 1 adds C's
+// old value, 2 the same element of `res` (a residual tensor of C's shape: the Add after a frozen convolution, fused
+// so that the convolution's output is never written and read back); then the bias and the activation.
 #define STORE_TILE()                                                                                            \
     {                                                                                                           \
         __global float* cb = c + (size_t)i0 * N + j0;                                                           \
+        const __global float* rb = (accumulate == 2 ? res : (const __global float*)c) + (size_t)i0 * N + j0;    \
         const int nrow = min(MR, M - i0);                                                                       \
         if (j0 + NR <= N) {                                                                                     \
             _Pragma("unroll") for (int r = 0; r < MR; ++r) {                                                    \
                 if (r < nrow) {                                                                                 \
                     __global float* cr = cb + (size_t)r * N;                                                    \
+                    const __global float* rr = rb + (size_t)r * N;                                              \
                     _Pragma("unroll") for (int v = 0; v < NV; ++v) {                                            \
                         float16 x = alpha * acc[r][v];                                                          \
-                        if (accumulate) x += VLD16(cr + 16 * v);                                                \
+                        if (accumulate) x += VLD16(rr + 16 * v);                                                \
                         if (has_bias) x += VLD16(bias + j0 + 16 * v);                                           \
                         FUSED_ACT(float16, x, act);                                                             \
                         VST16(cr + 16 * v, x);                                                                  \
@@ -123,9 +127,10 @@ __kernel void act_grad(const int n, __global const float* gy, __global const flo
                 float t[NR];                                                                                    \
                 _Pragma("unroll") for (int v = 0; v < NV; ++v) VST16(t + 16 * v, acc[r][v]);                    \
                 __global float* cr = cb + (size_t)r * N;                                                        \
+                const __global float* rr = rb + (size_t)r * N;                                                  \
                 for (int j = 0; j < ncol; ++j) {                                                                \
                     float x = alpha * t[j];                                                                     \
-                    if (accumulate) x += cr[j];                                                                 \
+                    if (accumulate) x += rr[j];                                                                 \
                     if (has_bias) x += bias[j0 + j];                                                            \
                     cr[j] = gemm_epilogue(x, act);                                                              \
                 }                                                                                               \
@@ -145,6 +150,7 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
                        __global const float* restrict b, const int ldb, const int nb_direct,
                        __global const float* restrict bp,
                        __global float* restrict c, const float alpha, const int accumulate,
+                       __global const float* restrict res,
                        __global const float* restrict bias, const int has_bias, const int act, const int raw,
                        const int gi, __global float* restrict scratch, const long a_zs, const long bp_zs,
                        const long c_zs, const long sc_zs) {
@@ -213,6 +219,7 @@ __kernel void gemm_cpu(const int M, const int N, const int K, const int kc, cons
 VEC512
 __kernel void gemm_reduce(const int M, const int N, const int nsplit, __global const float* restrict w,
                           __global float* restrict c, const float alpha, const int accumulate,
+                          __global const float* restrict res,
                           __global const float* restrict bias, const int has_bias, const int act) {
     const int jb = get_global_id(0), ib = get_global_id(1);
     const int nbj = (N + NR - 1) / NR;

@@ -8,7 +8,8 @@
 // Three kernels around it, each a gather over NHWC rows of VW channels (16 on CPUs when the channels allow):
 //   wino_weight  U panels from the 3x3 weights, once per weight (a frozen one is kept, Backend.const_cache);
 //   wino_input   V[xi][t][c] = (B^T d B)[xi] for tile t, zero outside the image (the padding);
-//   wino_output  y = (A^T M A) + bias, then the fused activation, written where the tile lies inside the output.
+//   wino_output  y = (A^T M A) + bias [+ res, a fused residual Add], then the fused activation, written where the
+//                tile lies inside the output.
 // The transforms use only adds and multiplies by small powers of two (and 1/4, 1/6, 1/12, 1/24 for the weights).
 #include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
 #include "fused_act.h"  // FUSED_ACT: the epilogue activations
@@ -111,7 +112,8 @@ __kernel void wino_input(const int H, const int W, const int C, const int TH, co
 KATTR
 __kernel void wino_output(const int OH, const int OW, const int K, const int TH, const int TW, const int n0,
                           const int T, __global const float* restrict m, __global const float* restrict bias,
-                          const int has_bias, const int act, __global float* restrict y) {
+                          const int has_bias, const int act, __global float* restrict y,
+                          __global const float* restrict res, const int has_res) {
     const int k = get_global_id(0) * VW, t = get_global_id(1);
     if (k >= K || t >= T) return;
     const int tw = t % TW, r = t / TW, th = r % TH, n = n0 + r / TH;
@@ -131,9 +133,11 @@ __kernel void wino_output(const int OH, const int OW, const int K, const int TH,
         _Pragma("unroll") for (int i = 0; i < 4; ++i) {
             const int oh = oh0 + i;
             if (oh < OH && ow < OW) {
+                const size_t at = (((size_t)n * OH + oh) * OW + ow) * K + k;
                 vec z = o[i] + bv;
+                if (has_res) z += LD(res + at);
                 FUSED_ACT(vec, z, act);
-                ST(y + (((size_t)n * OH + oh) * OW + ow) * K + k, z);
+                ST(y + at, z);
             }
         }
     }

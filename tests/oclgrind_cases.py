@@ -191,6 +191,18 @@ def test_conv2d_winograd(npbe, clbe, monkeypatch):
     check_op(npbe, clbe, conv_node(16, 20, act="relu"), [randn(1, 5, 6, 16, scale=2)])
 
 
+def test_conv2d_residual(npbe, clbe, monkeypatch):
+    """A fused residual Add before the activation (forward only): gemm_cpu's epilogue and, CPU style, wino_output's;
+    the GPU style adds it in a separate pass."""
+    from transfercl_cli.ops import cl_winograd
+
+    monkeypatch.setattr(cl_winograd, "WINOGRAD", True)
+    for shape, cout, k, pads in (((1, 4, 5, 17), 20, (1, 1), (0, 0, 0, 0)), ((1, 5, 6, 16), 20, (3, 3), (1, 1, 1, 1))):
+        node = conv_node(shape[3], cout, k, pads=pads, act="relu")
+        node.inputs, node.attrs["residual"] = ["x0", "x1"], True
+        check_op(npbe, clbe, node, [randn(*shape, scale=2), randn(*shape[:3], cout, scale=2)], backward=False)
+
+
 @pytest.mark.parametrize("act", ["swish", "hard_swish"])
 def test_conv2d_engine_activations(npbe, clbe, act):
     """The epilogue activations without a fused gradient (forward only): depthwise, direct and GEMM epilogues."""

@@ -99,6 +99,31 @@ def test_gemm_epilogue(rt, variant, act):
             assert (expect >= 6).any() and (expect <= 0).any()
 
 
+@pytest.mark.parametrize("act", [None, "relu", "hard_swish"])
+def test_gemm_residual(rt, variant, act):
+    """A residual (a fused Add) added before the activation, after the bias: in the CPU kernels' epilogue (also after
+    a K split, gemm_reduce), a separate pass on the others; the old contents of out play no part."""
+    from transfercl_cli.ops.ref_conv import _act
+
+    rng = np.random.default_rng(8)
+    for (M, K, N), ta in [((37, 45, 50), False), ((19, 300, 70), True), ((5, 20, 33), False), ((66, 2000, 17), False)]:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((K, N)).astype(np.float32)
+        r0 = rng.standard_normal((M, N)).astype(np.float32) * 3
+        bias = rng.standard_normal(N).astype(np.float32)
+        out = rt.to_device(np.full((M, N), 1e6, np.float32))
+        cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), out, trans_a=ta, bias=rt.to_device(bias), act=act,
+                     variant=variant, residual=rt.to_device(r0))
+        expect = _act(_ref(a, b, ta, False, bias=bias) + r0, act)
+        assert_close(out.get(), expect, 1e-5, f"{variant} residual {act} M,K,N={M},{K},{N}")
+        if act == "relu":
+            assert (expect <= 0).any()
+    with pytest.raises(ValueError, match="residual"):
+        cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), out, accumulate=True, residual=rt.to_device(r0))
+    with pytest.raises(ValueError, match="residual"):
+        cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), out, residual=rt.to_device(r0[:, :3]))
+
+
 def test_gemm_leading_dims_and_errors(rt):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)  # NHWC activation -> (30, 7)

@@ -431,6 +431,40 @@ def test_engine_activations_fused_into_every_forward_path(npbe, clbe, act, monke
         check_op(npbe, clbe, node, [rand((rows, 30), 24) * 2], backward=False)
 
 
+@pytest.mark.parametrize("act", [None, "relu", "swish"])
+def test_residual_fused_into_every_forward_path(npbe, clbe, act, monkeypatch):
+    """A fused residual Add (attrs 'residual', the node's last input) before the activation on each convolution path:
+    depthwise, direct, grouped, pointwise GEMM, im2col GEMM (one chunk or several: the separate pass), Winograd, CPU
+    and portable kernels, against the float64 reference; no backward through it; a residual of another shape is an
+    error, never a broadcast."""
+    from transfercl_cli.ops import cl_conv, cl_winograd
+
+    cases = [((1, 6, 7, 8), dict(cin=8, cout=8, groups=8)),          # depthwise
+             ((2, 5, 6, 3), dict(cin=3, cout=17)),                     # direct 3x3
+             ((1, 5, 5, 8), dict(cin=8, cout=16, groups=2)),           # grouped
+             ((2, 4, 5, 24), dict(cin=24, cout=40, k=(1, 1), pads=(0, 0, 0, 0))),  # pointwise: the GEMM
+             ((2, 6, 6, 300), dict(cin=300, cout=20)),                 # im2col + GEMM
+             ((2, 9, 7, 16), dict(cin=16, cout=24))]                   # Winograd where forced
+    monkeypatch.setattr(cl_winograd, "WINOGRAD", True)
+    for portable in (False, True):
+        monkeypatch.setattr(cl_conv, "PORTABLE", portable)
+        for chunk in (None, 1):
+            if chunk:  # im2col one image at a time: the GEMM cannot take the residual
+                monkeypatch.setattr(cl_conv, "_chunk_images", lambda rt, N, OH, OW, K: 1)
+            for shape, kw in cases:
+                node = conv_node(act=act, **kw)
+                node.inputs, node.attrs["residual"] = ["x0", "x1"], True
+                x = rand(shape, 31) * 2
+                y_shape = run_node(npbe, conv_node(**kw), [x])[0].shape
+                check_op(npbe, clbe, node, [x, rand(y_shape, 32) * 2], backward=False)
+    node = conv_node(4, 4)
+    node.inputs, node.attrs["residual"] = ["x0", "x1"], True
+    with pytest.raises(ValueError, match="fused residual has shape"):
+        run_node(clbe, node, [rand((1, 4, 4, 4), 33), rand((1, 1, 1, 4), 34)])
+    with pytest.raises(ValueError, match="no backward"):
+        run_node(clbe, node, [rand((1, 4, 4, 4), 33), rand((1, 4, 4, 4), 34)], grad_out=np.ones((1, 4, 4, 4)))
+
+
 def test_engine_activation_has_no_fused_gradient(clbe):
     """A backward through a fused swish is refused (the plan never asks for one): a clear error, not a gradient
     computed as if it were a ReLU."""

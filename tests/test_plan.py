@@ -240,3 +240,48 @@ def test_engine_activations_fuse_only_where_no_gradient_flows():
     # c3 trains: the gradient flows through c3..c5 (their activations stay), c1 and c2 are before it.
     part = fold_frozen(g, {"c3"}, engine=True)
     assert acts(part) == {"c1": "swish", "c2": "hard_sigmoid", "c3": None, "c4": None, "c5": None}
+
+
+def test_residual_add_fuses_into_the_frozen_conv_before_it(clbe):
+    """fold_frozen(engine=True) moves a residual Add (and the ReLU after it) into the epilogue of a frozen conv whose
+    only reader it is: the node takes the Add's place, so a residual computed after the conv (a downsample branch)
+    exists when it runs; an Add of two conv outputs absorbs one of them; a broadcast Add, a layer the gradient
+    passes and exports stay apart. Outputs match the unfused graph on the numpy and OpenCL backends."""
+    from transfercl_cli.executor import Executor
+    from transfercl_cli.graph import Graph, Node
+    from transfercl_cli.plan import fused_label
+
+    rng = np.random.default_rng(11)
+
+    def conv(name, x, cin=4, cout=4):
+        return Node(name, "conv2d", [x], [name], {"kernel": (3, 3), "strides": (1, 1), "dilations": (1, 1),
+                                                   "pads": (1, 1, 1, 1), "groups": 1},
+                    {"weight": rng.normal(0, 0.4, (3, 3, cin, cout)).astype(np.float32),
+                     "bias": rng.normal(0, 0.5, cout).astype(np.float32)})
+
+    nodes = [conv("c0", "x", 3, 4), Node("r0", "relu", ["c0"], ["r0"]),
+             conv("c1", "r0"), Node("add1", "add", ["c1", "r0"], ["add1"]), Node("r1", "relu", ["add1"], ["r1"]),
+             conv("c2", "r1"), conv("d2", "r1"), Node("add2", "add", ["d2", "c2"], ["add2"]),
+             Node("gap", "global_avgpool", ["add2"], ["gap"], {"keepdims": True}),
+             conv("c3", "add2"), Node("add3", "add", ["c3", "gap"], ["add3"]),
+             conv("c4", "add3"), Node("add4", "add", ["c4", "add3"], ["y"])]
+    g = Graph(nodes, {"x": (5, 6, 3)}, ["y"])
+    x = rng.uniform(-2, 2, (2, 5, 6, 3)).astype(np.float32)
+    ref = run_forward(g, NumpyBackend(), {"x": x})["y"]
+    labels = lambda f: {n.name: fused_label(n) for n in f.nodes if n.op == "conv2d"}  # noqa: E731
+    assert "residual" not in str([n.attrs for n in fold_frozen(g, set()).nodes])
+    eng = fold_frozen(g, set(), engine=True)
+    assert labels(eng) == {"c0": "conv2d+relu", "c1": "conv2d+add+relu", "c2": "conv2d+add", "d2": "conv2d",
+                           "c3": "conv2d", "c4": "conv2d+add"}
+    order = [n.name for n in eng.nodes]
+    assert order.index("c2") > order.index("d2") and "add2" not in order and "add3" in order
+    assert eng.node("c2").inputs[-1] == "d2" and eng.node("c2").outputs == ["add2"]
+    assert_close(run_forward(eng, NumpyBackend(), {"x": x})["y"], ref, 1e-6, "residual-fused graph (numpy)")
+    y_cl = clbe.to_host(Executor(eng, clbe).forward({"x": x})["y"])
+    assert_close(y_cl, ref, 1e-4, "residual-fused graph (OpenCL)")
+    # c3 trains: its gradient passes add3 and c4 (kept apart); c1 and c2 lie before it.
+    part = fold_frozen(g, {"c3"}, engine=True)
+    assert labels(part) == {"c0": "conv2d+relu", "c1": "conv2d+add+relu", "c2": "conv2d+add", "d2": "conv2d",
+                            "c3": "conv2d", "c4": "conv2d"}
+    # c0 trains: every Add is on the gradient's path.
+    assert not any(n.attrs.get("residual") for n in fold_frozen(g, {"c0"}, engine=True).nodes)

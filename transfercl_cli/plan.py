@@ -35,6 +35,28 @@ def _epilogue_act(n, no_grad):
     return n.op
 
 
+def _residual_add(graph, cons, conv, grad, trainable, shapes):
+    """(add, act, residual) when conv's output (BN folded, no activation) is read only by a two-input Add of
+    same-shaped tensors where no gradient flows: the Add (and a ReLU-like activation after it) can run in the
+    convolution's epilogue, reading the other input `residual`. act is the node fused after it or None."""
+    nxt = cons.get(conv.outputs[0], [])
+    y = conv.outputs[0]
+    if (conv.op != "conv2d" or conv.attrs.get("act") or len(nxt) != 1 or nxt[0].op != "add"
+            or nxt[0].name in trainable or nxt[0].params or len(nxt[0].inputs) != 2 or nxt[0].inputs.count(y) != 1
+            or y in graph.outputs or nxt[0].outputs[0] in grad):
+        return None
+    add = nxt[0]
+    r = add.inputs[0] if add.inputs[1] == y else add.inputs[1]
+    sh = shapes()
+    if not (tuple(sh[r]) == tuple(sh[y]) == tuple(sh[add.outputs[0]])):
+        return None
+    after = cons.get(add.outputs[0], [])
+    act = after[0] if len(after) == 1 and add.outputs[0] not in graph.outputs else None
+    if act is not None and (act.name in trainable or not _epilogue_act(act, True)):
+        act = None
+    return add, act, r
+
+
 def _gradient_tensors(graph, trainable):
     """Tensors a gradient reaches: outputs of trainable layers with parameters and everything computed from them."""
     grad = set()
@@ -204,11 +226,22 @@ def fold_frozen(graph, trainable, engine=False):
     the conv's epilogue (or, where the BN stays, into the BN, with a global average pool after it), zero Pads into
     the next conv's padding. Trainable nodes are the same objects or share their parameter dicts, so updates made
     through the returned graph are seen by `graph`. engine=True (the graph tcl's own executor runs, not one to
-    export): swish, sigmoid, hard-swish and hard-sigmoid fused too where no gradient flows (ENGINE_ACTS)."""
+    export): swish, sigmoid, hard-swish and hard-sigmoid fused too where no gradient flows (ENGINE_ACTS), and so is a
+    residual Add after a frozen convolution (with the activation after it), which the convolution then adds in its
+    epilogue (attrs 'residual': the other input is the node's last input; the node takes the Add's place)."""
     cons = graph.consumers()
     grad = _gradient_tensors(graph, trainable) if engine else None
     out_nodes = []
     skip = set()
+    at_add = {}  # Add name -> the convolution that absorbed it, placed there (its residual input exists by then)
+    shape_memo = []
+
+    def shapes():
+        if not shape_memo:
+            from .ops.shapes import infer_shapes
+
+            shape_memo.append(infer_shapes(graph))
+        return shape_memo[0]
     # A zero Pad read only by a convolution becomes that convolution's own padding (frozen or trainable: a Pad has
     # no parameters, and the padded copy would otherwise be kept for the backward pass). A trainable convolution
     # keeps its parameter dict (the same object), so updates are seen by `graph`.
@@ -221,6 +254,9 @@ def fold_frozen(graph, trainable, engine=False):
             pad_into[nxt[0].name] = n
             skip.add(n.name)
     for n in graph.nodes:
+        if n.name in at_add:
+            out_nodes.append(at_add.pop(n.name))
+            continue
         if n.name in skip:
             continue
         if n.name in pad_into:
@@ -256,6 +292,20 @@ def fold_frozen(graph, trainable, engine=False):
                 cur.attrs["folded"] = cur.attrs.get("folded", []) + [act.name]
                 cur.outputs = list(act.outputs)
                 skip.add(act.name)
+            fused_add = _residual_add(graph, cons, cur, grad, trainable, shapes) if engine else None
+            if fused_add and fused_add[0].name not in skip:
+                add, act, r = fused_add
+                if cur is n:
+                    cur = Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), dict(n.params), n.source)
+                tail = [add] + ([act] if act is not None else [])
+                cur.inputs = list(cur.inputs) + [r]
+                cur.attrs.update(residual=True, folded=cur.attrs.get("folded", []) + [t.name for t in tail])
+                if act is not None:
+                    cur.attrs["act"] = _epilogue_act(act, True)
+                cur.outputs = list(tail[-1].outputs)
+                skip.update(t.name for t in tail)
+                at_add[add.name] = cur
+                continue
             out_nodes.append(cur)
         elif n.op == "batchnorm" and not n.attrs.get("act") and not n.attrs.get("pool"):
             # A BatchNorm left standing (it trains, or its conv does) carries the ReLU/ReLU6 after it, and then a
@@ -289,7 +339,7 @@ def fold_frozen(graph, trainable, engine=False):
 def fused_label(node):
     """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' (benchmarks and reports)."""
     act = "+" + node.attrs["act"] if node.attrs.get("act") else ""
-    return node.op + act + ("+gap" if node.attrs.get("pool") else "")
+    return node.op + ("+add" if node.attrs.get("residual") else "") + act + ("+gap" if node.attrs.get("pool") else "")
 
 
 def split_prefix(graph, trainable):

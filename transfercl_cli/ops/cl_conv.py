@@ -35,7 +35,7 @@ import numpy as np
 
 from ..runtime import DeviceArray
 from . import cl_gemm, cl_winograd, register
-from .ref_conv import conv_geometry, pool_geometry
+from .ref_conv import conv_geometry, no_residual_backward, pool_geometry, residual_input
 from .cl_elementwise import colsum
 from .shapes import global_pool_shape
 
@@ -389,10 +389,12 @@ def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
     return y
 
 
-def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
+def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None, residual=None):
     """General convolution into y (N, OH, OW, Cout). w_packs: the GEMM's cache of packed panels for a weight that
-    does not change (Backend.const_cache), used where the convolution is one GEMM on the whole weight."""
-    from .cl_gemm import gemm
+    does not change (Backend.const_cache), used where the convolution is one GEMM on the whole weight. residual: a
+    tensor of y's shape added before the activation (a fused residual Add): in the GEMM's or Winograd's epilogue,
+    a separate pass after the direct kernels."""
+    from .cl_gemm import add_residual, gemm
 
     N, H, W, C = x.shape
     kh, kw, cg, Cout = w.shape
@@ -401,18 +403,23 @@ def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
     OH, OW = geom[10], geom[11]
     if _is_pointwise(geom, G):
         gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act,
-             b_packs=w_packs)
+             b_packs=w_packs, residual=residual)
         return y
-    if G == 1 and C <= DIRECT_MAX_CIN:
-        return _direct_forward(rt, x, w, b, geom, act, y)
-    if cl_winograd.use_winograd(rt, geom, G, N, C, Cout):
-        return cl_winograd.winograd_forward(rt, x, w, b, geom, act, y, w_packs)
-    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C):
-        return _group_direct_forward(rt, x, w, b, geom, G, act, y)
+    if cl_winograd.use_winograd(rt, geom, G, N, C, Cout) and C > DIRECT_MAX_CIN:
+        return cl_winograd.winograd_forward(rt, x, w, b, geom, act, y, w_packs, residual)
     K = kh * kw * cg
     P = OH * OW
     nimg = _chunk_images(rt, N, OH, OW, K)
     direct = G == 1 and nimg == N  # the GEMM writes y itself
+    gemm_im2col = direct and not (C <= DIRECT_MAX_CIN or (use_group_direct(rt, G, Cout)
+                                                          and not im2col_forward_faster(rt, geom, G, C)))
+    if residual is not None and not gemm_im2col:
+        conv_forward(rt, x, w, b, geom, groups, None, y, w_packs)
+        return add_residual(rt, y, residual, act)
+    if G == 1 and C <= DIRECT_MAX_CIN:
+        return _direct_forward(rt, x, w, b, geom, act, y)
+    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C):
+        return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     col = rt.empty((nimg * P, K))
     yt = None if direct else rt.empty((nimg * P, cog))
     w2 = w.reshape(kh * kw * cg, Cout)
@@ -430,7 +437,8 @@ def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None):
             nb = min(nimg, N - n0)
             _im2col(rt, x, col, geom, cg, g * cg, n0, nb)
             if direct:
-                gemm(rt, col, wg, y.reshape(N * P, Cout), bias=bg, act=act, b_packs=w_packs)
+                gemm(rt, col, wg, y.reshape(N * P, Cout), bias=bg, act=act, b_packs=w_packs,
+                     residual=None if residual is None else residual.reshape(N * P, Cout))
             else:
                 ytv = _view(yt, (nb * P, cog))
                 gemm(rt, _view(col, (nb * P, K)), wg, ytv, bias=bg, act=act, b_packs=w_packs if G == 1 else None)
@@ -620,16 +628,20 @@ def conv2d_fwd(be, node, xs, training):
     N = x.shape[0]
     y = rt.empty((N, geom[10], geom[11], w.shape[3]))
     act = node.attrs.get("act")
+    res = residual_input(node, xs, y.shape)
     if _is_depthwise(x.shape, w.shape, G):
-        depthwise_forward(rt, x, w, b, geom, act, y)
+        depthwise_forward(rt, x, w, b, geom, None if res is not None else act, y)
+        if res is not None:
+            cl_gemm.add_residual(rt, y, res, act)
     else:
-        conv_forward(rt, x, w, b, geom, G, act, y, be.const_cache(node, "weight"))
+        conv_forward(rt, x, w, b, geom, G, act, y, be.const_cache(node, "weight"), res)
     # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
     return [y], (x, y if cl_gemm.DIFFERENTIABLE_ACTS.get(act or None, 0) else None)
 
 
 @register("opencl", "conv2d", "backward")
 def conv2d_bwd(be, node, saved, gys, need):
+    no_residual_backward(node)
     rt = be.rt
     x, y = saved
     w = be.param(node, "weight")

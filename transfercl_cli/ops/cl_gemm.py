@@ -1,7 +1,7 @@
 """The GEMM every matrix-shaped op runs on (1x1 convolutions, Dense, im2col convolutions and their gradients).
 
     gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, alpha=1.0, bias=None, act=None)
-        out[M, N] = [out +] alpha * op(a) @ op(b) [+ bias[N]], then act (None, 'relu', 'relu6'); float32.
+        out[M, N] = [out +] alpha * op(a) @ op(b) [+ bias[N]] [+ residual], then act (None, 'relu', 'relu6'); float32.
 
 Also the `dense` op of the opencl backend.
 """
@@ -42,8 +42,12 @@ def _as2d(x):
 
 
 def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, alpha=1.0, bias=None, act=None,
-         variant=None, b_packs=None):
-    """out = [out +] alpha * op(a) @ op(b) [+ bias] then act; returns out (allocated (M, N) when not given).
+         variant=None, b_packs=None, residual=None):
+    """out = [out +] alpha * op(a) @ op(b) [+ bias] [+ residual] then act; returns out (allocated (M, N) when not
+    given).
+
+    `residual`: a tensor of out's size added before the activation (a frozen convolution's residual Add, fused by
+    plan.fold_frozen): in the CPU kernel's epilogue, a separate pass on the other paths.
 
     `variant` forces an implementation (tests); by default the per-device autotuned one runs.
     `b_packs`: a dict owned by the caller for a B that does not change while the dict lives (a frozen layer's
@@ -66,11 +70,17 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
         raise ValueError(f"gemm: out has shape {out.shape}, expected {M}x{N} elements")
     if bias is not None and bias.size != N:
         raise ValueError(f"gemm: bias has {bias.size} elements, expected {N}")
+    if residual is not None and (accumulate or residual.size != M * N):
+        raise ValueError(f"gemm: a residual of {residual.size} elements (out has {M}x{N}) with accumulate={accumulate}")
     if M == 0 or N == 0:
         return out
     cfg = _resolve(rt, variant)
-    if (variant is None and cfg["kind"] == "cpu" and M <= SMALL_M and not (trans_a or trans_b or accumulate)
-            and alpha == 1.0):
+    small = (variant is None and cfg["kind"] == "cpu" and M <= SMALL_M and not (trans_a or trans_b or accumulate)
+             and alpha == 1.0)
+    if residual is not None and (small or cfg["kind"] != "cpu"):
+        gemm(rt, a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, bias=bias, variant=variant, b_packs=b_packs)
+        return add_residual(rt, out, residual, act)
+    if small:
         _gemm_small_m(rt, a2, b2, out, M, N, K, bias, _ACT[act], b_packs)
         return out
     if variant is None and cfg["kind"] == "cpu":
@@ -85,8 +95,28 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
         _gemm_gpu_direct(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act])
         return out
     _gemm_cpu(rt, cfg, a2, b2, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, _ACT[act],
-              tune=variant is None and _online_tuning(), b_packs=None if trans_b else b_packs)
+              tune=variant is None and _online_tuning(), b_packs=None if trans_b else b_packs, residual=residual)
     return out
+
+
+# The elementwise kernels' names (cl_elementwise.ACT_CODES) and parameters of the fused activations.
+_ACT_PASS = {"relu": ("relu", 0.0, 0.0), "relu6": ("relu6", 0.0, 0.0), "swish": ("swish", 0.0, 0.0),
+             "sigmoid": ("sigmoid", 0.0, 0.0), "hard_swish": ("hard_swish", 0.0, 0.0),
+             "hard_sigmoid": ("hard_sigmoid", 1.0 / 6.0, 0.5)}
+
+
+def add_residual(rt, y, residual, act):
+    """y = act(y + residual) in place, in separate passes: the fused residual Add where a kernel's epilogue does not
+    take one (GPU GEMMs, direct and depthwise convolutions)."""
+    from .cl_elementwise import act_forward, binary
+
+    if tuple(residual.shape) != tuple(y.shape):
+        residual = residual.reshape(tuple(y.shape))
+    binary(rt, "add", y, residual, out=y)
+    if _ACT[act]:
+        op, p0, p1 = _ACT_PASS[act]
+        act_forward(rt, op, y, out=y, p0=p0, p1=p1)
+    return y
 
 
 # Implementations and their tile parameters. "cpu*": float16 register blocks of MR rows x 16*NV columns per
@@ -338,7 +368,8 @@ def _tuner_key(rt, cfg, M, N, K, trans_a, trans_b):
     return (rt.info.id, tuple(sorted((k, v) for k, v in cfg.items() if k != "tune")), M, N, K, trans_a, trans_b)
 
 
-def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act, tune=False, b_packs=None):
+def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, bias, act, tune=False, b_packs=None,
+              residual=None):
     i32 = np.int32
     MR, NV = int(cfg["MR"]), int(cfg["NV"])
     NR = 16 * NV
@@ -400,12 +431,14 @@ def _gemm_cpu(rt, cfg, a, b, out, M, N, K, trans_a, trans_b, accumulate, alpha, 
         sc = rt.empty((nwi * nsplit * gi * MR * NR,))
         scratch.append(sc)
     bias_arg = bias if bias is not None else out
+    acc_code = i32(2 if residual is not None else int(accumulate))  # 2: add `residual` (gemm.cl STORE_TILE)
+    res_arg = residual if residual is not None else out
     rt.launch(kern("gemm_cpu"), (nwi, nsplit, 1), (1, 1, 1), i32(M), i32(N), i32(K), i32(kc), i32(kb), a, i32(ars),
-              i32(aks), np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), i32(int(accumulate)),
+              i32(aks), np.int64(a_bs), b, i32(N), i32(nb_direct), bp, target, np.float32(alpha), acc_code, res_arg,
               bias_arg, i32(bias is not None), i32(act), i32(nsplit > 1), i32(gi), sc, *_NO_BATCH)
     if nsplit > 1:
         rt.launch(kern("gemm_reduce"), (nbj, nbi), (1, 1), i32(M), i32(N), i32(nsplit), target, out,
-                  np.float32(alpha), i32(int(accumulate)), bias_arg, i32(bias is not None), i32(act))
+                  np.float32(alpha), acc_code, res_arg, bias_arg, i32(bias is not None), i32(act))
     for t in scratch:
         t.release()  # later commands on the in-order queue run after this GEMM: reusing the buffers is safe
     if tuner is not None:
@@ -441,7 +474,7 @@ def gemm_batched_panels(rt, cfg, a, bp, out, Z, M, N, K):
         sc = rt.empty((Z * sc_zs,))
     k = rt.kernel("gemm", "gemm_cpu", {"MR": MR, "NV": int(cfg["NV"])})
     rt.launch(k, (nwi, 1, Z), (1, 1, 1), i32(M), i32(N), i32(K), i32(K), i32(kb), a, i32(K), i32(1),
-              np.int64(MR * K), a, i32(N), i32(0), bp, out, np.float32(1.0), i32(0), out, i32(0), i32(0), i32(0),
+              np.int64(MR * K), a, i32(N), i32(0), bp, out, np.float32(1.0), i32(0), out, out, i32(0), i32(0), i32(0),
               i32(gi), sc, np.int64(M * K), np.int64(nbj * K * NR), np.int64(M * N), np.int64(sc_zs))
     if sc is not out:
         sc.release()

@@ -77,8 +77,9 @@ def _weights(rt, w, C, Cout, NR, packs):
     return u, True
 
 
-def winograd_forward(rt, x, w, b, geom, act, y, w_packs=None):
-    """y (N, OH, OW, Cout) = conv3x3(x, w) + b, then act, by F(4x4, 3x3); images in chunks that bound the scratch."""
+def winograd_forward(rt, x, w, b, geom, act, y, w_packs=None, residual=None):
+    """y (N, OH, OW, Cout) = conv3x3(x, w) + b [+ residual], then act, by F(4x4, 3x3); images in chunks that bound
+    the scratch."""
     from .cl_conv import _act_code
 
     N, H, W, C = x.shape
@@ -101,7 +102,8 @@ def winograd_forward(rt, x, w, b, geom, act, y, w_packs=None):
                   i32(T), x, v)
         cl_gemm.gemm_batched_panels(rt, cfg, v, u, m, 36, T, Cout, C)
         rt.launch(k_out, (Cout // vout, T), (1, 1), i32(OH), i32(OW), i32(Cout), i32(TH), i32(TW), i32(n0), i32(T),
-                  m, b if b is not None else m, i32(b is not None), i32(code), y)
+                  m, b if b is not None else m, i32(b is not None), i32(code), y,
+                  residual if residual is not None else m, i32(residual is not None))
     for t in (v, m) + ((u,) if own_u else ()):
         t.release()  # the in-order queue runs the launches above before a later command reuses the buffers
     return y

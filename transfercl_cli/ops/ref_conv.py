@@ -198,18 +198,42 @@ def conv2d_backward(x, w, gy, kernel_geom, groups, need_x=True, need_w=True):
     return dx, dW, db
 
 
+def residual_input(node, xs, y_shape):
+    """The residual tensor a conv node adds before its activation (attrs 'residual': plan.fold_frozen fused the Add
+    after a frozen convolution into it; the tensor is the node's last input), or None. Its shape must be the output's:
+    the plan fuses only such Adds, and a broadcast here would be a silently different sum."""
+    if not node.attrs.get("residual"):
+        return None
+    r = xs[-1]
+    if tuple(r.shape) != tuple(y_shape):
+        raise ValueError(f"conv2d {node.name}: the fused residual has shape {tuple(r.shape)}, the output "
+                         f"{tuple(y_shape)}")
+    return r
+
+
+def no_residual_backward(node):
+    if node.attrs.get("residual"):
+        raise ValueError(f"conv2d {node.name}: a fused residual Add has no backward pass (plan.fold_frozen fuses it "
+                         "only where no gradient flows)")
+
+
 @register("numpy", "conv2d")
 def conv2d_fwd(be, node, xs, training):
     x = xs[0]
     w = be.param(node, "weight")
     b = be.param(node, "bias") if be.has_param(node, "bias") else None
     geom = conv_geometry(node, x.shape)
-    y = conv2d_forward(x, w, b, geom, node.attrs.get("groups", 1), node.attrs.get("act"))
+    act = node.attrs.get("act")
+    y = conv2d_forward(x, w, b, geom, node.attrs.get("groups", 1), None if node.attrs.get("residual") else act)
+    r = residual_input(node, xs, y.shape)
+    if r is not None:
+        y = _act(y + r, act)
     return [y.astype(x.dtype, copy=False)], (x, y)
 
 
 @register("numpy", "conv2d", "backward")
 def conv2d_bwd(be, node, saved, gys, need):
+    no_residual_backward(node)
     x, y = saved
     w = be.param(node, "weight")
     gy = _act_mask(gys[0], y, node.attrs.get("act"))
