@@ -2,6 +2,7 @@
 BatchNorms, and the frozen prefix whose output can be cached.
 """
 import fnmatch
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -234,14 +235,13 @@ def fold_frozen(graph, trainable, engine=False):
     out_nodes = []
     skip = set()
     at_add = {}  # Add name -> the convolution that absorbed it, placed there (its residual input exists by then)
-    shape_memo = []
 
-    def shapes():
-        if not shape_memo:
-            from .ops.shapes import infer_shapes
+    @functools.cache
+    def shapes():  # only when a residual Add is a candidate
+        from .ops.shapes import infer_shapes
 
-            shape_memo.append(infer_shapes(graph))
-        return shape_memo[0]
+        return infer_shapes(graph)
+
     # A zero Pad read only by a convolution becomes that convolution's own padding (frozen or trainable: a Pad has
     # no parameters, and the padded copy would otherwise be kept for the backward pass). A trainable convolution
     # keeps its parameter dict (the same object), so updates are seen by `graph`.

@@ -405,20 +405,20 @@ def conv_forward(rt, x, w, b, geom, groups, act, y, w_packs=None, residual=None)
         gemm(rt, x.reshape(N * H * W, C), w.reshape(C, Cout), y.reshape(N * H * W, Cout), bias=b, act=act,
              b_packs=w_packs, residual=residual)
         return y
-    if cl_winograd.use_winograd(rt, geom, G, N, C, Cout) and C > DIRECT_MAX_CIN:
+    few_cin = G == 1 and C <= DIRECT_MAX_CIN
+    if not few_cin and cl_winograd.use_winograd(rt, geom, G, N, C, Cout):
         return cl_winograd.winograd_forward(rt, x, w, b, geom, act, y, w_packs, residual)
+    grouped = not few_cin and use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C)
     K = kh * kw * cg
     P = OH * OW
     nimg = _chunk_images(rt, N, OH, OW, K)
     direct = G == 1 and nimg == N  # the GEMM writes y itself
-    gemm_im2col = direct and not (C <= DIRECT_MAX_CIN or (use_group_direct(rt, G, Cout)
-                                                          and not im2col_forward_faster(rt, geom, G, C)))
-    if residual is not None and not gemm_im2col:
+    if residual is not None and (few_cin or grouped or not direct):  # no epilogue to add it in
         conv_forward(rt, x, w, b, geom, groups, None, y, w_packs)
         return add_residual(rt, y, residual, act)
-    if G == 1 and C <= DIRECT_MAX_CIN:
+    if few_cin:
         return _direct_forward(rt, x, w, b, geom, act, y)
-    if use_group_direct(rt, G, Cout) and not im2col_forward_faster(rt, geom, G, C):
+    if grouped:
         return _group_direct_forward(rt, x, w, b, geom, G, act, y)
     col = rt.empty((nimg * P, K))
     yt = None if direct else rt.empty((nimg * P, cog))

@@ -99,12 +99,6 @@ def gemm(rt, a, b, out=None, *, trans_a=False, trans_b=False, accumulate=False, 
     return out
 
 
-# The elementwise kernels' names (cl_elementwise.ACT_CODES) and parameters of the fused activations.
-_ACT_PASS = {"relu": ("relu", 0.0, 0.0), "relu6": ("relu6", 0.0, 0.0), "swish": ("swish", 0.0, 0.0),
-             "sigmoid": ("sigmoid", 0.0, 0.0), "hard_swish": ("hard_swish", 0.0, 0.0),
-             "hard_sigmoid": ("hard_sigmoid", 1.0 / 6.0, 0.5)}
-
-
 def add_residual(rt, y, residual, act):
     """y = act(y + residual) in place, in separate passes: the fused residual Add where a kernel's epilogue does not
     take one (GPU GEMMs, direct and depthwise convolutions)."""
@@ -113,9 +107,9 @@ def add_residual(rt, y, residual, act):
     if tuple(residual.shape) != tuple(y.shape):
         residual = residual.reshape(tuple(y.shape))
     binary(rt, "add", y, residual, out=y)
-    if _ACT[act]:
-        op, p0, p1 = _ACT_PASS[act]
-        act_forward(rt, op, y, out=y, p0=p0, p1=p1)
+    if _ACT[act]:  # the same names as the elementwise kernels'; the fused hard-sigmoid is PyTorch's (1/6, 1/2)
+        p0, p1 = (1 / 6, 0.5) if act == "hard_sigmoid" else (0.0, 0.0)
+        act_forward(rt, act, y, out=y, p0=p0, p1=p1)
     return y
 
 
