@@ -28,7 +28,7 @@ STYLES = ("gpu", "cpu")
 TARGETS = {
     "cases": ["tests/oclgrind_cases.py"],
     "suite": ["tests/test_runtime.py", "tests/test_ops_elementwise.py", "tests/test_ops_conv.py", "tests/test_optim.py",
-              "tests/test_executor.py"],
+              "tests/test_executor.py", "tests/test_replay.py"],
 }
 RUNS = [(s, t) for s in STYLES for t in TARGETS]  # the GPU style is the slow one: it goes first
 TIMEOUT_S = 900

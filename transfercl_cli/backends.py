@@ -16,6 +16,9 @@ class Backend:
         self._params = {}  # (node name, param name) -> backend tensor
         self._derived = {}  # (node name, param name) -> (its device tensor, {tag: tensor derived from it})
         self._trained = set()  # nodes some Executor on this backend trains (their parameters change in place)
+        # Counts replaced device copies and dropped derived ones: a recorded pass (replay.py) that read the old
+        # buffers must not run again.
+        self.generation = 0
 
     # tensors ------------------------------------------------------------------------------------------------------
     def asarray(self, x):
@@ -55,6 +58,7 @@ class Backend:
         if hit is not None and hit[0] is host:
             return hit[1]
         if hit is not None:
+            self.generation += 1
             self.release(hit[1])
         t = self.asarray(host)
         self._params[k] = (host, t)
@@ -88,12 +92,15 @@ class Backend:
 
     def _drop_derived(self, k):
         hit = self._derived.pop(k, None)
+        if hit is not None:
+            self.generation += 1
         for t in (hit[1].values() if hit else ()):
             self.release(t)
 
     def forget_params(self, node=None):
         """Drop device copies (all, or one node's) after host-side parameters changed."""
         for k in [k for k in self._params if node is None or k[0] == node.name]:
+            self.generation += 1
             self.release(self._params.pop(k)[1])
             self._drop_derived(k)
 

@@ -64,6 +64,9 @@ class Executor:
         self._live = None  # id(tensor) -> tensor: owned tensors past their last forward use, pinned by a context
         self._pins = None  # id(tensor) -> number of saved contexts that still reference it
         self._ctx_pins = None  # node name -> ids its context pinned
+        from .replay import make_replayer
+
+        self._replayer = make_replayer(self)  # inference passes recorded and replayed (replay.py); None: off
 
     @contextlib.contextmanager
     def per_node_times(self, times):
@@ -85,10 +88,14 @@ class Executor:
         saved = self._fwd, self._bwd
         self._fwd = {k: timed(v, "fwd") for k, v in saved[0].items()}
         self._bwd = {k: timed(v, "bwd") for k, v in saved[1].items()}
+        if self._replayer is not None:
+            self._replayer.paused = True  # a replay would skip the timed functions
         try:
             yield times
         finally:
             self._fwd, self._bwd = saved
+            if self._replayer is not None:
+                self._replayer.paused = False
 
     def node_training(self, n, training):
         if not training or n.name not in self._grad_names:
@@ -102,10 +109,21 @@ class Executor:
     def forward(self, feeds, training=False, outputs=None):
         """Run the graph. `feeds`: {input tensor name: array or backend tensor}. Returns {output name: tensor}.
 
-        With training=True the state for `backward` is kept; otherwise intermediates are freed on the way.
+        With training=True the state for `backward` is kept; otherwise intermediates are freed on the way, and once
+        a set of input shapes has run the pass is recorded and later calls replay its kernel launches (replay.py).
         """
-        be = self.be
         want = list(outputs or self.graph.outputs)
+        if not training and self._replayer is not None:
+            return self._replayer.forward(feeds, want)
+        return self._run(feeds, training, want)
+
+    def close(self):
+        """Give the buffers of recorded passes back to the backend's pool (also when the executor is collected)."""
+        if self._replayer is not None:
+            self._replayer.close()
+
+    def _run(self, feeds, training, want):
+        be = self.be
         env = {}
         owned = set()
         for k, v in feeds.items():

@@ -307,6 +307,7 @@ class Runtime:
             ) from e
         self._programs = {}
         self._kernels = {}
+        self._origin = {}  # id(kernel) -> (program, kernel name)
         self._declared = set()  # id() of the kernels whose scalar argument types pyopencl knows (launch)
         self._pool = defaultdict(list)
         self._lock = threading.Lock()
@@ -316,6 +317,8 @@ class Runtime:
         self.is_oclgrind = "oclgrind" in info.platform_name.lower()
         self.allocated_bytes = 0
         self.peak_bytes = 0
+        self.returned = []  # (buffer, capacity) pairs given back outside the pool's lock (replay.Replay.__del__)
+        self._rec = None  # a replay.Recorder while an inference pass is recorded: told every command and allocation
 
     # -- programs ------------------------------------------------------------------------------------------------
     def program(self, name, defines=None, options=()):
@@ -382,9 +385,18 @@ class Runtime:
         key = (name, kernel_name, tuple(sorted((defines or {}).items())))
         k = self._kernels.get(key)
         if k is None:
-            k = getattr(self.program(name, defines), kernel_name)
+            prg = self.program(name, defines)
+            k = getattr(prg, kernel_name)
             self._kernels[key] = k
+            self._origin[id(k)] = (prg, kernel_name)  # kept alive by _kernels: the id stays this kernel's
         return k
+
+    def kernel_copy(self, kernel):
+        """A new kernel object for the same function (its own arguments), or None for one not from `kernel`."""
+        origin = self._origin.get(id(kernel))
+        # From the pyopencl Program wrapper: a raw program would be probed for attributes by name, which a strict
+        # runtime (Oclgrind) reports as clCreateKernel errors.
+        return self.cl.Kernel(*origin) if origin is not None else None
 
     def launch(self, kernel, gsize, lsize, *args):
         """Queue a kernel (no wait). Scalars must already be numpy scalars (np.int32, np.float32)."""
@@ -406,9 +418,12 @@ class Runtime:
             lsize = tuple(map(int, lsize))
             gsize = tuple(-(-g // l) * l for g, l in zip(gsize, lsize))
         try:
-            return cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
+            ev = cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
         except cl.MemoryError as e:
             raise self._oom(e) from e
+        if self._rec is not None:
+            self._rec.on_launch(kernel, gsize, lsize, vals)
+        return ev
 
     def _declare_args(self, kernel, vals):
         kernel.set_scalar_arg_dtypes([v.dtype if isinstance(v, np.generic) else None for v in vals])
@@ -428,6 +443,8 @@ class Runtime:
         return w
 
     def finish(self):
+        if self._rec is not None:
+            self._rec.refuse("it waits for the queue")
         self.queue.finish()
 
     # -- memory --------------------------------------------------------------------------------------------------
@@ -453,6 +470,7 @@ class Runtime:
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         key = max(nbytes, 4)
+        self._take_returned()
         with self._lock:
             # pool_fit's first choice, the exact size, without listing the pool (the common case, every step)
             fit = key if self._pool.get(key) else pool_fit([k for k, v in self._pool.items() if v], key)
@@ -461,11 +479,33 @@ class Runtime:
             buf = self._alloc(key)
         else:
             key = fit
+        if self._rec is not None:
+            self._rec.on_take(buf, key)
         return DeviceArray(self, buf, shape, dtype, pooled=True, capacity=key)
 
     def pool_release(self, arr):
+        self.pool_return(arr.buf, arr.capacity)
+
+    def pool_return(self, buf, capacity):
         with self._lock:
-            self._pool[arr.capacity].append(arr.buf)
+            self._pool[capacity].append(buf)
+
+    def _take_returned(self):
+        while self.returned:
+            self.pool_return(*self.returned.pop())
+
+    def pool_ids(self):
+        """id() of every buffer waiting in the pool."""
+        self._take_returned()
+        with self._lock:
+            return {id(b) for bufs in self._pool.values() for b in bufs}
+
+    def pool_take(self, buf, capacity):
+        """Take one free buffer out of the pool for good (a replay's); (buf, capacity) for pool_return."""
+        with self._lock:
+            bufs = self._pool[capacity]
+            bufs.pop(next(i for i, b in enumerate(bufs) if b is buf))
+        return buf, capacity
 
     def zeros(self, shape, dtype=np.float32):
         a = self.empty(shape, dtype)
@@ -477,9 +517,13 @@ class Runtime:
         if arr.nbytes:
             pattern = np.array([value], dtype=arr.dtype)
             cl.enqueue_fill_buffer(self.queue, arr.buf, pattern, 0, arr.nbytes)
+            if self._rec is not None:
+                self._rec.on_fill(arr.buf, pattern, arr.nbytes)
         return arr
 
     def to_device(self, array, out=None):
+        if self._rec is not None:
+            self._rec.refuse("it uploads host data")
         a = np.ascontiguousarray(array)
         if a.dtype not in (np.float32, np.int32):
             a = a.astype(np.int32 if np.issubdtype(a.dtype, np.integer) else np.float32)
@@ -491,6 +535,8 @@ class Runtime:
         return dst
 
     def to_host(self, arr):
+        if self._rec is not None:
+            self._rec.refuse("it reads device data back")
         out = np.empty(arr.shape, dtype=arr.dtype)
         if out.nbytes:
             self.cl.enqueue_copy(self.queue, out, arr.buf, is_blocking=True)
@@ -501,6 +547,8 @@ class Runtime:
         pool): half the memory while it waits for the backward pass. `to_float` restores it."""
         if arr.half or not arr._pooled or arr.dtype != np.float32 or arr.size == 0:
             return False
+        if self._rec is not None:
+            self._rec.refuse("it stores a tensor as half precision")
         h = self.empty((arr.size,), np.float16)
         self._convert("f32_to_f16", arr, h)
         self.pool_release(arr)  # queued after the conversion on the in-order queue
@@ -526,6 +574,8 @@ class Runtime:
         dst = dst if dst is not None else self.empty(src.shape, src.dtype)
         if src.nbytes:
             self.cl.enqueue_copy(self.queue, dst.buf, src.buf, byte_count=src.nbytes)
+            if self._rec is not None:
+                self._rec.on_copy(src.buf, dst.buf, src.nbytes)
         return dst
 
 
