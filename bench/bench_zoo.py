@@ -28,8 +28,8 @@ trains the torchvision module with its BatchNorms; --torch-no-bn replaces them b
 like with like (the issue's "12.95 with PyTorch's BatchNorms removed").
 
 The contenders alternate (every round runs every measurement, the two contenders in turn, tcl first in even rounds),
-over --rounds rounds (default 3; the machine is shared). Each round: a warm-up call, then the median of --repeats
-timed calls (forward: upload, run, download; training: forward, loss, backward, SGD update); reported: the median
+over --rounds rounds (default 3; the machine is shared). Each round: warm-up calls (10, or as many as run in 1 s
+if fewer: timed_calls), then the median of --repeats timed calls (forward: upload, run, download; training: forward, loss, backward, SGD update); reported: the median
 img/s over the rounds, the peak RSS of the process (max over rounds), tcl / other, the geometric mean of the ratios
 per work column, and the first-call warm-up: tcl's first forward after the model is loaded and the executor built
 (OpenCL kernels come from tcl's on-disk cache after the first process; the median over rounds, so round 0's compiles
@@ -155,14 +155,26 @@ def images(batch, size, nchw=False):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if nchw else x
 
 
+WARMUP_CALLS, WARMUP_S = 10, 1.0
+
+
 def timed_calls(fn, repeats):
-    """(first call seconds, median of `repeats` further calls)."""
+    """(first call seconds, median of `repeats` further calls), after warm-up calls until WARMUP_CALLS calls or
+    WARMUP_S seconds, whichever comes first (the same for every contender). tcl on PoCL reaches its steady speed only
+    after ~10 calls (MobileNetV2 at batch 1: 6.6 ms at the third call, 4.5 ms from the twelfth; the kernels' own
+    times fall alike, measured with OpenCL profiling events), onnxruntime after 2-3 (2.8 ms from the third)."""
+    t_start = time.perf_counter()
+    warm = []
+    while not warm or (len(warm) < WARMUP_CALLS and time.perf_counter() - t_start < WARMUP_S):
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return times[0], statistics.median(times[1:])
+    return warm[0], statistics.median(times)
 
 
 # --- tcl ------------------------------------------------------------------------------------------------------------
@@ -637,8 +649,8 @@ def report(ctx, runs, layers, final=False):
     vers = "; ".join(dict.fromkeys(d["versions"] for d in res.values() if d.get("versions")))
     cpu = platform.processor() or platform.machine()
     setup = (f"{len(models)} model{'s' if len(models) > 1 else ''}, median over {args.rounds} alternating rounds of "
-             f"the median of {args.repeats} calls after a warm-up, every measurement in its own process; {cpu}, "
-             f"{os.cpu_count()} CPUs; load average at start {load0[0]:.2f}, "
+             f"the median of {args.repeats} calls after warm-up calls (10, or 1 s), every measurement in its own "
+             f"process; {cpu}, {os.cpu_count()} CPUs; load average at start {load0[0]:.2f}, "
              f"{'at end' if final else 'now (run in progress)'} {load1[0]:.2f}; {total / 60:.1f} min")
     summ, det = summary_table(res, models, works), details_table(res, models, works)
     if final:
