@@ -367,3 +367,20 @@ def test_exp_activations_need_their_program(rt, monkeypatch):
     assert_close(ok, np.full((3, 5), 4 / (1 + np.exp(-4.0))), 1e-6, "swish with EPI_EXP")
     monkeypatch.setattr(cl_gemm, "act_defines", lambda code: {})
     assert np.isnan(cl_gemm.gemm(rt, a, b, act="swish", variant="naive").get()).all()
+
+
+def test_denormal_operands_give_the_reference_result(rt):
+    """Kernels are built with -cl-denorms-are-zero (a denormal operand costs x86 a microcode assist per FMA): values
+    below FLT_MIN may be flushed, which changes results by less than FLT_MIN times the other operand."""
+    from transfercl_cli.ops.cl_elementwise import act_forward
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 96)).astype(np.float32)
+    a[:, ::2] = np.float32(3e-39)  # half of A denormal, as after a saturated squeeze-excite gate
+    b = rng.standard_normal((96, 48)).astype(np.float32)
+    for v in ("cpu14x32", "cpu8x16", "gpu_direct", "naive"):
+        y = rt.to_host(cl_gemm.gemm(rt, rt.to_device(a), rt.to_device(b), variant=v))
+        assert_close(y, _ref(a, b, False, False), 1e-5, v)
+    s = rt.to_host(act_forward(rt, "sigmoid", rt.to_device(np.array([-100.0, -90.0, 0.0], np.float32))))
+    assert np.all(np.isfinite(s)) and np.all(s[:2] >= 0) and np.all(s[:2] < np.finfo(np.float32).tiny) and s[2] == 0.5
+    assert all("-cl-denorms-are-zero" in opts for _name, opts in rt._programs)
