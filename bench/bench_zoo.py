@@ -29,12 +29,13 @@ like with like (the issue's "12.95 with PyTorch's BatchNorms removed").
 
 The contenders alternate (every round runs every measurement, the two contenders in turn, tcl first in even rounds),
 over --rounds rounds (default 3; the machine is shared). Each round: warm-up calls (10, or as many as run in 1 s
-if fewer: timed_calls), then the median of --repeats timed calls (forward: upload, run, download; training: forward, loss, backward, SGD update); reported: the median
-img/s over the rounds, the peak RSS of the process (max over rounds), tcl / other, the geometric mean of the ratios
-per work column, and the first-call warm-up: tcl's first forward after the model is loaded and the executor built
-(OpenCL kernels come from tcl's on-disk cache after the first process; the median over rounds, so round 0's compiles
-count only with --rounds 1) against onnxruntime's session creation + first run. A crash or timeout (--timeout S
-seconds per subprocess, default 600) is a row with the error; that measurement is not retried in later rounds.
+if fewer: timed_calls), then the median of --repeats timed calls (forward: upload, run, download; training: forward,
+loss, backward, SGD update); reported: the median img/s over the rounds, the peak RSS of the process (max over
+rounds), tcl / other, the geometric mean of the ratios per work column, and the first-call warm-up: tcl's first
+forward after the model is loaded and the executor built (OpenCL kernels come from tcl's on-disk cache after the
+first process; the median over rounds, so round 0's compiles count only with --rounds 1) against onnxruntime's
+session creation + first run. A crash or timeout (--timeout S seconds per subprocess, default 600) is a row with the
+error; that measurement is not retried in later rounds.
 The load average is printed at start and end. `--quick` = 1 round of 2 repeats (to check that it works).
 
 `--layers`: after the rounds, one more tcl process per (model, work) prints every node's time (forward, and backward
