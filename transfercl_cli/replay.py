@@ -179,7 +179,7 @@ def finalize(rt, rec, feeds, out, check):
         src = _Input(feed_of[id(v.buf)]) if id(v.buf) in feed_of else v.buf
         outputs[name] = (src, v.shape, v.dtype, v.nbytes)
     reserved = [rt.pool_take(b, cap) for k, (b, cap) in rec.taken.items() if k in free]
-    reserved += [(v.buf, v.capacity) for v in out.values() if id(v.buf) in out_ids]
+    reserved += list({id(v.buf): (v.buf, v.capacity) for v in out.values() if id(v.buf) in out_ids}.values())
     for v in out.values():
         if id(v.buf) in out_ids:
             v._pooled = False  # the replay owns its buffer now
