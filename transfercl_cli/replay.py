@@ -26,6 +26,7 @@ import weakref
 
 import numpy as np
 
+from .runtime import DeviceArray
 
 RECORD_AFTER = 1  # calls with a set of shapes before one is recorded (the first compiles and starts tuning)
 RECORD_ATTEMPTS = 32  # recordings tried per set of shapes before giving up (a shape tuner syncs for ~a dozen calls)
@@ -88,7 +89,7 @@ class Replay:
         self.reserved = reserved  # [(buf, capacity)]: out of the pool while this replay exists
         self.inputs = inputs  # name -> [(kernel, argument index)] to point at the call's input
         self.commands = commands
-        self.outputs = outputs  # name -> (buffer | _Input, shape, dtype, nbytes)
+        self.outputs = outputs  # name -> (buffer | _Input, shape, dtype)
         self.check = check  # () -> bool: the parameters are still the recorded ones
 
     def run(self, feeds):
@@ -109,16 +110,15 @@ class Replay:
                 else:
                     src, dst = (bufs[b.name] if isinstance(b, _Input) else b for b in c[1:3])
                     cl.enqueue_copy(q, dst, src, byte_count=c[3])
-            return {name: self._copy_out(bufs, *o) for name, o in self.outputs.items()}
+            return self.copy_outputs(bufs)
         except cl.MemoryError as e:
             raise rt._oom(e) from e
 
-    def _copy_out(self, bufs, src, shape, dtype, nbytes):
-        src = bufs[src.name] if isinstance(src, _Input) else src
-        out = self.rt.empty(shape, dtype)
-        if nbytes:
-            self.rt.cl.enqueue_copy(self.rt.queue, out.buf, src, byte_count=nbytes)
-        return out
+    def copy_outputs(self, bufs):
+        """Fresh pooled copies of the pass's outputs; bufs: {input name: buffer} for outputs that are inputs."""
+        return {name: self.rt.copy(DeviceArray(self.rt, bufs[src.name] if isinstance(src, _Input) else src, shape,
+                                               dtype))
+                for name, (src, shape, dtype) in self.outputs.items()}
 
     def close(self):
         """Give the reserved buffers back to the pool (after commands already queued: the queue is in order)."""
@@ -177,7 +177,7 @@ def finalize(rt, rec, feeds, out, check):
     outputs = {}
     for name, v in out.items():
         src = _Input(feed_of[id(v.buf)]) if id(v.buf) in feed_of else v.buf
-        outputs[name] = (src, v.shape, v.dtype, v.nbytes)
+        outputs[name] = (src, v.shape, v.dtype)
     reserved = [rt.pool_take(b, cap) for k, (b, cap) in rec.taken.items() if k in free]
     reserved += list({id(v.buf): (v.buf, v.capacity) for v in out.values() if id(v.buf) in out_ids}.values())
     for v in out.values():
@@ -240,7 +240,7 @@ class Replayer:
         if rp is None:
             return out
         self.replays[key] = rp
-        return {name: rp._copy_out({n: d.buf for n, d in dev.items()}, *rp.outputs[name]) for name in out}
+        return rp.copy_outputs({n: d.buf for n, d in dev.items()})
 
     def close(self):
         for rp in self.replays.values():
@@ -250,6 +250,6 @@ class Replayer:
 
 def make_replayer(executor):
     """A Replayer where the backend is OpenCL and replays are on, else None."""
-    if not enabled() or not hasattr(executor.be, "rt") or not hasattr(executor.be.rt, "pool_take"):
+    if not enabled() or not hasattr(executor.be, "rt"):
         return None
     return Replayer(executor)
