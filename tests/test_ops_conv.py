@@ -54,6 +54,7 @@ def naive_conv(x, w, b, s, d, pads, groups):
 # (N, H, W, Cin, Cout, kernel, strides, dilations, pads, groups, bias, act)
 CONV_CASES = [
     (1, 5, 7, 3, 5, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, True, None),         # batch 1, odd sizes
+    (2, 11, 9, 3, 64, (7, 7), (2, 2), (1, 1), (3, 3, 3, 3), 1, True, "relu"),     # ResNet stem: direct, 4 x 16
     (2, 7, 9, 5, 17, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 1, True, "relu6"),     # TF-SAME stride 2
     (2, 8, 7, 3, 4, (3, 2), (1, 2), (2, 1), (2, 0, 1, 1), 1, False, None),        # dilation 2, asymmetric
     (1, 6, 5, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, "relu"),        # groups 2

@@ -122,7 +122,11 @@ def test_choice_rule(rt, monkeypatch):
 
     monkeypatch.setattr(cl_winograd, "WINOGRAD", None)
     assert cl_winograd.use_winograd(rt, geom(56, 56), 1, 8, 64, 64)  # ResNet-18's first stage
-    assert cl_winograd.use_winograd(rt, geom(7, 7), 1, 1, 512, 512)  # 4 tiles, wide
+    # 7x7x512 (ResNet's last stage): at batch 1 its 37.7 MB of transformed weights cost more than the im2col GEMM;
+    # at batch 8 the GEMM's arithmetic dominates and Winograd's 4x fewer multiplies win.
+    assert not cl_winograd.use_winograd(rt, geom(7, 7), 1, 1, 512, 512)
+    assert cl_winograd.use_winograd(rt, geom(7, 7), 1, 8, 512, 512)
+    assert cl_winograd.use_winograd(rt, geom(14, 14), 1, 1, 256, 256)  # 16 tiles, 9.4 MB of transformed weights
     assert not cl_winograd.use_winograd(rt, geom(8, 8), 1, 1, 448, 384)  # 4 tiles, narrower
     assert not cl_winograd.use_winograd(rt, geom(7, 7), 1, 1, 128, 32)  # 3.6 MFLOP
     assert not cl_winograd.use_winograd(rt, geom(56, 56, s=2), 1, 8, 64, 64)

@@ -23,11 +23,16 @@ WINOGRAD = None
 SCRATCH_BYTES = 64 << 20
 # Where use_winograd takes it (PoCL, 2 cores, 3x3 shapes of ResNet, VGG, DenseNet, Inception and SqueezeNet at
 # batch 1, 2 and 8, against the direct and im2col paths): at least MIN_FLOP multiply-adds x 2 in the direct sum
-# (1.4-3.5x faster from ~100 MFLOP up, 0.8-1.7x around 50, slower below ~30) and at least MIN_TILES 4x4 tiles, or
-# channels enough that the GEMMs are large anyway (7x7x512 at batch 1, 4 tiles: 1.4x; 8x8 448 -> 384: 0.8x).
+# (1.4-3.5x faster from ~100 MFLOP up, 0.8-1.7x around 50, slower below ~30), at least MIN_TILES 4x4 tiles, and
+# where its 36 transformed weight matrices (4x the bytes of the 3x3 weight) cost less to stream than the im2col GEMM
+# costs to compute. In a network a layer's weights come from memory each pass: ResNet's 7x7x512 convolution at
+# batch 1 (4 tiles, 37.7 MB of transformed weights) took 2.3 ms by Winograd in the network (0.94 ms with its weights
+# hot in cache, alone) and 0.9 ms as one im2col GEMM (9.4 MB of weights).
 MIN_FLOP = 40e6
 MIN_TILES = 8
-MIN_WIDE_CHANNELS = 512
+# A GEMM's multiply-adds x 2 per byte streamed from memory at the same time cost (here ~300 GFLOP/s against
+# ~18 GB/s, bench/bench_gemm.py and a streaming read): the cost model of _cost.
+FLOP_PER_BYTE = 16.0
 
 
 def _cdiv(a, b):
@@ -52,7 +57,15 @@ def use_winograd(rt, geom, groups, N, C, Cout):
     OH, OW = geom[10], geom[11]
     tiles = N * _cdiv(OH, 4) * _cdiv(OW, 4)
     flop = 2.0 * N * OH * OW * 9 * C * Cout
-    return flop >= MIN_FLOP and (tiles >= MIN_TILES or min(C, Cout) >= MIN_WIDE_CHANNELS)
+    if flop < MIN_FLOP or tiles < MIN_TILES:
+        return False
+    wino = _cost(2.0 * 36 * _cdiv(tiles, 8) * 8 * C * Cout, 36 * C * Cout * 4)  # tiles padded to a row block
+    return wino < _cost(flop, 9 * C * Cout * 4)
+
+
+def _cost(flop, weight_bytes):
+    """A GEMM's time in bytes-streamed units: its arithmetic or its weight stream, whichever is longer."""
+    return max(weight_bytes, flop / FLOP_PER_BYTE)
 
 
 def _vw(n):
