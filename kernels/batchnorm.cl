@@ -179,6 +179,32 @@ __kernel void chan_affine(__global const float* x, __global float* y, __global c
         { y[o] = bn_act_s(x[o] * a[c] + (has_b ? b[c] : 0.0f), act); })
 }
 
+// One input of a Concat that feeds a frozen BatchNorm (plan.fold_frozen fuses them: DenseNet normalises every
+// Concat of its dense layers): y[m, off + c] = act(x[m, c] * a[off + c] + b[off + c]) over x's (M, Cx), y having
+// Cy channels per row. The Concat's output is never stored. Grid (ceil(Cx / CW), ceil(M / RB)).
+__kernel void chan_affine_slice(__global const float* x, __global float* y, __global const float* a,
+                                __global const float* b, const int M, const int Cx, const int Cy, const int off,
+                                const int act) {
+    const int c0 = get_global_id(0) * CW;
+    const int m0 = get_global_id(1) * RB;
+    if (m0 >= M || c0 >= Cx) return;
+    const int m1 = min(m0 + RB, M);
+    a += off;
+    b += off;
+    for (int m = m0; m < m1; ++m) {
+        const __global float* xr = x + (size_t)m * Cx;
+        __global float* yr = y + (size_t)m * Cy + off;
+        int c = c0;
+        if (c0 + CW <= Cx) {
+            _Pragma("unroll") for (int j = 0; j < NW; ++j, c += 8)
+                ST8(yr + c, bn_act_v(LD8(xr + c) * LD8(a + c) + LD8(b + c), act));
+        } else {
+            for (; c + 8 <= Cx; c += 8) ST8(yr + c, bn_act_v(LD8(xr + c) * LD8(a + c) + LD8(b + c), act));
+            for (; c < Cx; ++c) yr[c] = bn_act_s(xr[c] * a[c] + b[c], act);
+        }
+    }
+}
+
 // BatchNorm + activation + global average pool in one pass (a BatchNorm that trains, followed by the head's pool):
 // y[n, c] = mean over the HW rows of image n of act(x * a[c] + b[c]); the (M, C) BN output never exists.
 // Grid (ceil(C / CW), N).

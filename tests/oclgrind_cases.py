@@ -251,6 +251,14 @@ def test_batchnorm(npbe, clbe, training, attrs):
     check_op(npbe, clbe, _bn_node(45, **attrs), [randn(2, 3, 5, 45, scale=3) + 1.0], training=training)
 
 
+def test_concat_batchnorm(npbe, clbe):
+    """A frozen BatchNorm over the channel Concat of its inputs (plan.fold_frozen): inputs of 37 (a 32-block and a
+    tail), 3 and 5 channels, written at offsets 0, 37 and 40 (unaligned vector stores)."""
+    node = make_node("batchnorm", 3, attrs={"eps": 1e-3, "concat": True, "act": "relu"}, params=_bn_node(45).params)
+    check_op(npbe, clbe, node, [randn(2, 3, 5, 37, scale=3), randn(2, 3, 5, 3, scale=3), randn(2, 3, 5, 5, scale=3)],
+             backward=False)
+
+
 def test_scale(npbe, clbe):
     check_op(npbe, clbe, make_node("scale", params={"scale": np.linspace(0.5, 2, 45)}), [randn(2, 3, 45)])
 

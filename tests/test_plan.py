@@ -285,3 +285,49 @@ def test_residual_add_fuses_into_the_frozen_conv_before_it(clbe):
                             "c3": "conv2d", "c4": "conv2d"}
     # c0 trains: every Add is on the gradient's path.
     assert not any(n.attrs.get("residual") for n in fold_frozen(g, {"c0"}, engine=True).nodes)
+
+
+def test_concat_fuses_into_the_frozen_batchnorm_after_it(clbe):
+    """fold_frozen(engine=True) gives a frozen BatchNorm (and its ReLU) the inputs of the channel Concat that only it
+    reads (DenseNet's dense layers), so each input is normalised into its slice of the output; a Concat read twice,
+    along another axis, before a trainable BatchNorm or before a BatchNorm whose global pool it would otherwise
+    carry (that pool stays apart), and exports stay apart. Outputs match the unfused graph on both backends."""
+    from transfercl_cli.executor import Executor
+    from transfercl_cli.graph import Graph, Node
+    from transfercl_cli.plan import fused_label
+
+    rng = np.random.default_rng(12)
+
+    def bn(name, x, c):
+        return Node(name, "batchnorm", [x], [name], {"eps": 1e-3},
+                    {"gamma": rng.uniform(0.5, 2, c).astype(np.float32), "beta": rng.normal(0, 1, c).astype(np.float32),
+                     "mean": rng.normal(0, 1, c).astype(np.float32), "var": rng.uniform(0.5, 2, c).astype(np.float32)})
+
+    conv = Node("c0", "conv2d", ["x"], ["c0"], {"kernel": (1, 1), "strides": (1, 1), "dilations": (1, 1),
+                                                "pads": (0, 0, 0, 0), "groups": 1},
+                {"weight": rng.normal(0, 0.5, (1, 1, 3, 13)).astype(np.float32)})
+    nodes = [conv, Node("cat1", "concat", ["x", "c0"], ["cat1"], {"axis": -1}), bn("bn1", "cat1", 16),
+             Node("r1", "relu", ["bn1"], ["r1"]),
+             Node("cat2", "concat", ["x", "r1", "c0"], ["cat2"], {"axis": -1}), bn("bn2", "cat2", 32),  # no act
+             Node("cat3", "concat", ["bn2", "bn2"], ["cat3"], {"axis": 1}),  # along the rows: stays
+             Node("cat4", "concat", ["c0", "x"], ["cat4"], {"axis": -1}), bn("bn4", "cat4", 16),
+             Node("r4", "relu", ["bn4"], ["r4"]), Node("gap", "global_avgpool", ["r4"], ["y"], {"keepdims": True})]
+    g = Graph(nodes, {"x": (5, 6, 3)}, ["y", "cat3"])
+    x = rng.uniform(-2, 2, (2, 5, 6, 3)).astype(np.float32)
+    ref = run_forward(g, NumpyBackend(), {"x": x})
+    assert "concat" not in str([n.attrs for n in fold_frozen(g, set()).nodes])  # exports keep the Concat
+    eng = fold_frozen(g, set(), engine=True)
+    labels = {n.name: fused_label(n) for n in eng.nodes}
+    assert labels["bn1"] == "concat+batchnorm+relu" and labels["bn2"] == "concat+batchnorm"
+    assert labels["bn4"] == "concat+batchnorm+relu" and labels["gap"] == "global_avgpool"  # (the pool stays apart)
+    assert "cat1" not in labels and "cat2" not in labels and "cat4" not in labels and labels["cat3"] == "concat"
+    assert eng.node("bn2").inputs == ["x", "r1", "c0"] and eng.node("bn1").outputs == ["r1"]
+    for name, run in [("numpy", lambda: run_forward(eng, NumpyBackend(), {"x": x})),
+                      ("OpenCL", lambda: {k: clbe.to_host(v) for k, v in Executor(eng, clbe).forward({"x": x}).items()})]:
+        got = run()
+        for k in ("y", "cat3"):
+            assert_close(got[k], ref[k], 1e-5, f"concat-fused graph ({name}) {k}")
+    # bn2 trains: its Concat stays (and so does the gradient's path through it); cat1's gradient reaches c0 when
+    # c0 trains, so nothing is fused before it.
+    assert "cat2" in fold_frozen(g, {"bn2"}, engine=True).names()
+    assert not any(n.attrs.get("concat") for n in fold_frozen(g, {"c0"}, engine=True).nodes)

@@ -253,6 +253,11 @@ def fold_frozen(graph, trainable, engine=False):
                 and n.outputs[0] not in graph.outputs):
             pad_into[nxt[0].name] = n
             skip.add(n.name)
+    # A channel Concat read only by a frozen BatchNorm that no gradient reaches (DenseNet normalises the Concat of
+    # every feature map before each dense layer): the BatchNorm takes the Concat's inputs (attr concat) and
+    # normalises each straight into its slice of the output, so the Concat's output is never written and read back.
+    concat_into = _concats_into_batchnorm(graph, cons, trainable, grad, shapes) if engine else {}
+    skip.update(c.name for c in concat_into.values())
     for n in graph.nodes:
         if n.name in at_add:
             out_nodes.append(at_add.pop(n.name))
@@ -312,6 +317,10 @@ def fold_frozen(graph, trainable, engine=False):
             # global average pool (a classifier head): one pass instead of two or three forward, and neither the
             # BN output nor the activation is stored. Its parameter dict is shared.
             attrs, outs, tail = dict(n.attrs), list(n.outputs), []
+            cat = concat_into.get(n.name)
+            if cat is not None:
+                n = Node(n.name, n.op, list(cat.inputs), outs, dict(attrs, concat=True), n.params, n.source)
+                attrs, tail = dict(n.attrs), [cat]
             nxt = cons.get(outs[0], [])
             act = _clip_as_act(nxt[0]) if len(nxt) == 1 else None
             if act and outs[0] not in graph.outputs:
@@ -319,7 +328,8 @@ def fold_frozen(graph, trainable, engine=False):
                 tail.append(nxt[0])
                 outs = list(nxt[0].outputs)
                 nxt = cons.get(outs[0], [])
-            if len(nxt) == 1 and nxt[0].op == "global_avgpool" and outs[0] not in graph.outputs:
+            if (len(nxt) == 1 and nxt[0].op == "global_avgpool" and outs[0] not in graph.outputs
+                    and cat is None):  # (the Concat's slices have no pooled kernel)
                 attrs.update(pool="global_avg", keepdims=bool(nxt[0].attrs.get("keepdims", False)))
                 tail.append(nxt[0])
                 outs = list(nxt[0].outputs)
@@ -336,10 +346,27 @@ def fold_frozen(graph, trainable, engine=False):
     return g
 
 
+def _concats_into_batchnorm(graph, cons, trainable, grad, shapes):
+    """{BatchNorm name: the Concat before it} for fold_frozen: channel Concats read only by a frozen BatchNorm, with
+    no gradient through them."""
+    out = {}
+    for n in graph.nodes:
+        nxt = cons.get(n.outputs[0], [])
+        if (n.op != "concat" or len(nxt) != 1 or nxt[0].op != "batchnorm" or nxt[0].name in trainable
+                or nxt[0].attrs.get("act") or nxt[0].attrs.get("pool") or n.outputs[0] in graph.outputs
+                or n.outputs[0] in grad):
+            continue
+        rank = len(shapes()[n.outputs[0]]) + 1  # with the batch axis
+        axis = int(n.attrs.get("axis", -1))
+        if rank >= 2 and (axis + rank if axis < 0 else axis) == rank - 1:
+            out[nxt[0].name] = n
+    return out
+
+
 def fused_label(node):
     """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' (benchmarks and reports)."""
     act = "+" + node.attrs["act"] if node.attrs.get("act") else ""
-    return node.op + ("+add" if node.attrs.get("residual") else "") + act + ("+gap" if node.attrs.get("pool") else "")
+    return ("concat+" if node.attrs.get("concat") else "") + node.op + ("+add" if node.attrs.get("residual") else "") + act + ("+gap" if node.attrs.get("pool") else "")
 
 
 def split_prefix(graph, trainable):

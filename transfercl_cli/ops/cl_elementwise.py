@@ -731,6 +731,8 @@ def batchnorm_fwd(be, node, xs, training):
     the backward recomputes the activation's mask from the saved input and the affine coefficients. With attr pool
     (a following global average pool, also fused) the output is the per-image channel mean of that."""
     rt = be.rt
+    if node.attrs.get("concat"):
+        return _concat_batchnorm_fwd(be, node, xs, training)
     x = xs[0]
     C = x.shape[-1]
     M = x.size // C
@@ -768,6 +770,36 @@ def batchnorm_fwd(be, node, xs, training):
         b.release()
     temps = [istd] + ([mean] if training else []) + ([a, b] if act else [])
     return [y], Saved(be, temps=temps, x=x, mean=mean, istd=istd, training=bool(training), fused=fused)
+
+
+def _concat_batchnorm_fwd(be, node, xs, training):
+    """A frozen BatchNorm (+ ReLU/ReLU6) over the channel Concat of its inputs (attr concat, plan.fold_frozen):
+    each input is normalised straight into its slice of the output, so the Concat's output is never written and
+    read back (DenseNet: every dense layer normalises the Concat of all the feature maps before it)."""
+    if training:
+        raise ValueError(f"{node.name}: a BatchNorm fused with the Concat before it runs in inference mode only "
+                         "(plan.fold_frozen fuses it only where it is frozen and no gradient flows)")
+    rt = be.rt
+    C = sum(int(x.shape[-1]) for x in xs)
+    M = xs[0].size // max(int(xs[0].shape[-1]), 1)
+    gamma, beta = _bn_gb(be, node)
+    rm, rv = be.param(node, "mean"), be.param(node, "var")
+    istd, a, b = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
+    run(rt, BN, "bn_infer_coeffs", (C,), gamma if gamma is not None else rm,
+        beta if beta is not None else rm, rm, rv, i32(gamma is not None), i32(beta is not None), i32(C),
+        f32(bn_eps(node)), istd, a, b)
+    y = rt.empty(tuple(xs[0].shape[:-1]) + (C,))
+    act = i32(BN_ACT[node.attrs.get("act")])
+    off = 0
+    for x in xs:
+        Cx = int(x.shape[-1])
+        if x.size:
+            run(rt, BN, "chan_affine_slice", (-(-Cx // bn_cw(rt)), -(-M // BN_RB)), x, y, a, b, i32(M), i32(Cx),
+                i32(C), i32(off), act)
+        off += Cx
+    for t in (istd, a, b):
+        t.release()  # the in-order queue runs the launches above before a later command reuses them
+    return [y], Saved(be)
 
 
 @register(B, "batchnorm", "backward")

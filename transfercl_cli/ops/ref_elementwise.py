@@ -502,6 +502,10 @@ def bn_momentum(node):
 
 @register(B, "batchnorm")
 def batchnorm_fwd(be, node, xs, training):
+    if node.attrs.get("concat"):  # over the channel Concat of its inputs (plan.fold_frozen; frozen, inference only)
+        if training:
+            raise ValueError(f"{node.name}: a BatchNorm fused with the Concat before it runs in inference mode only")
+        xs = [np.concatenate([np.asarray(x) for x in xs], axis=-1)]
     x = xs[0]
     C = x.shape[-1]
     eps = bn_eps(node)

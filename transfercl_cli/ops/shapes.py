@@ -88,6 +88,10 @@ def infer_node(node, in_shapes):
     """Output shapes (list, without batch) of one node given its input shapes."""
     op, a = node.op, node.attrs
     x = tuple(in_shapes[0]) if in_shapes else ()
+    if op == "batchnorm" and a.get("concat") and x:  # over the channel Concat of its inputs (plan.fold_frozen)
+        if any(tuple(s[:-1]) != x[:-1] for s in in_shapes):
+            raise _bad(node, f"concatenates inputs of shapes {[tuple(s) for s in in_shapes]} along the channels")
+        x = x[:-1] + (sum(int(s[-1]) for s in in_shapes),)
     if op in SAME_SHAPE:
         if op == "batchnorm" and "gamma" in node.params and x and node.params["gamma"].shape[-1] != x[-1]:
             raise _bad(node, f"has {node.params['gamma'].shape[-1]} channels but its input has {x[-1]}")
@@ -248,7 +252,7 @@ def macs(node, in_shapes, out_shape):
         kh, kw = node.attrs["kernel"]
         return out_n * kh * kw
     if op == "global_avgpool" or op == "batchnorm":
-        return int(np.prod(in_shapes[0]))
+        return int(np.prod(in_shapes[0])) if len(in_shapes) == 1 else sum(int(np.prod(s)) for s in in_shapes)
     if op in NO_MACS:
         return 0
     if op in REDUCE_OPS:
