@@ -563,6 +563,10 @@ def _cpu_plan(cfg, M, N, K, trans_a, trans_b):
             gi = min(nbi, 64, max(gmin, L2_A // (MR * kc * 4)))
             while gi > 1 and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 16:  # enough work-items for all cores
                 gi = max(1, gi // 2)
+            # Groups of equal size (7 row blocks as 3 + 2 + 2, not 3 + 3 + 1): PoCL hands each thread a contiguous
+            # part of the grid, whose slowest dimension here is the row group, so one short group left a thread
+            # idle (49 x 400 x 400, RegNetX's 7 x 7 x 400 convolutions at batch 1).
+            gi = _cdiv(nbi, _cdiv(nbi, gi))
         if cfg.get("kc") is None and _cdiv(nbi, gi) * nbj * _cdiv(K, kc) < 8 and K >= 4 * kb:
             kc = max(kb, _cdiv(_cdiv(K, 8), kb) * kb)
         if cfg.get("kc") is None:
