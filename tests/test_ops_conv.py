@@ -324,12 +324,13 @@ def test_pool_reference_grads(npbe, case):
 
 
 def test_pool_portable_variants(npbe, clbe, monkeypatch):
-    """The GPU-style kernels of the ops that have a CPU-style one too (global average pool, pad) on PoCL."""
+    """The GPU-style kernels of the ops that have a CPU-style one too (global average pool, pad, average pooling's
+    backward) on PoCL."""
     from transfercl_cli.ops import cl_conv
 
     monkeypatch.setattr(cl_conv, "PORTABLE", True)
     for op, attrs, shape in POOL_CASES:
-        if op in ("global_avgpool", "pad"):
+        if op in ("global_avgpool", "pad", "avgpool"):
             check_op(npbe, clbe, make_node(op, attrs=attrs), [rand(shape, 13)])
 
 

@@ -742,8 +742,12 @@ def avgpool_bwd(be, node, saved, gys, need):
     N, H, W, C = shape
     dx = rt.empty(shape)
     inc = int(bool(node.attrs.get("count_include_pad", True)))
-    rt.launch(rt.kernel("pool", "avgpool_bwd"), (C, W, N * H), None, gys[0], dx, *_pool_args(shape, geom),
-              i32(geom[6]), i32(geom[7]), i32(inc))
+    args = (gys[0], dx, *_pool_args(shape, geom), i32(geom[6]), i32(geom[7]), i32(inc))
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("pool", "avgpool_bwd_rows", {"POOL_CW": POOL_CW}), (-(-C // POOL_CW), W, N * H),
+                  (1, 1, 1), *args)
+    else:
+        rt.launch(rt.kernel("pool", "avgpool_bwd"), (C, W, N * H), None, *args)
     return [dx], {}
 
 
