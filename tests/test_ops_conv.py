@@ -134,7 +134,9 @@ def test_conv2d_flipped_dx_matches_im2col(npbe, clbe, case, monkeypatch):
     node, x = _conv_case(case)
     N, H, W, C, Cout = case[:5]
     geom = (case[5][0], case[5][1], 1, 1, 1, 1, *case[8])
-    assert not cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, cl_conv.FLIPPED_DX_MIN_PIXELS - 1)
+    # Below the minimum map, groups 1 keep im2col; grouped convolutions take the flipped kernel on any map.
+    small = cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, cl_conv.FLIPPED_DX_MIN_PIXELS - 1)
+    assert small == (case[9] > 1 and cl_conv.use_group_direct(clbe.rt, case[9], C))
     monkeypatch.setattr(cl_conv, "FLIPPED_DX_MIN_PIXELS", 0)  # these test maps are small
     if C > cl_conv.DIRECT_MAX_CIN and (C // case[9]) % 4 == 0:
         assert cl_conv.flipped_dx_ok(clbe.rt, geom, case[9], C, Cout, H * W)
