@@ -12,7 +12,8 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - k x k (any strides, dilations, groups; not depthwise) whose output channels per group fill a vector (4 or more),
   forward: the direct kernel conv_group_fwd, NBV vectors of output channels of one group for PIX pixels per
   work-item, the input row segment in registers per input channel; no im2col matrix, no per-group copies.
-- 3x3, stride 1, dilation 1, groups 1 on CPUs, forward, where cl_winograd.use_winograd says (enough work): Winograd
+- 3x3, stride 1, dilation 1, groups 1 on CPUs, forward, where cl_winograd.use_winograd says (enough work, and its
+  transformed weights cost less to stream than the im2col GEMM's arithmetic): Winograd
   F(4x4, 3x3), 4x fewer multiplies (ops/cl_winograd.py); a frozen weight's transform is kept (Backend.const_cache).
 - k x k, stride 1, dilation 1, backward dX: the forward of dY with the weights flipped in space and input/output
   channels swapped per group (conv_weight_flip), padded by k - 1 - pad, through the direct kernels above, where
@@ -23,7 +24,7 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
   im2col per group into an (images*OH*OW, kh*kw*Cin/g) matrix, then GEMM; the images are processed in chunks that
   bound the scratch matrix. dX: GEMM dY W^T into the same scratch, then a col2im gather kernel. On CPUs both move a
   whole matrix row (pixel) per work-item, 16 channels at a time (im2col_rows, col2im_rows).
-- max/average pooling forward and max pooling backward on CPUs: 32 channels per work-item (pool.cl *_rows).
+- max/average pooling forward and backward on CPUs: 32 channels per work-item (pool.cl *_rows).
 - padding and global average pooling backward on CPUs: one work-item per row (float16 copies; the element-per-item
   kernels cost PoCL ~7x); pooling and the rest: gather kernels, one work-item per element; maxpool backward
   recomputes each window's argmax (first maximum in window order, as the reference) in a scratch (int32, or
