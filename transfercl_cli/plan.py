@@ -364,9 +364,12 @@ def _concats_into_batchnorm(graph, cons, trainable, grad, shapes):
 
 
 def fused_label(node):
-    """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' (benchmarks and reports)."""
+    """The op with what fold_frozen fused into it, e.g. 'batchnorm+relu6+gap' or 'concat+batchnorm+relu' (benchmarks
+    and reports)."""
     act = "+" + node.attrs["act"] if node.attrs.get("act") else ""
-    return ("concat+" if node.attrs.get("concat") else "") + node.op + ("+add" if node.attrs.get("residual") else "") + act + ("+gap" if node.attrs.get("pool") else "")
+    a = node.attrs
+    return (("concat+" if a.get("concat") else "") + node.op + ("+add" if a.get("residual") else "") + act
+            + ("+gap" if a.get("pool") else ""))
 
 
 def split_prefix(graph, trainable):

@@ -462,8 +462,8 @@ def _flipped_geometry(geom, H, W):
 def flipped_dx_ok(rt, geom, groups, C, Cout, pixels, N=0, W=0):
     """Whether the input gradient of this convolution (its input: `pixels` = H * W, N images) runs as a direct
     forward convolution of gy (stride 1, dilation 1, pads within the kernel, a map of at least FLIPPED_DX_MIN_PIXELS,
-    one the Winograd path takes or a grouped convolution, and a direct kernel for the flipped shape): FLIPPED_DX = False turns it off
-    (tests compare the two paths)."""
+    one the Winograd path takes or a grouped convolution, and a direct kernel for the flipped shape):
+    FLIPPED_DX = False turns it off (tests compare the two paths)."""
     kh, kw, sh, sw, dh, dw, pt, pl, pb, pr = geom[:10]
     if not FLIPPED_DX or (sh, sw, dh, dw) != (1, 1, 1, 1) or max(pt, pb) > kh - 1 or max(pl, pr) > kw - 1:
         return False
