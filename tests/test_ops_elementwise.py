@@ -340,6 +340,22 @@ def _bn_node(C, with_affine=True, eps=1e-3, momentum=0.9, rng=RNG):
     return make_node("batchnorm", attrs={"eps": eps, "momentum": momentum}, params=params)
 
 
+@pytest.mark.parametrize("channels", [(37, 3, 5), (0, 16, 40), (8,)], ids=["37-3-5", "0-16-40", "one-input"])
+@pytest.mark.parametrize("act", [None, "relu6"])
+def test_batchnorm_over_concat(npbe, clbe, channels, act):
+    """A frozen BatchNorm over the channel Concat of its inputs (attr concat, plan.fold_frozen): each input
+    normalised into its slice (unaligned offsets, an input without channels, a single input) against the float64
+    reference of Concat then BatchNorm; training mode is refused (fold_frozen never fuses a BatchNorm that trains)."""
+    bn = _bn_node(sum(channels))
+    node = make_node("batchnorm", len(channels), attrs=dict(bn.attrs, concat=True, act=act), params=bn.params)
+    xs = [RNG.standard_normal((2, 3, 5, c)) * 2 + 0.5 for c in channels]
+    y = check_op(npbe, clbe, node, xs, backward=False)
+    ref = make_node("batchnorm", attrs=dict(bn.attrs, act=act), params=bn.params)
+    assert_close(y, run_node(npbe, ref, [np.concatenate(xs, axis=-1)])[0], 1e-6, "concat then batchnorm")
+    with pytest.raises(ValueError, match="inference mode only"):
+        run_node(clbe, node, xs, training=True)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 17), (1, 5, 7, 3), (4, 16, 16, 5), (3, 33), (1, 1, 1, 1)])
 def test_batchnorm_opencl(npbe, clbe, training, shape):

@@ -781,7 +781,7 @@ def _concat_batchnorm_fwd(be, node, xs, training):
                          "(plan.fold_frozen fuses it only where it is frozen and no gradient flows)")
     rt = be.rt
     C = sum(int(x.shape[-1]) for x in xs)
-    M = xs[0].size // max(int(xs[0].shape[-1]), 1)
+    M = int(np.prod(xs[0].shape[:-1]))  # rows (pixels), whatever an input's channel count (0 included)
     gamma, beta = _bn_gb(be, node)
     rm, rv = be.param(node, "mean"), be.param(node, "var")
     istd, a, b = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
