@@ -333,3 +333,53 @@ def test_concat_fuses_into_the_frozen_batchnorm_after_it(clbe):
     # c0 trains, so nothing is fused before it.
     assert "cat2" in fold_frozen(g, {"bn2"}, engine=True).names()
     assert not any(n.attrs.get("concat") for n in fold_frozen(g, {"c0"}, engine=True).nodes)
+
+
+def test_relu_fuses_into_the_trainable_conv_before_it(clbe):
+    """fold_frozen(engine=True) gives a trainable convolution or Dense the ReLU/ReLU6 (or Clip 0..6) that only it
+    reads; its backward masks the gradient by its output. Outputs and every parameter gradient match the unfused
+    graph on both backends; a ReLU whose input has another reader stays apart, and exports keep the ReLUs."""
+    from transfercl_cli.executor import Executor
+    from transfercl_cli.graph import Graph, Node
+    from transfercl_cli.plan import fused_label
+
+    rng = np.random.default_rng(13)
+
+    def conv(name, x, cin, cout, groups=1):
+        return Node(name, "conv2d", [x], [name], {"kernel": (3, 3), "strides": (1, 1), "dilations": (1, 1),
+                                                   "pads": (1, 1, 1, 1), "groups": groups},
+                    {"weight": rng.normal(0, 0.4, (3, 3, cin // groups, cout)).astype(np.float32),
+                     "bias": rng.normal(0, 0.3, cout).astype(np.float32)})
+
+    nodes = [conv("c0", "x", 3, 8), Node("r0", "relu", ["c0"], ["r0"]),
+             conv("c1", "r0", 8, 8, groups=8), Node("r1", "clip", ["c1"], ["r1"], {"min": 0, "max": 6}),
+             conv("c2", "r1", 8, 4), Node("r2", "relu", ["c2"], ["r2"]), Node("a2", "add", ["r2", "c2"], ["a2"]),
+             Node("gap", "global_avgpool", ["a2"], ["gap"], {"keepdims": False}),
+             Node("d", "dense", ["gap"], ["d"], {}, {"weight": rng.normal(0, 0.5, (4, 5)).astype(np.float32),
+                                                     "bias": rng.normal(0, 0.1, 5).astype(np.float32)}),
+             Node("rd", "relu", ["d"], ["y"])]
+    g = Graph(nodes, {"x": (6, 5, 3)}, ["y"])
+    x = rng.uniform(-2, 2, (2, 6, 5, 3)).astype(np.float32)
+    gy = rng.standard_normal((2, 5)).astype(np.float32)
+    trainable = {"c0", "c1", "c2", "d"}
+    eng = fold_frozen(g, trainable, engine=True)
+    labels = {n.name: fused_label(n) for n in eng.nodes}
+    assert labels == {"c0": "conv2d+relu", "c1": "conv2d+relu6", "c2": "conv2d", "r2": "relu", "a2": "add",
+                      "gap": "global_avgpool", "d": "dense+relu"}  # c2's output has two readers
+    assert eng.node("c1").params is g.node("c1").params  # updates through the fused node reach `graph`
+    assert [n.op for n in fold_frozen(g, trainable).nodes].count("relu") == 3  # exports keep them
+
+    def run(graph, be):
+        ex = Executor(graph, be, trainable)
+        y = be.to_host(ex.forward({"x": x}, training=True)["y"])
+        grads = {k: be.to_host(v) for k, v in ex.backward({"y": be.asarray(gy)}).items()}
+        return y, grads
+
+    y_ref, g_ref = run(g, NumpyBackend())
+    for name, graph, be in [("fused numpy", eng, NumpyBackend()), ("fused OpenCL", eng, clbe),
+                            ("unfused OpenCL", g, clbe)]:
+        y, grads = run(graph, be)
+        assert_close(y, y_ref, 1e-5, f"{name} forward")
+        assert set(grads) == set(g_ref)
+        for k in g_ref:
+            assert_close(grads[k], g_ref[k], 1e-4, f"{name} d/d{k}")

@@ -269,6 +269,16 @@ def fold_frozen(graph, trainable, engine=False):
             n = Node(n.name, n.op, [pad.inputs[0]] + list(n.inputs[1:]), list(n.outputs),
                      dict(n.attrs, pads=tuple(int(a) + int(b) for a, b in zip(n.attrs["pads"], pad.attrs["pads"])),
                           folded=[pad.name]), n.params if n.name in trainable else dict(n.params), n.source)
+        act_after = _trainable_act(graph, cons, n, trainable) if engine else None
+        if act_after is not None:
+            # A trainable convolution or Dense carries the ReLU/ReLU6 after it (its backward masks the gradient by
+            # its output, which the next layer keeps anyway): one pass less forward and backward. Its parameter
+            # dict is shared, so updates are seen by `graph`.
+            out_nodes.append(Node(n.name, n.op, list(n.inputs), list(act_after.outputs),
+                                  dict(n.attrs, act=_clip_as_act(act_after),
+                                       folded=n.attrs.get("folded", []) + [act_after.name]), n.params, n.source))
+            skip.add(act_after.name)
+            continue
         if n.op in ("conv2d", "dense") and n.name not in trainable and not n.attrs.get("act"):
             cur = n
             merged = []
@@ -344,6 +354,16 @@ def fold_frozen(graph, trainable, engine=False):
     g = Graph(out_nodes, dict(graph.inputs), list(graph.outputs), graph.name, dict(graph.meta))
     g.topo_check()
     return g
+
+
+def _trainable_act(graph, cons, n, trainable):
+    """The ReLU/ReLU6 node that trainable convolution or Dense n can carry (its output's only reader), or None."""
+    if n.op not in ("conv2d", "dense") or n.name not in trainable or n.attrs.get("act") or n.attrs.get("residual"):
+        return None
+    nxt = cons.get(n.outputs[0], [])
+    if len(nxt) != 1 or n.outputs[0] in graph.outputs or not _clip_as_act(nxt[0]) or nxt[0].params:
+        return None
+    return nxt[0]
 
 
 def _concats_into_batchnorm(graph, cons, trainable, grad, shapes):
