@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -q -e '.[test]'
+	@sh scripts/ensure-opencl.sh $(PY)
 	touch $@
 
 install: $(VENV)/.installed

@@ -161,3 +161,26 @@ def test_half_storage_roundtrip_matches_ieee_half_rounding(rt):
     np.testing.assert_array_equal(d.get(), want)
     assert rt.allocated_bytes <= before + x.size * 2 + 4
     d.release()
+
+
+def test_default_choice_skips_a_device_whose_compiler_fails(monkeypatch):
+    # Two PoCLs on one machine: PyPI's (LLVM 14) cannot compile for an AMD Zen 5, Debian's can.
+    monkeypatch.delenv("TCL_DEVICE", raising=False)
+    devs = [FakeDev(0, 0, "pthread-AMD EPYC", "cpu", "Portable Computing Language"),
+            FakeDev(1, 0, "pthread-skylake-avx512-AMD EPYC", "cpu", "Portable Computing Language")]
+    monkeypatch.setattr(runtime, "compiler_error",
+                        lambda d: "error: unknown target CPU 'generic'" if d.id == "0:0" else None)
+    assert select_device(None, devs).id == "1:0"
+    assert select_device("cpu", devs).id == "1:0"
+    assert select_device("0:0", devs).id == "0:0"  # an explicit choice stays the user's
+    monkeypatch.setattr(runtime, "compiler_error", lambda d: "error: boom")
+    assert select_device(None, devs).id == "0:0"  # none compiles: the first, whose build error then explains
+
+
+def test_build_failure_fix_names_the_cause():
+    assert "pocl-opencl-icd" in runtime.build_failure_fix("Build on <dev>:\nerror: unknown target CPU 'generic'")
+    assert "driver or kernel bug" in runtime.build_failure_fix("error: use of undeclared identifier 'x'")
+
+
+def test_the_chosen_device_compiles(rt):
+    assert runtime.compiler_error(rt.info) is None

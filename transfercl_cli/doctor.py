@@ -107,9 +107,7 @@ def run_checks(device=None, build=True, selftest=False):
                             " (precision: fp16 stores half values on every device; it needs neither)"))
         if build or selftest:
             ok, detail, rt = _device_selftest(d)
-            checks.append(Check(f"kernels on {d.id}", ok, detail,
-                                None if ok else "Report this with the output of `tcl doctor --json`; try another "
-                                "device with --device."))
+            checks.append(Check(f"kernels on {d.id}", ok, detail, None if ok else _build_fix(detail)))
             if ok and selftest:
                 ok, detail = _network_check(rt)
                 checks.append(Check(f"selftest on {d.id}", ok, ("PASS: " if ok else "FAIL: ") + detail,
@@ -159,7 +157,19 @@ def _device_selftest(info):
             return False, "the self-test kernel gave wrong results", rt
         return True, f"{len(names)} kernel files built ({', '.join(names)}); self-test correct", rt
     except Exception as e:  # noqa: BLE001 - doctor reports every failure in words
-        return False, f"{type(e).__name__}: {str(e)[:500]}", rt
+        text = str(e)
+        cpu = [line.strip() for line in text.splitlines() if "unknown target CPU" in line]
+        if cpu:  # the log's one telling line, which 500 characters of the message would cut off
+            return False, f"the OpenCL compiler cannot build for this processor ({cpu[0]})", rt
+        return False, f"{type(e).__name__}: {text[:500]}", rt
+
+
+def _build_fix(detail):
+    from .runtime import build_failure_fix
+
+    if "unknown target CPU" in detail:
+        return build_failure_fix(detail)
+    return "Report this with the output of `tcl doctor --json`; try another device with --device."
 
 
 def _network_check(rt):

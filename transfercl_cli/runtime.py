@@ -197,14 +197,14 @@ def select_device(spec=None, devices=None):
     ids = ", ".join(f"{d.id} ({d.name}, {d.type})" for d in devices)
     if kind == "default":
         for want in ("gpu", "cpu"):
-            for d in devices:
-                if d.type == want:
-                    return d
+            d = _first_that_compiles([d for d in devices if d.type == want])
+            if d is not None:
+                return d
         return devices[0]
     if kind == "type":
-        for d in devices:
-            if d.type == val:
-                return d
+        d = _first_that_compiles([d for d in devices if d.type == val])
+        if d is not None:
+            return d
         raise DeviceError(
             f"No OpenCL device of type '{val}' was found; the devices are: {ids}.",
             "Choose one with --device ID (or the TCL_DEVICE variable), or run `tcl devices`.",
@@ -225,6 +225,50 @@ def select_device(spec=None, devices=None):
         "Pass an id such as 0:0, a type (gpu, cpu), or part of a platform or device name to --device "
         "(or TCL_DEVICE); `tcl devices` lists them.",
     )
+
+
+def _first_that_compiles(candidates):
+    """The first candidate whose OpenCL compiler builds a trivial kernel, else the first candidate (whose build error
+    then explains itself), else None. Probed only when there is a choice: a machine can hold two PoCLs, PyPI's (LLVM
+    14, which cannot compile for processors newer than it, such as AMD Zen 5) and the distribution's."""
+    if len(candidates) > 1:
+        for d in candidates:
+            if compiler_error(d) is None:
+                return d
+    return candidates[0] if candidates else None
+
+
+_COMPILER_ERRORS = {}
+_PROBE_SRC = "__kernel void probe(__global float *a) { a[get_global_id(0)] += 1.0f; }"
+
+
+def compiler_error(info):
+    """None if the device's compiler builds a trivial kernel, else its build log (once per device and process)."""
+    key = (info.platform_name, info.name, info.id)
+    if key not in _COMPILER_ERRORS:
+        device = getattr(info, "device", None)
+        if device is None:  # a test's stand-in
+            return None
+        cl = _import_cl()
+        try:
+            cl.Program(cl.Context([device]), _PROBE_SRC).build(options=["-cl-std=CL1.2"])
+            _COMPILER_ERRORS[key] = None
+        except cl.Error as e:
+            _COMPILER_ERRORS[key] = str(e).strip() or type(e).__name__
+    return _COMPILER_ERRORS[key]
+
+
+def build_failure_fix(log):
+    """The fix to name for an OpenCL build failure, from its log: a compiler that does not know this processor is
+    the installation's fault, not a kernel's."""
+    if "unknown target CPU" in log:
+        return ("The OpenCL platform's compiler does not know this processor (its LLVM is older than the CPU: PyPI's "
+                "PoCL 3.0 ships LLVM 14, which cannot compile for AMD Zen 4/5 and other recent CPUs). Install your "
+                "distribution's PoCL, which tcl then finds and prefers (Debian/Ubuntu: `sudo apt-get install "
+                "pocl-opencl-icd`; Fedora: `sudo dnf install pocl`), or choose another device with --device; "
+                "`tcl doctor` checks every device.")
+    return ("This is a driver or kernel bug: run `tcl doctor`, try another device with --device, and report the "
+            "build log above.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,8 +414,7 @@ class Runtime:
             raise DeviceError(
                 f"The OpenCL kernels in {name}.cl failed to build for {self.info.name} with options "
                 f"{' '.join(opts)}: {str(e).strip()[:4000]}",
-                "This is a driver or kernel bug: run `tcl doctor`, try another device with --device, and report "
-                "the build log above.",
+                build_failure_fix(str(e)),
             ) from e
         if path:
             try:
