@@ -284,12 +284,21 @@ __kernel KATTR void dw_bwd_dw_rows(const __global float* restrict x, const __glo
     for (int noh = r0; noh < r1; noh++)                                                                         \
     for (int owb = ow_b; owb < ow_e; owb += PIX)                                                                \
     for (int cb = cb0; cb < cb1; cb++)
-#define STORE_ACC(acc, co, noh, owb)                                                                            \
+#if defined(PHASE) && PHASE
+// One phase of a strided convolution's input gradient (cl_conv._strided_dx): output pixel (oh, ow) of this launch
+// is pixel (ya + PSH*oh, yb + PSW*ow) of y, a YH x YW map.
+#define PHASE_ARGS , int YH, int YW, int ya, int yb
+#define YPIX(n, oh, ow) (((size_t)(n) * YH + ya + PSH * (oh)) * YW + yb + PSW * (ow))
+#else
+#define PHASE_ARGS
+#define YPIX(n, oh, ow) (((size_t)(n) * OH + (oh)) * OW + (ow))
+#endif
+#define STORE_ACC(acc, co, n, oh, owb)                                                                          \
     _Pragma("unroll") for (int p_ = 0; p_ < PIX; p_++)                                                          \
         _Pragma("unroll") for (int u_ = 0; u_ < NBV; u_++) {                                                    \
             vec v_ = acc[u_][p_];                                                                               \
             FUSED_ACT(vec, v_, act);                                                                            \
-            if ((owb) + p_ < OW) ST(y + ((size_t)(noh) * OW + (owb) + p_) * Cout + (co) + u_ * VW, v_);         \
+            if ((owb) + p_ < OW) ST(y + YPIX(n, oh, (owb) + p_) * Cout + (co) + u_ * VW, v_);                   \
         }
 #ifdef CIN  // conv_direct_fwd's build; conv_group_fwd's has no CIN
 __kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __global float* restrict w,
@@ -322,7 +331,7 @@ __kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __gl
                             acc[u][p] = xs[(p * SW + j * DW) * CIN + c] * wv + acc[u][p];
                     }
         }
-        STORE_ACC(acc, co, noh, owb);
+        STORE_ACC(acc, co, n, oh, owb);
     }
 }
 
@@ -341,7 +350,8 @@ __kernel KATTR void conv_direct_fwd(const __global float* restrict x, const __gl
 __kernel KATTR void conv_group_fwd(const __global float* restrict x, const __global float* restrict w,
                                    const __global float* restrict b, __global float* restrict y,
                                    int H, int W, int Cin, int OH, int OW, int Cout, int pt, int pl, int cg, int cog,
-                                   int nblocks, int has_bias, int act, int bpi, int ppi, int rpi, int nrows)
+                                   int nblocks, int has_bias, int act, int bpi, int ppi, int rpi, int nrows
+                                   PHASE_ARGS)
 {
     FOR_EACH_BLOCK {
         const int n = noh / OH, oh = noh - n * OH;
@@ -372,7 +382,7 @@ __kernel KATTR void conv_group_fwd(const __global float* restrict x, const __glo
                     }
             }
         }
-        STORE_ACC(acc, co, noh, owb);
+        STORE_ACC(acc, co, n, oh, owb);
     }
 }
 
@@ -536,24 +546,26 @@ __kernel void copy2d(const __global float* restrict src, int sld, int sr0, int s
     dst[(size_t)(dr0 + r) * dld + dc0 + c] = src[(size_t)(sr0 + r) * sld + sc0 + c];
 }
 
-// The weights of a stride-1 convolution's input gradient as a forward convolution of gy: wt[kh][kw][i][c] =
-// w[KH-1-kh][KW-1-kw][j][g*COG + i] for output channel c = g*CG + j (HWIO, groups G, CG input and COG output
-// channels per group): a transpose per tap and group. A work-item moves a 16 x 16 tile (its 16 source rows stay in
-// L1, so reads and writes both go along rows; one element per work-item read w with a stride of COUT floats and
-// took longer than the convolution). Global size (ceil(CG / 16), ceil(COG / 16), KH*KW*G).
-__kernel void conv_weight_flip(const __global float* restrict w, __global float* restrict wt, int KH, int KW, int CG,
-                               int COUT, int G)
+// The weights of a convolution's input gradient as a forward convolution of gy: wt[t][u][i][c] =
+// w[FR - SI*t][FC - SJ*u][j][g*COG + i] for output channel c = g*CG + j (HWIO, groups G, CG input and COG output
+// channels per group), T x U taps: a transpose per tap and group. Stride 1: all taps flipped in space (FR = KH-1,
+// T = KH, SI = 1, and so for columns); stride s: the taps of one phase, every s-th from FR down
+// (cl_conv._strided_dx). A work-item moves a 16 x 16 tile (its 16 source rows stay in L1, so reads and writes both
+// go along rows; one element per work-item read w with a stride of COUT floats and took longer than the
+// convolution). Global size (ceil(CG / 16), ceil(COG / 16), T*U*G).
+__kernel void conv_weight_flip(const __global float* restrict w, __global float* restrict wt, int KW, int CG,
+                               int COUT, int G, int FR, int T, int SI, int FC, int U, int SJ)
 {
     const int j0 = get_global_id(0) * 16, i0 = get_global_id(1) * 16, t = get_global_id(2);
     const int COG = COUT / G, C = CG * G;
-    if (j0 >= CG || i0 >= COG || t >= KH * KW * G) return;
+    if (j0 >= CG || i0 >= COG || t >= T * U * G) return;
     const int g = t % G, tap = t / G;
-    const int kh = tap / KW, kw = tap - (tap / KW) * KW;
-    const int flip = (KH - 1 - kh) * KW + (KW - 1 - kw);
+    const int th = tap / U, tw = tap - th * U;
+    const int src = (FR - SI * th) * KW + (FC - SJ * tw);
     const int i1 = min(i0 + 16, COG), j1 = min(j0 + 16, CG);
     for (int i = i0; i < i1; i++)
         for (int j = j0; j < j1; j++)
-            wt[((size_t)flip * COG + i) * C + g * CG + j] = w[((size_t)tap * CG + j) * COUT + g * COG + i];
+            wt[((size_t)tap * COG + i) * C + g * CG + j] = w[((size_t)src * CG + j) * COUT + g * COG + i];
 }
 
 // Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where

@@ -234,44 +234,64 @@ __kernel void maxpool_fwd_rows(const __global float* restrict x, __global float*
 // work-item in float16 registers. The argmax index ih*W + iw is stored as a float (exact below 2^24; the host
 // takes the int32 kernels beyond), so it moves through the same vector loads as the data.
 // First maximum in window order, as maxpool_argmax; -1 for an empty window. Global size (ceil(C/POOL_CW), OW, N*OH).
-// `y` receives the indices (the name POOL_ROWS_ITEM addresses).
+// `y` receives the indices (the name POOL_ROWS_ITEM addresses). maxpool_fwd_argmax_rows also stores the maximum
+// as maxpool_fwd_rows does (fmax: the same bits) to ymax: a training forward then saves the indices, and the
+// backward does not read x again.
+#define MAXPOOL_ARGMAX_BODY(STORE_MAX)                                                                          \
+    POOL_ROWS_ITEM()                                                                                            \
+    if (c0 + POOL_CW <= C) {                                                                                    \
+        float16 m[POOL_CW / 16], best[POOL_CW / 16], mx[POOL_CW / 16];                                          \
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {                                              \
+            m[v] = mx[v] = (float16)(-INFINITY);                                                                \
+            best[v] = (float16)(-1.0f);                                                                         \
+        }                                                                                                       \
+        for (int ih = h0; ih < h1; ih++)                                                                        \
+            for (int iw = w0; iw < w1; iw++) {                                                                  \
+                const __global float* xp = xn + ((size_t)ih * W + iw) * C;                                      \
+                const float16 me = (float16)((float)(ih * W + iw));                                             \
+                _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {                                      \
+                    const float16 t = VLD16(xp + 16 * v);                                                       \
+                    const int16 take = isgreater(t, m[v]) | isless(best[v], (float16)(0.0f));                   \
+                    m[v] = select(m[v], t, take);                                                               \
+                    best[v] = select(best[v], me, take);                                                        \
+                    if (STORE_MAX) mx[v] = fmax(mx[v], t);                                                      \
+                }                                                                                               \
+            }                                                                                                   \
+        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {                                              \
+            VST16(yp + 16 * v, best[v]);                                                                        \
+            if (STORE_MAX) VST16(ymax + (yp - y) + 16 * v, mx[v]);                                              \
+        }                                                                                                       \
+        return;                                                                                                 \
+    }                                                                                                           \
+    for (int c = 0; c < C - c0; c++) {                                                                          \
+        float m = -INFINITY, best = -1.0f, mx = -INFINITY;                                                      \
+        for (int ih = h0; ih < h1; ih++)                                                                        \
+            for (int iw = w0; iw < w1; iw++) {                                                                  \
+                const float t = xn[((size_t)ih * W + iw) * C + c];                                              \
+                if (t > m || best < 0.0f) {                                                                     \
+                    m = t;                                                                                      \
+                    best = (float)(ih * W + iw);                                                                \
+                }                                                                                               \
+                if (STORE_MAX) mx = fmax(mx, t);                                                                \
+            }                                                                                                   \
+        yp[c] = best;                                                                                           \
+        if (STORE_MAX) ymax[(yp - y) + c] = mx;                                                                 \
+    }
+
 VEC512
 __kernel void maxpool_argmax_rows(const __global float* restrict x, __global float* restrict y,
                                   int H, int W, int C, int OH, int OW, int kh, int kw, int sh, int sw, int pt, int pl)
 {
-    POOL_ROWS_ITEM()
-    if (c0 + POOL_CW <= C) {
-        float16 m[POOL_CW / 16], best[POOL_CW / 16];
-        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {
-            m[v] = (float16)(-INFINITY);
-            best[v] = (float16)(-1.0f);
-        }
-        for (int ih = h0; ih < h1; ih++)
-            for (int iw = w0; iw < w1; iw++) {
-                const __global float* xp = xn + ((size_t)ih * W + iw) * C;
-                const float16 me = (float16)((float)(ih * W + iw));
-                _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) {
-                    const float16 t = VLD16(xp + 16 * v);
-                    const int16 take = isgreater(t, m[v]) | isless(best[v], (float16)(0.0f));
-                    m[v] = select(m[v], t, take);
-                    best[v] = select(best[v], me, take);
-                }
-            }
-        _Pragma("unroll") for (int v = 0; v < POOL_CW / 16; v++) VST16(yp + 16 * v, best[v]);
-        return;
-    }
-    for (int c = 0; c < C - c0; c++) {
-        float m = -INFINITY, best = -1.0f;
-        for (int ih = h0; ih < h1; ih++)
-            for (int iw = w0; iw < w1; iw++) {
-                const float t = xn[((size_t)ih * W + iw) * C + c];
-                if (t > m || best < 0.0f) {
-                    m = t;
-                    best = (float)(ih * W + iw);
-                }
-            }
-        yp[c] = best;
-    }
+    __global float* ymax = y;  // (not written: STORE_MAX is 0)
+    MAXPOOL_ARGMAX_BODY(0)
+}
+
+VEC512
+__kernel void maxpool_fwd_argmax_rows(const __global float* restrict x, __global float* restrict y,
+                                      __global float* restrict ymax, int H, int W, int C, int OH, int OW, int kh,
+                                      int kw, int sh, int sw, int pt, int pl)
+{
+    MAXPOOL_ARGMAX_BODY(1)
 }
 
 // dx[n, h, w, c] = sum of gy over the windows whose (float) argmax is (h, w); POOL_CW channels per work-item.

@@ -167,6 +167,7 @@ CONV = [
     ((1, 5, 4, 20), 8, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, True, None),        # im2col/col2im rows 16 + 4
     ((2, 5, 7, 32), 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, True, "relu"),     # direct KxK, 16 per group
     ((1, 7, 6, 8), 32, (3, 3), (2, 2), (2, 2), (0, 0, 1, 1), 1, False, "relu6"),    # direct KxK, 2 x 16, stride 2
+    ((2, 7, 9, 32), 32, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 2, True, "relu"),     # CPU: strided dx in 4 phases
     ((2, 4, 5, 17), 33, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1, True, "relu"),     # pointwise: one GEMM
 ]
 
@@ -223,6 +224,12 @@ def test_conv2d_engine_activations(npbe, clbe, act):
 ], ids=["maxpool", "avgpool_pad", "avgpool_nopad", "global_avgpool", "pad"])
 def test_pooling_and_pad(npbe, clbe, node):
     check_op(npbe, clbe, node, [randn(2, 5, 6, 70)])  # 70 channels: a 64-channel block and a tail
+
+
+def test_maxpool_training(npbe, clbe):
+    """CPU style: the training forward stores the argmax indices with the maximum (maxpool_fwd_argmax_rows)."""
+    node = make_node("maxpool", attrs=dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
+    check_op(npbe, clbe, node, [randn(2, 5, 6, 70)], training=True)
 
 
 def test_global_avgpool_segments(npbe, clbe, monkeypatch):

@@ -145,6 +145,50 @@ def test_conv2d_flipped_dx_matches_im2col(npbe, clbe, case, monkeypatch):
     check_op(npbe, clbe, node, [x])
 
 
+STRIDED_CASES = [  # grouped, strided: the input gradient runs as phases of direct convolutions (_strided_dx)
+    (2, 9, 8, 32, 32, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 2, True, "relu"),    # RegNetX's, odd height
+    (1, 8, 7, 48, 48, (3, 3), (2, 2), (1, 1), (0, 0, 1, 1), 3, False, None),     # TF-SAME pads, 3 groups
+    (2, 7, 9, 32, 64, (5, 5), (2, 3), (1, 1), (2, 2, 2, 2), 2, True, None),      # 5x5, strides 2 and 3
+    (1, 6, 6, 32, 32, (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), 2, False, None),     # one tap per phase
+    (1, 5, 5, 32, 32, (3, 3), (3, 3), (1, 1), (1, 1, 1, 1), 2, True, None),      # stride = kernel, pads 1
+    CONV_CASES[13],                                                              # 2 x 16, TF-SAME stride 2
+    (2, 9, 8, 32, 16, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, True, "relu"),    # groups 1, 32 channels
+    CONV_CASES[20],                                                              # groups 1, 16 + 4 channels
+]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}{c[6][1]}g{c[9]}")
+def test_conv2d_strided_dx_matches_im2col(npbe, clbe, case, monkeypatch):
+    """The strided input gradient as one direct convolution per phase, written into its pixels of dx, against the
+    reference, and the im2col + col2im path it replaces on the same case."""
+    from transfercl_cli.ops import cl_conv
+
+    monkeypatch.setattr(cl_conv, "PORTABLE", False)
+    node, x = _conv_case(case, seed=3)
+    N, H, W, C, Cout = case[:5]
+    geom = (case[5][0], case[5][1], case[6][0], case[6][1], 1, 1, *case[8])
+    assert cl_conv.strided_dx_ok(clbe.rt, geom, case[9], C, H, W)
+    check_op(npbe, clbe, node, [x])
+    monkeypatch.setattr(cl_conv, "STRIDED_DX", False)
+    check_op(npbe, clbe, node, [x])
+
+
+def test_phase_taps_cover_every_tap_once():
+    """Each kernel tap reaches exactly one phase, and phase a's taps map dx row a + s*m to gy row m + d0 + t."""
+    from transfercl_cli.ops.cl_conv import _phase_taps
+
+    for k, s, pad in [(3, 2, 1), (3, 2, 0), (5, 3, 2), (2, 2, 0), (3, 3, 1), (7, 2, 3)]:
+        seen = []
+        for a in range(s):
+            first, taps, d0 = _phase_taps(k, s, pad, a)
+            for t in range(taps):
+                i = first - s * t
+                seen.append(i)
+                for m in range(4):  # forward: input row oh*s - pad + i feeds output row oh
+                    assert (m + d0 + t) * s - pad + i == a + s * m
+        assert sorted(seen) == list(range(k))
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["rows", "elements"])
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[12], CONV_CASES[14], CONV_CASES[-1]],
                          ids=lambda c: f"{c[3]}-{c[4]}k{c[5][0]}s{c[6][0]}g{c[9]}")
@@ -155,6 +199,7 @@ def test_conv2d_im2col_styles(npbe, clbe, case, portable, monkeypatch):
     from transfercl_cli.ops import cl_conv
 
     monkeypatch.setattr(cl_conv, "PORTABLE", portable)
+    monkeypatch.setattr(cl_conv, "STRIDED_DX", False)  # (the strided dx of [-1] would take its phases)
     node, x = _conv_case(case, seed=5)
     check_op(npbe, clbe, node, [x])
 
@@ -348,6 +393,20 @@ def test_global_avgpool_pixel_segments(npbe, clbe, shape, monkeypatch):
     assert cl_conv.gap_segments(clbe.rt, N, H * W, C) == max(1, min(-(-64 * clbe.rt.device.max_compute_units // (
         N * -(-C // cl_conv.GAP_CW))), H * W // 4))
     check_op(npbe, clbe, make_node("global_avgpool", attrs={"keepdims": False}), [rand(shape, 14)])
+
+
+@pytest.mark.parametrize("case", [c for c in POOL_CASES if c[0] == "maxpool"], ids=_pool_id)
+def test_maxpool_training_forward_keeps_indices(npbe, clbe, case):
+    """A training forward finds the argmax with the maximum, so the backward does not read x again: its output has
+    the inference forward's bits (a NaN and ties included) and its gradient matches the reference."""
+    op, attrs, shape = case
+    node = make_node(op, attrs=attrs)
+    x = np.round(rand(shape, 21) * 2) / 2  # ties
+    check_op(npbe, clbe, node, [x], training=True)
+    x[0, 1, 1, 0] = np.nan
+    y_train = run_node(clbe, node, [x], training=True)[0]
+    y_infer = run_node(clbe, node, [x], training=False)[0]
+    assert np.array_equal(y_train, y_infer, equal_nan=True)
 
 
 def test_maxpool_ties(npbe, clbe):

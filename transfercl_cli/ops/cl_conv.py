@@ -18,6 +18,9 @@ Strategy (kernels/conv.cl, kernels/pool.cl):
 - k x k, stride 1, dilation 1, backward dX: the forward of dY with the weights flipped in space and input/output
   channels swapped per group (conv_weight_flip), padded by k - 1 - pad, through the direct kernels above, where
   one of them fits the flipped shape (FLIPPED_DX), or through Winograd where it takes the flipped shape.
+- k x k, stride s > 1, dilation 1, backward dX on CPUs (grouped, or fewer than 128 channels): s*s phases, each a
+  stride-1 direct convolution of dY with the taps that reach it, written straight into its pixels of dX
+  (STRIDED_DX, _strided_dx).
 - k x k weight gradients on CPUs with output channels per group a multiple of 16: kernels/conv_wgrad.cl, no im2col
   matrix (DIRECT_WGRAD; partial sums per chunk of rows, then a column sum).
 - everything else (and dW of all the above on GPUs; on CPUs the forward too where im2col_forward_faster says so):
@@ -37,6 +40,7 @@ import numpy as np
 from ..runtime import DeviceArray
 from . import cl_gemm, cl_winograd, register
 from .ref_conv import conv_geometry, no_residual_backward, pool_geometry, residual_input
+from .ref_elementwise import Saved
 from .cl_elementwise import colsum
 from .shapes import global_pool_shape
 
@@ -65,6 +69,10 @@ DIRECT_MAX_CIN = 4
 # Stride-1 convolutions compute their input gradient as a direct forward convolution of gy with flipped weights
 # (conv_backward); False: im2col + GEMM + col2im, as every other convolution (tests compare the two).
 FLIPPED_DX = True
+# Strided convolutions (grouped, or groups 1 with few channels) compute their input gradient as SH*SW phases of direct convolutions of gy
+# (strided_dx_ok); False: im2col + GEMM + col2im per group (tests compare the two).
+STRIDED_DX = True
+STRIDED_DX_MAX_CIN = 128  # ...for groups 1: below this many input channels
 # ...for inputs of at least this many pixels: on smaller maps with many channels (ResNet's 7x7x512) im2col + GEMM
 # was faster (batch 16: 25 ms against 29-33 ms; 14x14x256: 33 against 22 ms; 56x56x64: 83 against 15 ms).
 FLIPPED_DX_MIN_PIXELS = 100
@@ -319,16 +327,18 @@ def _direct_defines(rt, geom, pix, **extra):
                  "MINVEC": int(bool(rt.is_pocl))}, **extra)
 
 
-def _launch_direct(rt, k, x, w, b, y, geom, pix, nb, shape_args, block_args, act):
+def _launch_direct(rt, k, x, w, b, y, geom, pix, nb, shape_args, block_args, act, extra=()):
     """Launch a direct kernel (conv_direct_fwd / conv_group_fwd) over nb channel blocks: the work split of the
-    depthwise kernels (blocks, pixel chunks and rows per work-item), then the arguments both kernels share."""
+    depthwise kernels (blocks, pixel chunks and rows per work-item), then the arguments both kernels share
+    (`extra`: conv_group_fwd's phase arguments)."""
     N, OH, OW = x.shape[0], geom[10], geom[11]
     nch = _cdiv(OW, pix)
     bpi = _bpi(rt, nb, nch * N * OH)
     ppi, rpi = _spread(rt, _cdiv(nb, bpi), nch, N * OH, bpi * pix)
     rt.launch(k, (_cdiv(nb, bpi), _cdiv(nch, ppi), _cdiv(N * OH, rpi)), _dw_local(rt, 3), x, w,
               b if b is not None else w, y, *[i32(v) for v in shape_args], *[i32(v) for v in block_args],
-              i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi), i32(N * OH))
+              i32(nb), i32(b is not None), i32(_act_code(act)), i32(bpi), i32(ppi), i32(rpi), i32(N * OH),
+              *[i32(v) for v in extra])
 
 
 def _direct_forward(rt, x, w, b, geom, act, y):
@@ -380,17 +390,23 @@ def im2col_forward_faster(rt, geom, groups, cin):
     return (max(sh, sw) > 1 and cin >= 64) or cin >= IM2COL_MIN_CIN or (kw == 1 < kh)
 
 
-def _group_direct_forward(rt, x, w, b, geom, groups, act, y):
-    """Direct grouped convolution (no im2col matrix, no per-group copies): see conv_group_fwd in kernels/conv.cl."""
+def _group_direct_forward(rt, x, w, b, geom, groups, act, y, phase=None):
+    """Direct grouped convolution (no im2col matrix, no per-group copies): see conv_group_fwd in kernels/conv.cl.
+    phase: (sh, sw, a, b) to write output pixel (oh, ow) to y's pixel (a + sh*oh, b + sw*ow) (_strided_dx)."""
     N, H, W, C = x.shape
     kh, kw, cg, Cout = w.shape
     cog = Cout // groups
     pt, pl, OH, OW = geom[6], geom[7], geom[10], geom[11]
     vw, nbv = _group_blocks(rt, cog)
     pix = _pix(OW, 8 if geom[3] == 1 else 4)  # stride 2 doubles the row segment each pixel chunk keeps in registers
-    k = rt.kernel("conv", "conv_group_fwd", _direct_defines(rt, geom, pix, VW=vw, NBV=nbv,
+    extra, ph = (), {}
+    if phase is not None:
+        ph = {"PHASE": 1, "PSH": phase[0], "PSW": phase[1]}
+        extra = (y.shape[1], y.shape[2], phase[2], phase[3])
+    k = rt.kernel("conv", "conv_group_fwd", _direct_defines(rt, geom, pix, VW=vw, NBV=nbv, **ph,
                                                             **cl_gemm.act_defines(_act_code(act))))
-    _launch_direct(rt, k, x, w, b, y, geom, pix, Cout // (vw * nbv), (H, W, C, OH, OW, Cout, pt, pl), (cg, cog), act)
+    _launch_direct(rt, k, x, w, b, y, geom, pix, Cout // (vw * nbv), (H, W, C, OH, OW, Cout, pt, pl), (cg, cog), act,
+                   extra)
     return y
 
 
@@ -481,11 +497,60 @@ def _flipped_dx(rt, w, gy, geom, groups, dx):
     kernels or the Winograd path (conv_forward chooses): no im2col / col2im matrix."""
     kh, kw, cg, Cout = w.shape
     H, W = dx.shape[1], dx.shape[2]
-    wt = rt.empty((kh, kw, Cout // groups, cg * groups))
-    rt.launch(rt.kernel("conv", "conv_weight_flip"), (_cdiv(cg, 16), _cdiv(Cout // groups, 16), kh * kw * groups),
-              (1, 1, 1), w, wt, i32(kh), i32(kw), i32(cg), i32(Cout), i32(groups))
+    wt = _gradient_weights(rt, w, groups, (kh - 1, kh, 1), (kw - 1, kw, 1))
     conv_forward(rt, gy, wt, None, _flipped_geometry(geom, H, W), groups, None, dx)
     wt.release()
+    return dx
+
+
+def _gradient_weights(rt, w, groups, rows, cols):
+    """The weights of dx as a forward convolution of gy (kernels/conv.cl conv_weight_flip): taps (first, count,
+    step) along rows and columns, input and output channels swapped within each group."""
+    kh, kw, cg, Cout = w.shape
+    wt = rt.empty((rows[1], cols[1], Cout // groups, cg * groups))
+    rt.launch(rt.kernel("conv", "conv_weight_flip"), (_cdiv(cg, 16), _cdiv(Cout // groups, 16),
+                                                      rows[1] * cols[1] * groups), (1, 1, 1), w, wt,
+              i32(kw), i32(cg), i32(Cout), i32(groups), *[i32(v) for v in rows + cols])
+    return wt
+
+
+def strided_dx_ok(rt, geom, groups, C, H, W):
+    """Whether a strided convolution's input gradient runs as SH*SW phases of direct convolutions (_strided_dx):
+    CPU style, dilation 1, every phase non-empty (kernel and map at least the stride), a direct kernel for dx's
+    channels per group, and grouped or fewer than STRIDED_DX_MAX_CIN input channels. Measured on PoCL, 2 cores,
+    batch 16, 3x3 stride 2, dx alone: RegNetX-400MF's 112x112x32 in 2 groups 20.0 -> 4.1 ms, 56x56x64 in 4 groups
+    4.6 -> 1.7; groups 1: 112x112x32 -> 64 16.4 -> 6.8, 56x56x64 -> 128 9.1 -> 5.3, 56x56x96 9.6 -> 6.2, but
+    28x28x128 -> 256 5.5 -> 8.1 and 14x14x256 5.1 -> 6.2 (im2col + GEMM keeps those). STRIDED_DX = False turns it
+    off (tests compare the two paths)."""
+    kh, kw, sh, sw, dh, dw = geom[:6]
+    if not STRIDED_DX or (sh, sw) == (1, 1) or (dh, dw) != (1, 1) or kh < sh or kw < sw or H < sh or W < sw:
+        return False
+    return _cpu_style(rt) and use_group_direct(rt, groups, C) and (groups > 1 or C < STRIDED_DX_MAX_CIN)
+
+
+def _phase_taps(k, s, pad, a):
+    """(first tap, taps, d0) of phase a along one axis: dx rows a, a + s, a + 2s, ... (row a + s*m) take gy row
+    m + d0 + t through kernel tap first - s*t, t < taps."""
+    taps = [i for i in range(k) if (a + pad - i) % s == 0]
+    first = max(taps)
+    return first, len(taps), (a + pad - first) // s
+
+
+def _strided_dx(rt, w, gy, geom, groups, dx):
+    """dx of a strided convolution: dx[a + sh*m, b + sw*q] for each phase (a, b) is a stride-1 convolution of gy
+    with the taps that reach that phase (every sh-th row, every sw-th column of the kernel, flipped, input and
+    output channels swapped), written straight into its pixels of dx: no im2col / col2im matrix, no copies."""
+    kh, kw, sh, sw = geom[:4]
+    pt, pl = geom[6], geom[7]
+    H, W = dx.shape[1], dx.shape[2]
+    for a in range(sh):
+        fr, T, d0r = _phase_taps(kh, sh, pt, a)
+        for b in range(sw):
+            fc, U, d0c = _phase_taps(kw, sw, pl, b)
+            wp = _gradient_weights(rt, w, groups, (fr, T, sh), (fc, U, sw))
+            pgeom = (T, U, 1, 1, 1, 1, -d0r, -d0c, 0, 0, _cdiv(H - a, sh), _cdiv(W - b, sw))
+            _group_direct_forward(rt, gy, wp, None, pgeom, groups, None, dx, phase=(sh, sw, a, b))
+            wp.release()
     return dx
 
 
@@ -560,6 +625,9 @@ def conv_backward(rt, x, w, gy, geom, groups, need_x, need_w, has_bias):
         if need_w:
             gemm(rt, x.reshape(N * H * W, C), gy2, dW.reshape(C, Cout), trans_a=True)
         return dx, dW, db
+    if need_x and strided_dx_ok(rt, geom, G, C, H, W):
+        _strided_dx(rt, w, gy, geom, G, dx)
+        need_x = False
     if need_x and flipped_dx_ok(rt, geom, G, C, Cout, H * W, N, W):
         _flipped_dx(rt, w, gy, geom, G, dx)
         need_x = False
@@ -688,35 +756,46 @@ def maxpool_fwd(be, node, xs, training):
     geom = pool_geometry(node, x.shape)
     N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
     y = rt.empty((N, OH, OW, C))
+    if _cpu_style(rt) and training and x.shape[1] * x.shape[2] < 1 << 24:
+        # The backward's argmax indices, found with the maximum: the backward does not read x again (SqueezeNet's
+        # 111x111x64 pool at batch 16: a second pass over x took longer than the forward itself).
+        idx = rt.empty((N, OH, OW, C))
+        rt.launch(rt.kernel("pool", "maxpool_fwd_argmax_rows", {"POOL_CW": POOL_CW}), (-(-C // POOL_CW), OW, N * OH),
+                  (1, 1, 1), x, idx, y, *_pool_args(x.shape, geom))
+        return [y], Saved(be, temps=[idx], shape=x.shape, idx=idx)
     if _cpu_style(rt):
         rt.launch(rt.kernel("pool", "maxpool_fwd_rows", {"POOL_CW": POOL_CW}), (-(-C // POOL_CW), OW, N * OH),
                   (1, 1, 1), x, y, *_pool_args(x.shape, geom))
     else:
         rt.launch(rt.kernel("pool", "maxpool_fwd"), (C, OW, N * OH), None, x, y, *_pool_args(x.shape, geom))
-    return [y], (x,)
+    return [y], Saved(be, x=x, shape=x.shape)
 
 
 @register("opencl", "maxpool", "backward")
 def maxpool_bwd(be, node, saved, gys, need):
     rt = be.rt
-    (x,) = saved
-    geom = pool_geometry(node, x.shape)
-    N, H, W, C = x.shape
+    shape = saved["shape"]
+    geom = pool_geometry(node, shape)
+    N, H, W, C = shape
     OH, OW = geom[8], geom[9]
-    args = _pool_args(x.shape, geom)
-    dx = rt.empty(x.shape)
-    if _cpu_style(rt) and H * W < 1 << 24:  # float argmax indices are exact below 2^24
+    args = _pool_args(shape, geom)
+    dx = rt.empty(shape)
+    idx = saved.get("idx")  # float indices from a CPU-style training forward
+    if idx is not None or (_cpu_style(rt) and H * W < 1 << 24):  # float argmax indices are exact below 2^24
         d = {"POOL_CW": POOL_CW}
-        idx = rt.empty((N, OH, OW, C))
-        rt.launch(rt.kernel("pool", "maxpool_argmax_rows", d), (-(-C // POOL_CW), OW, N * OH), (1, 1, 1), x, idx,
-                  *args)
+        if idx is None:
+            idx = rt.empty((N, OH, OW, C))
+            saved.temps.append(idx)
+            rt.launch(rt.kernel("pool", "maxpool_argmax_rows", d), (-(-C // POOL_CW), OW, N * OH), (1, 1, 1),
+                      saved["x"], idx, *args)
         rt.launch(rt.kernel("pool", "maxpool_bwd_rows", d), (-(-C // POOL_CW), W, N * H), (1, 1, 1), gys[0], idx,
                   dx, *args)
     else:
         idx = rt.empty((N, OH, OW, C), np.int32)
-        rt.launch(rt.kernel("pool", "maxpool_argmax"), (C, OW, N * OH), None, x, idx, *args)
+        saved.temps.append(idx)
+        rt.launch(rt.kernel("pool", "maxpool_argmax"), (C, OW, N * OH), None, saved["x"], idx, *args)
         rt.launch(rt.kernel("pool", "maxpool_bwd"), (C, W, N * H), None, gys[0], idx, dx, *args)
-    idx.release()
+    saved.release()
     return [dx], {}
 
 
