@@ -580,4 +580,29 @@ __kernel void act_mask(const __global float* restrict gy, const __global float* 
     out[i] = pass ? gy[i] : 0.0f;
 }
 
+// act_mask, CPU style: a chunk of MASK_CHUNK elements per work-item in float16 vectors (one element per work-item
+// ran at ~14 GB/s on PoCL, 2 cores, a 77 MB pass over RegNetX's 112x112x32 at batch 16). Global size
+// (ceil(n / MASK_CHUNK)).
+#ifndef MASK_CHUNK
+#define MASK_CHUNK 4096  // the host passes its own value (cl_conv.MASK_CHUNK)
+#endif
+VEC512
+__kernel void act_mask_rows(const __global float* restrict gy, const __global float* restrict y,
+                            __global float* restrict out, int n, int mode)
+{
+    const int i0 = get_global_id(0) * MASK_CHUNK;
+    const int i1 = min(n, i0 + MASK_CHUNK);
+    int i = i0;
+    const float16 hi = mode == 2 ? (float16)(6.0f) : (float16)(INFINITY);
+    for (; i + 16 <= i1; i += 16) {
+        const float16 v = VLD16(y + i);
+        const int16 pass = isgreater(v, (float16)(0.0f)) & isless(v, hi);
+        VST16(out + i, select((float16)(0.0f), VLD16(gy + i), pass));
+    }
+    for (; i < i1; i++) {
+        const float v = y[i];
+        out[i] = (v > 0.0f && (mode != 2 || v < 6.0f)) ? gy[i] : 0.0f;
+    }
+}
+
 #endif  // DEPTHWISE

@@ -92,6 +92,7 @@ IM2COL_MIN_CIN = 256
 GAP_CW = 64
 # Channels per work-item of the CPU-style max/average pooling forward (pool.cl *_fwd_rows; a multiple of 16).
 POOL_CW = 32
+MASK_CHUNK = 4096  # elements per work-item of act_mask_rows
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -121,7 +122,11 @@ def _masked_grad(rt, gy, y, act):
     if not mode:
         return gy, None
     out = rt.empty(gy.shape)
-    rt.launch(rt.kernel("conv", "act_mask"), (gy.size,), None, gy, y, out, i32(gy.size), i32(mode))
+    if _cpu_style(rt):
+        rt.launch(rt.kernel("conv", "act_mask_rows", {"MASK_CHUNK": MASK_CHUNK}), (_cdiv(gy.size, MASK_CHUNK),), (1,), gy, y, out, i32(gy.size),
+                  i32(mode))
+    else:
+        rt.launch(rt.kernel("conv", "act_mask"), (gy.size,), None, gy, y, out, i32(gy.size), i32(mode))
     return out, out
 
 
