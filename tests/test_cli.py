@@ -31,8 +31,20 @@ def test_devices_lists_pocl(rt):
 def test_devices_json(rt):
     r = run("devices", "--json")
     data = json.loads(r.output)
-    assert data and {"id", "type", "global_mem_bytes", "max_work_group_size", "fp16", "fp64"} <= set(data[0])
+    assert data and {"id", "type", "global_mem_bytes", "max_work_group_size", "fp16", "fp64", "compiles"} <= set(data[0])
     assert sum(d["default"] for d in data) == 1
+    assert all(d["compiles"] for d in data if d["default"])  # the default is a device that builds kernels
+
+
+def test_devices_names_a_device_that_cannot_compile(rt, monkeypatch):
+    from transfercl_cli import runtime
+
+    bad = runtime.list_devices()[0].id
+    monkeypatch.setattr(runtime, "compiler_error", lambda d: "error: unknown target CPU 'generic'" if d.id == bad
+                        else None)
+    r = run("devices")
+    assert r.exit_code == 0, r.output
+    assert "cannot build a kernel here" in r.output and "tcl doctor" in r.output
 
 
 def test_bad_device_is_one_paragraph_exit_2(rt, tmp_path):

@@ -169,15 +169,17 @@ def _human_bytes(n):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def devices(as_json):
     """List OpenCL platforms and devices with their selector ids."""
-    from .runtime import list_devices, select_device
+    from .runtime import compiler_error, list_devices, select_device
 
     devs = list_devices()
     try:
         default = select_device(None, devs)
     except TclError:
         default = None
+    builds = {d.id: compiler_error(d) is None for d in devs}
     if as_json:
-        click.echo(json.dumps([dict(d.as_dict(), default=(d is default)) for d in devs], indent=2))
+        click.echo(json.dumps([dict(d.as_dict(), default=(d is default), compiles=builds[d.id]) for d in devs],
+                              indent=2))
         return
     for d in devs:
         mark = "*" if d is default else " "
@@ -186,6 +188,8 @@ def devices(as_json):
                    f"local memory {_human_bytes(d.local_mem)}, max work-group {d.max_work_group_size}")
         click.echo(f"      {d.opencl_c_version}, fp16 {'yes' if d.fp16 else 'no'}, fp64 {'yes' if d.fp64 else 'no'}, "
                    f"driver {d.driver_version}")
+        if not builds[d.id]:
+            click.echo("      its OpenCL compiler cannot build a kernel here: `tcl doctor` says why and how to fix it")
     click.echo("(* = default; choose with --device ID or TCL_DEVICE. fp16/fp64: half/double arithmetic; "
                "precision: fp16 storage works on every device)")
 
