@@ -70,8 +70,8 @@ DIRECT_MAX_CIN = 4
 # Stride-1 convolutions compute their input gradient as a direct forward convolution of gy with flipped weights
 # (conv_backward); False: im2col + GEMM + col2im, as every other convolution (tests compare the two).
 FLIPPED_DX = True
-# Strided convolutions (grouped, or groups 1 with few channels) compute their input gradient as SH*SW phases of direct convolutions of gy
-# (strided_dx_ok); False: im2col + GEMM + col2im per group (tests compare the two).
+# Strided convolutions (grouped, or groups 1 with few channels) compute their input gradient as SH*SW phases of
+# direct convolutions of gy (strided_dx_ok); False: im2col + GEMM + col2im per group (tests compare the two).
 STRIDED_DX = True
 STRIDED_DX_MAX_CIN = 128  # ...for groups 1: below this many input channels
 # ...for inputs of at least this many pixels: on smaller maps with many channels (ResNet's 7x7x512) im2col + GEMM
@@ -124,8 +124,8 @@ def _masked_grad(rt, gy, y, act):
         return gy, None
     out = rt.empty(gy.shape)
     if _cpu_style(rt):
-        rt.launch(rt.kernel("conv", "act_mask_rows", {"MASK_CHUNK": MASK_CHUNK}), (_cdiv(gy.size, MASK_CHUNK),), (1,), gy, y, out, i32(gy.size),
-                  i32(mode))
+        k = rt.kernel("conv", "act_mask_rows", {"MASK_CHUNK": MASK_CHUNK})
+        rt.launch(k, (_cdiv(gy.size, MASK_CHUNK),), (1,), gy, y, out, i32(gy.size), i32(mode))
     else:
         rt.launch(rt.kernel("conv", "act_mask"), (gy.size,), None, gy, y, out, i32(gy.size), i32(mode))
     return out, out
@@ -257,7 +257,7 @@ def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
         if _cpu_style(rt):
             # DW_CHUNKS row chunks balance the threads; each work-item walks its rows across many channel blocks
             # (_bpi) in memory order. Fewer where the partial sums would outweigh gy: 112 chunks of MobileNetV3's
-            # 7x7x576 5x5 at batch 16 wrote 6.7 MB of partials for 1.8 MB of gy (dW 0.86 ms alone).
+            # 7x7x576 5x5 at batch 16 wrote 6.7 MB of partials for 1.8 MB of gy (dW 0.9-1.6 ms alone; 0.7-1.0 now).
             cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
             R = max(1, min(Q, DW_CHUNKS, max(DW_CHUNKS_MIN_PER_CU * cu, gy.size // (2 * (T + 1) * Cout))))
         else:
