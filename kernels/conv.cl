@@ -9,7 +9,7 @@
 //   MINVEC=1 (PoCL only) keeps float16 in single 512-bit registers.
 // - with -DDIRECT=1: a direct convolution for few input channels (CIN, conv1 on RGB), compiled like the depthwise
 //   kernels (geometry, VW, PIX, NBV vectors of output channels per step).
-// - without either: the generic helpers (im2col, col2im, column sums, strided copies, activation masks) with all
+// - without either: the generic helpers (im2col, col2im, column sums, strided copies) with all
 //   geometry as runtime arguments: one build per process serves every convolution.
 
 #include "vector_access.h"  // VLD4/8/16, VST4/8/16: see that file
@@ -566,43 +566,6 @@ __kernel void conv_weight_flip(const __global float* restrict w, __global float*
     for (int i = i0; i < i1; i++)
         for (int j = j0; j < j1; j++)
             wt[((size_t)tap * COG + i) * C + g * CG + j] = w[((size_t)src * CG + j) * COUT + g * COG + i];
-}
-
-// Gradient through a fused activation, from the activation's output: relu passes where y > 0, relu6 where
-// 0 < y < 6. MODE 1 relu, 2 relu6 (runtime argument).
-__kernel void act_mask(const __global float* restrict gy, const __global float* restrict y,
-                       __global float* restrict out, int n, int mode)
-{
-    const int i = get_global_id(0);
-    if (i >= n) return;
-    const float v = y[i];
-    const bool pass = mode == 2 ? (v > 0.0f && v < 6.0f) : (v > 0.0f);
-    out[i] = pass ? gy[i] : 0.0f;
-}
-
-// act_mask, CPU style: a chunk of MASK_CHUNK elements per work-item in float16 vectors (one element per work-item
-// ran at ~14 GB/s on PoCL, 2 cores, a 77 MB pass over RegNetX's 112x112x32 at batch 16). Global size
-// (ceil(n / MASK_CHUNK)).
-#ifndef MASK_CHUNK
-#define MASK_CHUNK 4096  // the host passes its own value (cl_conv.MASK_CHUNK)
-#endif
-VEC512
-__kernel void act_mask_rows(const __global float* restrict gy, const __global float* restrict y,
-                            __global float* restrict out, int n, int mode)
-{
-    const int i0 = get_global_id(0) * MASK_CHUNK;
-    const int i1 = min(n, i0 + MASK_CHUNK);
-    int i = i0;
-    const float16 hi = mode == 2 ? (float16)(6.0f) : (float16)(INFINITY);
-    for (; i + 16 <= i1; i += 16) {
-        const float16 v = VLD16(y + i);
-        const int16 pass = isgreater(v, (float16)(0.0f)) & isless(v, hi);
-        VST16(out + i, select((float16)(0.0f), VLD16(gy + i), pass));
-    }
-    for (; i < i1; i++) {
-        const float v = y[i];
-        out[i] = (v > 0.0f && (mode != 2 || v < 6.0f)) ? gy[i] : 0.0f;
-    }
 }
 
 #endif  // DEPTHWISE

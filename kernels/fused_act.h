@@ -1,7 +1,7 @@
 // Activations fused into the epilogue of a convolution or GEMM (plan.fold_frozen; codes: cl_conv/cl_gemm _ACT):
 //   0 none, 1 relu, 2 relu6, 3 swish x * sigmoid(x), 4 sigmoid, 5 hard_swish x * relu6(x + 3) / 6,
 //   6 hard_sigmoid relu6(x + 3) / 6 (PyTorch's Hardsigmoid: alpha 1/6, beta 1/2).
-// Only 1 and 2 train through the fused op (their derivative is read from the output: act_mask, act_grad); the plan
+// Only 1 and 2 train through the fused op (their derivative is read from the output: cl_gemm.act_masked); the plan
 // fuses 3..6 only where no gradient flows. T: float or a float vector type; `act` is uniform per launch, so the
 // branches cost nothing next to the arithmetic they follow. Comparisons and ?: rather than fmax/fmin: PoCL emits
 // those built-ins as calls that spill vector registers. exp(-x) overflowing to inf gives the right limits (0).

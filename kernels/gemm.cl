@@ -51,16 +51,6 @@ __kernel void colsum_parts(const int N, const int nparts, __global const float* 
     out[j] = accumulate ? out[j] + s : s;
 }
 
-// Gradient through a fused relu/relu6 from its output y: g = gy where 0 < y (< 6 for relu6), else 0.
-__kernel void act_grad(const int n, __global const float* gy, __global const float* y, __global float* g,
-                       const int act) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
-    const float v = y[i];
-    const int pass = act == 2 ? (v > 0.0f && v < 6.0f) : (v > 0.0f);
-    g[i] = pass ? gy[i] : 0.0f;
-}
-
 #ifndef GEMM_GPU_ONLY
 // ---------------------------------------------------------------------------------------------------------------
 // CPU variant (PoCL and other CPU OpenCL): one work-item computes an MR x NR (NR = NV*16) block of C in float16

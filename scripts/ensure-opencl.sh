@@ -9,13 +9,13 @@ probe() {
   "$PY" - <<'PYEOF'
 import sys
 from transfercl_cli.errors import TclError
-from transfercl_cli.runtime import compiler_error, list_devices
+from transfercl_cli.runtime import UNKNOWN_CPU, compiler_error, list_devices
 try:
     devs = list_devices()
 except TclError:
     sys.exit(0)  # no OpenCL platform at all: `tcl doctor` explains; not this script's case
 errors = [compiler_error(d) for d in devs]
-sys.exit(0 if any(e is None for e in errors) else 3 if any("unknown target CPU" in (e or "") for e in errors) else 0)
+sys.exit(0 if any(e is None for e in errors) else 3 if any(UNKNOWN_CPU in (e or "") for e in errors) else 0)
 PYEOF
 }
 probe && exit 0

@@ -134,7 +134,7 @@ def test_gemm_packed_panels(rt):
 
 
 def test_dense_with_bias_gradient_in_parts(npbe, clbe):
-    # 300 rows: the bias gradient sums in row chunks (colsum + colsum_parts); relu: act_grad.
+    # 300 rows: the bias gradient sums in row chunks (colsum + colsum_parts); relu: act_bwd (cl_gemm.act_masked).
     for rows in (300, 10):
         node = make_node("dense", attrs={"act": "relu"}, params={"weight": randn(7, 5), "bias": randn(5)})
         check_op(npbe, clbe, node, [randn(rows, 7)])

@@ -77,7 +77,7 @@ def run_checks(device=None, build=True, selftest=False):
                             None if v else fix, fatal=required and v is None))
     runnable = []
     try:
-        from .runtime import cache_dir, list_devices
+        from .runtime import build_failure_fix, cache_dir, list_devices
 
         devs = list_devices()
         checks.append(Check("opencl platforms", True, "; ".join(
@@ -107,7 +107,8 @@ def run_checks(device=None, build=True, selftest=False):
                             " (precision: fp16 stores half values on every device; it needs neither)"))
         if build or selftest:
             ok, detail, rt = _device_selftest(d)
-            checks.append(Check(f"kernels on {d.id}", ok, detail, None if ok else _build_fix(detail)))
+            checks.append(Check(f"kernels on {d.id}", ok, detail, None if ok else build_failure_fix(
+                detail, "Report this with the output of `tcl doctor --json`; try another device with --device.")))
             if ok and selftest:
                 ok, detail = _network_check(rt)
                 checks.append(Check(f"selftest on {d.id}", ok, ("PASS: " if ok else "FAIL: ") + detail,
@@ -142,7 +143,7 @@ def _device_selftest(info):
     """(ok, detail, runtime): build every kernel file and check the saxpy kernel's result."""
     import numpy as np
 
-    from .runtime import Runtime, kernel_names
+    from .runtime import UNKNOWN_CPU, Runtime, kernel_names
 
     rt = None
     try:
@@ -158,18 +159,10 @@ def _device_selftest(info):
         return True, f"{len(names)} kernel files built ({', '.join(names)}); self-test correct", rt
     except Exception as e:  # noqa: BLE001 - doctor reports every failure in words
         text = str(e)
-        cpu = [line.strip() for line in text.splitlines() if "unknown target CPU" in line]
+        cpu = [line.strip() for line in text.splitlines() if UNKNOWN_CPU in line]
         if cpu:  # the log's one telling line, which 500 characters of the message would cut off
             return False, f"the OpenCL compiler cannot build for this processor ({cpu[0]})", rt
         return False, f"{type(e).__name__}: {text[:500]}", rt
-
-
-def _build_fix(detail):
-    from .runtime import build_failure_fix
-
-    if "unknown target CPU" in detail:
-        return build_failure_fix(detail)
-    return "Report this with the output of `tcl doctor --json`; try another device with --device."
 
 
 def _network_check(rt):

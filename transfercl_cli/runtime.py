@@ -258,17 +258,21 @@ def compiler_error(info):
     return _COMPILER_ERRORS[key]
 
 
-def build_failure_fix(log):
+# What LLVM's build log says when it does not know the processor (PyPI's PoCL on a CPU newer than its LLVM).
+UNKNOWN_CPU = "unknown target CPU"
+
+
+def build_failure_fix(log, otherwise=None):
     """The fix to name for an OpenCL build failure, from its log: a compiler that does not know this processor is
-    the installation's fault, not a kernel's."""
-    if "unknown target CPU" in log:
+    the installation's fault, not a kernel's (`otherwise`: the fix for any other failure)."""
+    if UNKNOWN_CPU in log:
         return ("The OpenCL platform's compiler does not know this processor (its LLVM is older than the CPU: PyPI's "
                 "PoCL 3.0 ships LLVM 14, which cannot compile for AMD Zen 4/5 and other recent CPUs). Install your "
                 "distribution's PoCL, which tcl then finds and prefers (Debian/Ubuntu: `sudo apt-get install "
                 "pocl-opencl-icd`; Fedora: `sudo dnf install pocl`), or choose another device with --device; "
                 "`tcl doctor` checks every device.")
-    return ("This is a driver or kernel bug: run `tcl doctor`, try another device with --device, and report the "
-            "build log above.")
+    return otherwise or ("This is a driver or kernel bug: run `tcl doctor`, try another device with --device, and "
+                         "report the build log above.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

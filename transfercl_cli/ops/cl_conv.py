@@ -93,7 +93,6 @@ IM2COL_MIN_CIN = 256
 GAP_CW = 64
 # Channels per work-item of the CPU-style max/average pooling forward (pool.cl *_fwd_rows; a multiple of 16).
 POOL_CW = 32
-MASK_CHUNK = 4096  # elements per work-item of act_mask_rows
 
 # Scratch bound for the im2col matrix of one chunk of images.
 COL_BYTES = 64 << 20
@@ -119,16 +118,8 @@ def _act_code(act):
 def _masked_grad(rt, gy, y, act):
     """(gradient, temporary or None): gy masked by the fused activation's derivative (from its output)."""
     _act_code(act)
-    mode = cl_gemm.grad_act_code(act if act not in ("", "none") else None, "conv2d")
-    if not mode:
-        return gy, None
-    out = rt.empty(gy.shape)
-    if _cpu_style(rt):
-        k = rt.kernel("conv", "act_mask_rows", {"MASK_CHUNK": MASK_CHUNK})
-        rt.launch(k, (_cdiv(gy.size, MASK_CHUNK),), (1,), gy, y, out, i32(gy.size), i32(mode))
-    else:
-        rt.launch(rt.kernel("conv", "act_mask"), (gy.size,), None, gy, y, out, i32(gy.size), i32(mode))
-    return out, out
+    g = cl_gemm.act_masked(rt, gy, y, act if act not in ("", "none") else None, "conv2d")
+    return g, (g if g is not gy else None)
 
 
 def _copy2d(rt, src, sld, sr0, sc0, dst, dld, dr0, dc0, rows, cols):
@@ -138,6 +129,10 @@ def _copy2d(rt, src, sld, sr0, sc0, dst, dld, dr0, dc0, rows, cols):
 
 # ---------------------------------------------------------------------------------------------------------------
 # depthwise
+
+
+def _compute_units(rt):
+    return max(1, int(getattr(rt.info, "compute_units", 1) or 1))
 
 
 def _cpu_style(rt):
@@ -185,7 +180,7 @@ def _bpi(rt, nb, others):
     work-item elsewhere. `others`: the work-items along the other dimensions."""
     if not _cpu_style(rt):
         return 1
-    cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
+    cu = _compute_units(rt)
     return max(1, min(nb, (nb * others) // (DW_ITEMS_PER_CU * cu)))
 
 
@@ -196,7 +191,7 @@ def _spread(rt, items, nchunks, nrows, per_item):
     dimension). Larger work-items stay as they are: merging those was measured 1.7x slower (N=32, 14x14x512)."""
     if not _cpu_style(rt) or per_item >= DW_SMALL_ITEM:
         return 1, 1
-    cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
+    cu = _compute_units(rt)
     want = DW_ITEMS_MIN * cu
     ppi = 1
     while ppi < nchunks and items * _cdiv(nchunks, ppi * 2) * nrows >= want:
@@ -258,7 +253,7 @@ def depthwise_backward(rt, x, w, gy, geom, need_x, need_w, has_bias):
             # DW_CHUNKS row chunks balance the threads; each work-item walks its rows across many channel blocks
             # (_bpi) in memory order. Fewer where the partial sums would outweigh gy: 112 chunks of MobileNetV3's
             # 7x7x576 5x5 at batch 16 wrote 6.7 MB of partials for 1.8 MB of gy (dW 0.9-1.6 ms alone; 0.7-1.0 now).
-            cu = max(1, int(getattr(rt.info, "compute_units", 1) or 1))
+            cu = _compute_units(rt)
             R = max(1, min(Q, DW_CHUNKS, max(DW_CHUNKS_MIN_PER_CU * cu, gy.size // (2 * (T + 1) * Cout))))
         else:
             R = max(1, min(Q, _cdiv(8192, sum(nb for _, _, nb in blocks))))
@@ -757,6 +752,12 @@ def _pool_args(x_shape, geom):
     return [i32(v) for v in (H, W, C, OH, OW, kh, kw, sh, sw, pt, pl)]
 
 
+def _float_argmax(rt, x_shape):
+    """Whether max pooling's backward takes the CPU-style kernels, whose argmax indices ih*W + iw are floats
+    (exact below 2^24)."""
+    return _cpu_style(rt) and x_shape[1] * x_shape[2] < 1 << 24
+
+
 @register("opencl", "maxpool")
 def maxpool_fwd(be, node, xs, training):
     rt = be.rt
@@ -764,7 +765,7 @@ def maxpool_fwd(be, node, xs, training):
     geom = pool_geometry(node, x.shape)
     N, C, OH, OW = x.shape[0], x.shape[3], geom[8], geom[9]
     y = rt.empty((N, OH, OW, C))
-    if _cpu_style(rt) and training and x.shape[1] * x.shape[2] < 1 << 24:
+    if training and _float_argmax(rt, x.shape):
         # The backward's argmax indices, found with the maximum: the backward does not read x again (SqueezeNet's
         # 111x111x64 pool at batch 16: a second pass over x took longer than the forward itself).
         idx = rt.empty((N, OH, OW, C))
@@ -789,7 +790,7 @@ def maxpool_bwd(be, node, saved, gys, need):
     args = _pool_args(shape, geom)
     dx = rt.empty(shape)
     idx = saved.get("idx")  # float indices from a CPU-style training forward
-    if idx is not None or (_cpu_style(rt) and H * W < 1 << 24):  # float argmax indices are exact below 2^24
+    if idx is not None or _float_argmax(rt, shape):
         d = {"POOL_CW": POOL_CW}
         if idx is None:
             idx = rt.empty((N, OH, OW, C))

@@ -76,6 +76,21 @@ def act_backward(rt, op, s, g, out=None, p0=0.0, p1=0.0):
     return out
 
 
+MASK_CHUNK = 4096  # elements per work-item of act_mask_rows
+
+
+def act_masked(rt, y, g, op):
+    """g through relu or relu6 read from its output y (relu passes where y > 0, relu6 where 0 < y < 6): the gradient
+    of a convolution or Dense that carries the activation. CPU style act_mask_rows, else act_bwd (the same bits)."""
+    if not getattr(rt, "is_cpu", False):
+        return act_backward(rt, op, y, g)
+    out = rt.empty(g.shape)
+    if g.size:
+        k = rt.kernel(EW, "act_mask_rows", {"MASK_CHUNK": MASK_CHUNK})
+        rt.launch(k, (-(-g.size // MASK_CHUNK),), (1,), y, g, out, i32(g.size), i32(ACT_CODES[op]))
+    return out
+
+
 def copy(rt, x, shape=None):
     """A fresh pooled copy of x (optionally with another shape of the same size)."""
     out = rt.empty(x.shape if shape is None else shape)

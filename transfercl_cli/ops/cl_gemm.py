@@ -12,7 +12,7 @@ import numpy as np
 
 from . import register
 
-# Fused activations (kernels/fused_act.h). Only the first two have a gradient from the output (act_grad, act_mask);
+# Fused activations (kernels/fused_act.h). Only the first two have a gradient from the output (act_masked);
 # plan.fold_frozen fuses the others only where no gradient flows.
 _ACT = {None: 0, "linear": 0, "relu": 1, "relu6": 2, "swish": 3, "sigmoid": 4, "hard_swish": 5, "hard_sigmoid": 6}
 DIFFERENTIABLE_ACTS = {None: 0, "linear": 0, "relu": 1, "relu6": 2}
@@ -670,10 +670,8 @@ def dense_bwd(be, node, saved, gys, need):
     gy = gys[0]
     act = node.attrs.get("act")
     w = be.param(node, "weight")
-    g = gy
-    tmp = None
-    if _ACT.get(act, 0):
-        tmp = g = act_grad(rt, gy, y, act)  # (an error for an activation without a gradient from y)
+    g = act_masked(rt, gy, y, act, "dense") if _ACT.get(act, 0) else gy
+    tmp = g if g is not gy else None
     gx = None
     if need.inputs and need.inputs[0]:
         gx = rt.empty(x.shape)
@@ -689,13 +687,15 @@ def dense_bwd(be, node, saved, gys, need):
     return [gx], grads
 
 
-def act_grad(rt, gy, y, act):
-    """gy masked by the activation's derivative, computed from its output y."""
-    code = grad_act_code(act, "dense")
-    out = rt.empty(gy.shape)
-    k = rt.kernel("gemm", "act_grad", _AUX)
-    rt.launch(k, (gy.size,), (rt.local_size(64, k),), np.int32(gy.size), gy, y, out, np.int32(code))
-    return out
+def act_masked(rt, gy, y, act, where):
+    """gy through a fused activation's derivative, read from its output y (cl_elementwise.act_masked): a new tensor,
+    or gy itself without an activation; an error for an activation without a gradient from y."""
+    code = grad_act_code(act, where)
+    if not code:
+        return gy
+    from .cl_elementwise import act_masked as masked
+
+    return masked(rt, y, gy, {1: "relu", 2: "relu6"}[code])
 
 
 def shape_tuner_warmup_calls():
