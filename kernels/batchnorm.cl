@@ -241,7 +241,8 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
 
 // Gradient sums, pass 1: per (channel block, chunk) sum of g and of g * (x - mean[c]) * istd[c] (centered = 0: of
 // g * x, the gradient of a per-channel scale). With act, g is first masked by the activation's derivative at
-// x * fa[c] + fb[c].
+// x * fa[c] + fb[c]. has_dx: the same pass also stores dx = k1[c] * (masked g), the input gradient of an affine map
+// whose coefficients do not depend on the sums (a BatchNorm in inference mode), so g and x are read once, not twice.
 #define GSUM_CHUNK(T, SUF, LOAD, STORE)                                                                           \
     {                                                                                                             \
         const T mu = centered ? LOAD(mean + c) : (T)(0.0f);                                                       \
@@ -254,6 +255,7 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
             const T gv = bn_mask_##SUF(LOAD(g + G_ROW(r) + c) * gscale, v, act);                                 \
             sg += gv;                                                                                             \
             sgx += gv * (xv - mu);                                                                                \
+            if (has_dx) STORE(dx + o, gv * LOAD(k1 + c));                                                         \
         }                                                                                                         \
         STORE(part_g + (size_t)k * C + c, sg);                                                                    \
         STORE(part_gx + (size_t)k * C + c, centered ? sgx * LOAD(istd + c) : sgx);                                \
@@ -261,9 +263,10 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
 
 #define GSUM_WIDE()                                                                                               \
     {                                                                                                             \
-        float8 mu[NW], va[NW], vb[NW], sg[NW], sgx[NW];                                                           \
+        float8 mu[NW], va[NW], vb[NW], vk[NW], sg[NW], sgx[NW];                                                   \
         _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             mu[j] = centered ? LD8(mean + c0 + 8 * j) : (float8)(0.0f);                                           \
+            vk[j] = has_dx ? LD8(k1 + c0 + 8 * j) : (float8)(0.0f);                                               \
             va[j] = act ? LD8(fa + c0 + 8 * j) : (float8)(0.0f);                                                  \
             vb[j] = act ? LD8(fb + c0 + 8 * j) : (float8)(0.0f);                                                  \
             sg[j] = sgx[j] = (float8)(0.0f);                                                                      \
@@ -275,6 +278,7 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
                 const float8 gv = bn_mask_v(LD8(g + og + 8 * j) * gscale, xv * va[j] + vb[j], act);              \
                 sg[j] += gv;                                                                                      \
                 sgx[j] += gv * (xv - mu[j]);                                                                      \
+                if (has_dx) ST8(dx + o + 8 * j, gv * vk[j]);                                                      \
             }                                                                                                     \
         }                                                                                                         \
         _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
@@ -288,7 +292,8 @@ __kernel void chan_gsum_partial(__global const float* x, __global const float* g
                                 __global const float* istd, const int centered, const int M, const int C,
                                 const int rows, const int nchunks, __global float* part_g,
                                 __global float* part_gx, __global const float* fa, __global const float* fb,
-                                const int act, const int ghw, const float gscale) {
+                                const int act, const int ghw, const float gscale, __global float* dx,
+                                __global const float* k1, const int has_dx) {
     const int c0 = get_global_id(0) * CW;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;

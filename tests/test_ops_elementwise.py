@@ -425,10 +425,12 @@ def test_batchnorm_fused_activation_matches_two_nodes(npbe):
 
 
 def test_batchnorm_large_mean(npbe, clbe):
-    # float32 statistics must not cancel when the mean dwarfs the spread.
+    # float32 statistics must not cancel when the mean dwarfs the spread (E[x^2] - E[x]^2 would be off by ~100%).
+    # The output y = x * a + b (b = beta - mean * a) still rounds at |x * a| ~ 3000 / |y| ~ 1: ~1e-4 of it, so 1e-3
+    # (1e-4 failed or passed with the random stream's position, i.e. with which tests ran before).
     node = _bn_node(17)
     x = randn(4, 8, 8, 17) * 0.1 + 300.0  # 256 rows: several chunks merged
-    check_op(npbe, clbe, node, [x], training=True)
+    check_op(npbe, clbe, node, [x], training=True, fwd_tol=1e-3)
 
 
 @pytest.mark.parametrize("training", [False, True])

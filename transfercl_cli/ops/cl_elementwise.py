@@ -332,10 +332,11 @@ def chan_affine(rt, x, a, b=None, out=None, act=None):
     return out
 
 
-def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1):
+def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1, dx=None, k1=None):
     """(sum_g[c], sum_gx[c]) over all axes but the last: sum(g) and sum(g * (x - mean) * istd) (mean/istd None:
     sum(g * x)). fused = (a, b, act): g is first masked by act'(x * a + b), the fused activation's derivative.
-    ghw > 1: g is the gradient of a fused global average pool over groups of ghw rows of x (one row per group)."""
+    ghw > 1: g is the gradient of a fused global average pool over groups of ghw rows of x (one row per group).
+    dx (x's shape) and k1 (C,): the same pass also writes dx = k1[c] * (masked g)."""
     C = x.shape[-1]
     M = x.size // C
     nch, rows = chunking(M, C)
@@ -345,7 +346,7 @@ def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1):
     fa, fb, act = fused or (g, g, None)
     run(rt, BN, "chan_gsum_partial", (-(-C // bn_cw(rt)), nch), x, g, mean if centered else g, istd if centered else g,
         i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]), i32(ghw),
-        f32(1.0 / ghw))
+        f32(1.0 / ghw), g if dx is None else dx, g if k1 is None else k1, i32(dx is not None))
     if nch > 1:
         run(rt, BN, "chan_gsum_final", (C,), pg, pgx, i32(nch), i32(C), sg, sgx)
         pg.release()
@@ -828,13 +829,15 @@ def batchnorm_bwd(be, node, saved, gys, need):
     want_p = need.params and (gamma is not None or beta is not None)
     fa, fb, act = fused or (g, g, None)
     ghw = M // max(x.shape[0], 1) if node.attrs.get("pool") else 1  # g is (N, C): one row per image of ghw rows
-    gx = None
+    gx = rt.empty(x.shape) if need.inputs[0] else None
     gp = {}
     sg = sgx = None
-    if want_p or (need.inputs[0] and training):
-        sg, sgx = chan_gsum(rt, x, g, mean, istd, fused, ghw)
-    if need.inputs[0]:
-        gx = rt.empty(x.shape)
+    # Inference mode: gx = gamma * istd * (masked g) needs no sums, so the pass that sums for the parameters writes it
+    one_pass = want_p and gx is not None and not training
+    k = (chan_affine(rt, gamma, istd) if gamma is not None else istd) if gx is not None and not training else None
+    if want_p or (gx is not None and training):
+        sg, sgx = chan_gsum(rt, x, g, mean, istd, fused, ghw, *((gx, k) if one_pass else ()))
+    if gx is not None and not one_pass:
         if training:
             k1, k2, k3 = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
             run(rt, BN, "bn_bwd_coeffs", (C,), sg, sgx, gamma if gamma is not None else istd,
@@ -844,11 +847,10 @@ def batchnorm_bwd(be, node, saved, gys, need):
             for t in (k1, k2, k3):
                 t.release()
         else:
-            k = chan_affine(rt, gamma, istd) if gamma is not None else istd  # gamma * istd (one row of C)
             run(rt, BN, "chan_bwd_apply", (-(-C // bn_cw(rt)), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
                 i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
-            if k is not istd:
-                k.release()
+    if k is not None and k is not istd:
+        k.release()  # gamma * istd (one row of C); the in-order queue has run its readers by a later reuse
     if want_p:
         if gamma is not None:
             gp["gamma"] = sgx
