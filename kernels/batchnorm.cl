@@ -243,10 +243,13 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
 // g * x, the gradient of a per-channel scale). With act, g is first masked by the activation's derivative at
 // x * fa[c] + fb[c]. has_dx: the same pass also stores dx = k1[c] * (masked g), the input gradient of an affine map
 // whose coefficients do not depend on the sums (a BatchNorm in inference mode), so g and x are read once, not twice.
+// unit: fa = 1, fb = 0, k1 = 1 (not read): the mask of an activation read from its own output x, and dx the masked
+// g, with sum_g its column sums (a convolution's folded-bias gradient, cl_elementwise.BNFold).
 #define GSUM_CHUNK(T, SUF, LOAD, STORE)                                                                           \
     {                                                                                                             \
         const T mu = centered ? LOAD(mean + c) : (T)(0.0f);                                                       \
-        const T va = act ? LOAD(fa + c) : (T)(0.0f), vb = act ? LOAD(fb + c) : (T)(0.0f);                         \
+        const T va = !act ? (T)(0.0f) : unit ? (T)(1.0f) : LOAD(fa + c);                                        \
+        const T vb = act && !unit ? LOAD(fb + c) : (T)(0.0f);                                                     \
         T sg = (T)(0.0f), sgx = (T)(0.0f);                                                                        \
         for (int r = r0; r < r1; ++r) {                                                                           \
             const size_t o = (size_t)r * C + c;                                                                   \
@@ -255,7 +258,7 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
             const T gv = bn_mask_##SUF(LOAD(g + G_ROW(r) + c) * gscale, v, act);                                 \
             sg += gv;                                                                                             \
             sgx += gv * (xv - mu);                                                                                \
-            if (has_dx) STORE(dx + o, gv * LOAD(k1 + c));                                                         \
+            if (has_dx) STORE(dx + o, unit ? gv : gv * LOAD(k1 + c));                                             \
         }                                                                                                         \
         STORE(part_g + (size_t)k * C + c, sg);                                                                    \
         STORE(part_gx + (size_t)k * C + c, centered ? sgx * LOAD(istd + c) : sgx);                                \
@@ -266,9 +269,9 @@ __kernel void chan_affine_gap(__global const float* x, __global float* y, __glob
         float8 mu[NW], va[NW], vb[NW], vk[NW], sg[NW], sgx[NW];                                                   \
         _Pragma("unroll") for (int j = 0; j < NW; ++j) {                                                          \
             mu[j] = centered ? LD8(mean + c0 + 8 * j) : (float8)(0.0f);                                           \
-            vk[j] = has_dx ? LD8(k1 + c0 + 8 * j) : (float8)(0.0f);                                               \
-            va[j] = act ? LD8(fa + c0 + 8 * j) : (float8)(0.0f);                                                  \
-            vb[j] = act ? LD8(fb + c0 + 8 * j) : (float8)(0.0f);                                                  \
+            vk[j] = unit ? (float8)(1.0f) : has_dx ? LD8(k1 + c0 + 8 * j) : (float8)(0.0f);                       \
+            va[j] = !act ? (float8)(0.0f) : unit ? (float8)(1.0f) : LD8(fa + c0 + 8 * j);                         \
+            vb[j] = act && !unit ? LD8(fb + c0 + 8 * j) : (float8)(0.0f);                                         \
             sg[j] = sgx[j] = (float8)(0.0f);                                                                      \
         }                                                                                                         \
         for (int r = r0; r < r1; ++r) {                                                                           \
@@ -293,7 +296,7 @@ __kernel void chan_gsum_partial(__global const float* x, __global const float* g
                                 const int rows, const int nchunks, __global float* part_g,
                                 __global float* part_gx, __global const float* fa, __global const float* fb,
                                 const int act, const int ghw, const float gscale, __global float* dx,
-                                __global const float* k1, const int has_dx) {
+                                __global const float* k1, const int has_dx, const int unit) {
     const int c0 = get_global_id(0) * CW;
     const int k = get_global_id(1);
     if (c0 >= C || k >= nchunks) return;
@@ -320,6 +323,17 @@ __kernel void chan_gsum_final(__global const float* part_g, __global const float
     }
     sum_g[c] = sg;
     sum_gx[c] = sgx;
+}
+
+// The gamma gradient of an inference-mode BatchNorm folded into the convolution before it (cl_elementwise.BNFold):
+// with u = conv(x, W) + bias the BN's input and dw, db the gradients of the folded weights W * a and bias, the sum of
+// g * (u - mean[c]) is swdw[c] + (bias[c] - mean[c]) * db[c] (swdw = sum_k W[k, c] dw[k, c]), times istd[c].
+__kernel void bn_fold_dgamma(__global const float* swdw, __global const float* db, __global const float* bias,
+                             const int has_bias, __global const float* mean, __global const float* istd, const int C,
+                             __global float* dgamma) {
+    const int c = get_global_id(0);
+    if (c >= C) return;
+    dgamma[c] = istd[c] * (swdw[c] + ((has_bias ? bias[c] : 0.0f) - mean[c]) * db[c]);
 }
 
 // Training-mode input gradient as an affine map per channel: with xhat = (x - mean) * istd and k = gamma * istd,

@@ -258,6 +258,20 @@ def test_batchnorm(npbe, clbe, training, attrs):
     check_op(npbe, clbe, _bn_node(45, **attrs), [randn(2, 3, 5, 45, scale=3) + 1.0], training=training)
 
 
+@pytest.mark.parametrize("groups,act", [(1, "relu6"), (45, None)], ids=["pointwise-relu6", "depthwise"])
+def test_conv_carrying_batchnorm(npbe, clbe, groups, act):
+    """A trainable convolution carrying a trainable inference-mode BatchNorm (attr bn, plan.fold_frozen): the BN
+    folded into the weights, the one-pass mask and bias sums, gamma's gradient from the folded weights' (bn_fold_dgamma)."""
+    k = (1, 1) if groups == 1 else (3, 3)
+    node = conv_node(45 if groups > 1 else 7, 45, k=k, pads=(0, 0, 0, 0) if groups == 1 else (1, 1, 1, 1),
+                     groups=groups, act=act)
+    node.attrs["bn"] = make_node("batchnorm", attrs={"eps": 1e-3, "bn_mode": "inference"}, params=_bn_node(45).params,
+                                 name="n_bn")
+    check_op(npbe, clbe, node, [randn(2, 3, 5, node.params["weight"].shape[2] * groups)], training=True)
+    npbe.forget_params()
+    clbe.forget_params()
+
+
 def test_concat_batchnorm(npbe, clbe):
     """A frozen BatchNorm over the channel Concat of its inputs (plan.fold_frozen): inputs of 37 (a 32-block and a
     tail), 3 and 5 channels, written at offsets 0, 37 and 40 (unaligned vector stores)."""

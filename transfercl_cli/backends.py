@@ -106,7 +106,7 @@ class Backend:
 
     def sync_params_to_host(self, graph):
         """Copy device parameters back into graph.node.params (float32)."""
-        for n in graph.nodes:
+        for n in graph.param_nodes():
             for key in list(n.params):
                 hit = self._params.get((n.name, key))
                 if hit is not None and hit[0] is n.params[key]:

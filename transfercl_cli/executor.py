@@ -219,8 +219,8 @@ class Executor:
                 else:
                     grads[t] = g
             if need.params:
-                for k, g in gps.items():
-                    pgrads[(n.name, k)] = g
+                for k, g in gps.items():  # (layer, param) keys: a BatchNorm that a convolution carries (attr bn)
+                    pgrads[k if isinstance(k, tuple) else (n.name, k)] = g
             elif gps:
                 for g in gps.values():
                     be.release(g)

@@ -90,7 +90,11 @@ class Graph:
         return copy.deepcopy(self)
 
     def node(self, name):
+        """The node of that name; in a graph that plan.fold_frozen made, also a BatchNorm a convolution carries."""
         for n in self.nodes:
+            if n.name == name:
+                return n
+        for n in self.param_nodes():
             if n.name == name:
                 return n
         from .errors import ModelError, closest
@@ -114,6 +118,11 @@ class Graph:
             for t in n.inputs:
                 out.setdefault(t, []).append(n)
         return out
+
+    def param_nodes(self):
+        """Every node with parameters, including a BatchNorm that a trainable convolution carries (attr 'bn',
+        plan.fold_frozen): its parameter dict is the original node's, and its gradients come from the convolution."""
+        return [m for n in self.nodes for m in ([n] + ([n.attrs["bn"]] if n.attrs.get("bn") else [])) if m.params]
 
     def params(self):
         """Flat {'layer/param': array} view of every parameter."""

@@ -269,6 +269,19 @@ def fold_frozen(graph, trainable, engine=False):
             n = Node(n.name, n.op, [pad.inputs[0]] + list(n.inputs[1:]), list(n.outputs),
                      dict(n.attrs, pads=tuple(int(a) + int(b) for a, b in zip(n.attrs["pads"], pad.attrs["pads"])),
                           folded=[pad.name]), n.params if n.name in trainable else dict(n.params), n.source)
+        bn_after = _trainable_bn(graph, cons, n, trainable) if engine else None
+        if bn_after is not None:
+            # A trainable convolution carries the trainable BatchNorm (inference mode) after it and its ReLU/ReLU6:
+            # it folds the BN's current coefficients into its weights on the device each pass (attr bn, the BN node
+            # itself, whose parameter dict is shared) and writes the BN's output, so the BN's input is never stored
+            # and the BN pass is gone; its backward gives the BN's parameter gradients too.
+            tail = [t for t in bn_after if t is not None]
+            attrs = dict(n.attrs, bn=tail[0], folded=n.attrs.get("folded", []) + [t.name for t in tail])
+            if bn_after[1] is not None:
+                attrs["act"] = _clip_as_act(bn_after[1])
+            out_nodes.append(Node(n.name, n.op, list(n.inputs), list(tail[-1].outputs), attrs, n.params, n.source))
+            skip.update(t.name for t in tail)
+            continue
         act_after = _trainable_act(graph, cons, n, trainable) if engine else None
         if act_after is not None:
             # A trainable convolution or Dense carries the ReLU/ReLU6 after it (its backward masks the gradient by
@@ -366,6 +379,25 @@ def _trainable_act(graph, cons, n, trainable):
     return nxt[0]
 
 
+def _trainable_bn(graph, cons, n, trainable):
+    """(BatchNorm, ReLU/ReLU6 node or None) that trainable convolution n can carry (attr bn): its output's only
+    reader is a trainable BatchNorm in inference mode (fixed statistics: an affine map per channel), and that
+    BatchNorm's only reader the activation. None where there is no such BatchNorm."""
+    if n.op != "conv2d" or n.name not in trainable or n.attrs.get("act") or n.attrs.get("residual"):
+        return None
+    nxt = cons.get(n.outputs[0], [])
+    if len(nxt) != 1 or n.outputs[0] in graph.outputs:
+        return None
+    bn = nxt[0]
+    if (bn.op != "batchnorm" or bn.name not in trainable or bn.attrs.get("bn_mode") != "inference"
+            or any(bn.attrs.get(k) for k in ("act", "pool", "concat")) or not {"mean", "var"} <= set(bn.params)):
+        return None
+    after = cons.get(bn.outputs[0], [])
+    act = after[0] if (len(after) == 1 and bn.outputs[0] not in graph.outputs and _clip_as_act(after[0])
+                       and not after[0].params) else None
+    return bn, act
+
+
 def _concats_into_batchnorm(graph, cons, trainable, grad, shapes):
     """{BatchNorm name: the Concat before it} for fold_frozen: channel Concats read only by a frozen BatchNorm, with
     no gradient through them."""
@@ -388,7 +420,8 @@ def fused_label(node):
     and reports)."""
     act = "+" + node.attrs["act"] if node.attrs.get("act") else ""
     a = node.attrs
-    return (("concat+" if a.get("concat") else "") + node.op + ("+add" if a.get("residual") else "") + act
+    return (("concat+" if a.get("concat") else "") + node.op + ("+batchnorm" if a.get("bn") else "")
+            + ("+add" if a.get("residual") else "") + act
             + ("+gap" if a.get("pool") else ""))
 
 
@@ -546,8 +579,9 @@ def estimate_memory(plan, batch):
 
     g = plan.suffix if plan.use_cache else plan.exec_graph
     shapes = infer_shapes(g)
-    params = sum(int(np.prod(v.shape)) for n in g.nodes for v in n.params.values()) * 4
-    train_params = sum(int(np.prod(v.shape)) for n in g.nodes if n.name in plan.trainable for v in n.params.values()) * 4
+    params = sum(int(np.prod(v.shape)) for n in g.param_nodes() for v in n.params.values()) * 4
+    train_params = sum(int(np.prod(v.shape)) for n in g.param_nodes() if n.name in plan.trainable
+                       for v in n.params.values()) * 4
 
     def nbytes(t):
         return int(np.prod(shapes[t])) * 4 * batch
@@ -587,7 +621,7 @@ def estimate_memory(plan, batch):
         gin = [t for t in n.inputs if t in grad_t or t in g.inputs]
         ins = [pool.take(nbytes(t)) for t in gin]
         # GEMM panels of the input and of the output gradient
-        tmp = [pool.take(max(nbytes(t) for t in n.inputs)), pool.take(nbytes(n.outputs[0]))]
+        tmp = [pool.take(max(nbytes(t) for t in n.inputs))] + [pool.take(b) for b in _gemm_scratch(n, nbytes)]
         for cap in tmp + restored:
             pool.give(cap)
         for t in n.outputs:
@@ -606,6 +640,23 @@ def estimate_memory(plan, batch):
     total = params + packed + 3 * train_params + acts
     return {"params": params, "packed_weights": packed, "optimizer_and_grads": 3 * train_params, "activations": acts,
             "total": total}
+
+
+def _gemm_scratch(n, nbytes):
+    """Sizes of the temporaries a node's backward holds besides its input gradients: for a convolution or Dense the
+    output gradient as a GEMM panel (columns padded to the CPU blocks' 32), that gradient masked by a fused
+    activation, and a KxK convolution's im2col rows; for other nodes one tensor of the output's size."""
+    out = nbytes(n.outputs[0])
+    if n.op not in ("conv2d", "dense") or "weight" not in n.params:
+        return [out]
+    w = n.params["weight"].shape
+    cout = int(w[-1])
+    sizes = [out // max(cout, 1) * (-(-cout // 32) * 32)]
+    if n.attrs.get("act"):
+        sizes.append(out)
+    if n.op == "conv2d" and len(w) == 4 and w[0] * w[1] > 1 and w[2] > 1:  # not depthwise (one input per group)
+        sizes.append(out // max(cout, 1) * int(w[0] * w[1] * w[2]))
+    return sizes
 
 
 def packed_weight_bytes(graph, trainable):

@@ -202,7 +202,7 @@ class Replayer:
     def _check(self):
         be, graph = self.be, self.graph
         gen = be.generation
-        params = [(n.params, k, v) for n in graph.nodes for k, v in n.params.items()]
+        params = [(n.params, k, v) for n in graph.param_nodes() for k, v in n.params.items()]
         return lambda: be.generation == gen and all(d.get(k) is v for d, k, v in params)
 
     def forward(self, feeds, want):

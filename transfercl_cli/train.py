@@ -148,7 +148,7 @@ class Trainer:
         self.micro_batch = session.micro_batch
 
     def params(self):
-        return {(n.name, k): self.be.param(n, k) for n in self.graph.nodes if n.name in self.s.plan.trainable
+        return {(n.name, k): self.be.param(n, k) for n in self.graph.param_nodes() if n.name in self.s.plan.trainable
                 for k in n.params if k in PARAM_TRAINED}
 
     def step(self, x, y, lr, step_id):

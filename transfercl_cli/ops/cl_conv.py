@@ -41,7 +41,7 @@ from ..runtime import DeviceArray
 from . import cl_gemm, cl_winograd, register
 from .ref_conv import conv_geometry, no_residual_backward, pool_geometry, residual_input
 from .ref_elementwise import Saved
-from .cl_elementwise import colsum
+from .cl_elementwise import BNFold, chan_gsum, colsum
 from .shapes import global_pool_shape
 
 i32 = np.int32
@@ -699,6 +699,9 @@ def conv2d_fwd(be, node, xs, training):
     x = xs[0]
     w = be.param(node, "weight")
     b = be.param(node, "bias") if be.has_param(node, "bias") else None
+    fold = BNFold(be, node, w, b) if node.attrs.get("bn") else None  # it carries a trainable BatchNorm
+    if fold is not None:
+        w, b = fold.w, fold.b
     G = int(node.attrs.get("groups", 1))
     geom = conv_geometry(node, x.shape)
     if min(geom[6:10]) < 0:
@@ -712,30 +715,51 @@ def conv2d_fwd(be, node, xs, training):
         if res is not None:
             cl_gemm.add_residual(rt, y, res, act)
     else:
-        conv_forward(rt, x, w, b, geom, G, act, y, be.const_cache(node, "weight"), res)
+        conv_forward(rt, x, w, b, geom, G, act, y, None if fold else be.const_cache(node, "weight"), res)
     # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
-    return [y], (x, y if cl_gemm.DIFFERENTIABLE_ACTS.get(act or None, 0) else None)
+    keep_y = y if cl_gemm.DIFFERENTIABLE_ACTS.get(act or None, 0) else None
+    if fold is None:
+        return [y], (x, keep_y)
+    if not training:
+        fold.release()  # the in-order queue has run the convolution before a later command reuses them
+        return [y], None
+    return [y], Saved(be, temps=fold.temps, x=x, y=keep_y, fold=fold)
 
 
 @register("opencl", "conv2d", "backward")
 def conv2d_bwd(be, node, saved, gys, need):
     no_residual_backward(node)
     rt = be.rt
-    x, y = saved
-    w = be.param(node, "weight")
+    fold = saved["fold"] if isinstance(saved, Saved) else None
+    x, y = (saved["x"], saved["y"]) if fold is not None else saved
+    w = be.param(node, "weight") if fold is None else fold.w  # dx goes through the weights the forward used
     G = int(node.attrs.get("groups", 1))
     geom = conv_geometry(node, x.shape)
-    has_bias = be.has_param(node, "bias")
-    gy, tmp = _masked_grad(rt, gys[0], y, node.attrs.get("act"))
+    has_bias = be.has_param(node, "bias") or fold is not None  # the folded bias always exists
+    act = node.attrs.get("act")
+    db = None
+    if fold is not None and need.params and act in ("relu", "relu6"):
+        # One pass masks the gradient and sums it per channel (the folded bias's gradient), instead of two
+        gy = tmp = rt.empty(y.shape)
+        db, s_gy = chan_gsum(rt, y, gys[0], dx=gy, unit_act=act)
+        s_gy.release()
+        has_bias = False
+    else:
+        gy, tmp = _masked_grad(rt, gys[0], y, act)
     need_x = bool(need.inputs[0])
     if _is_depthwise(x.shape, w.shape, G):
-        dx, dW, db = depthwise_backward(rt, x, w, gy, geom, need_x, need.params, has_bias)
+        dx, dW, db_ = depthwise_backward(rt, x, w, gy, geom, need_x, need.params, has_bias)
     else:
-        dx, dW, db = conv_backward(rt, x, w, gy, geom, G, need_x, need.params, has_bias)
+        dx, dW, db_ = conv_backward(rt, x, w, gy, geom, G, need_x, need.params, has_bias)
+    db = db if db is not None else db_
     if tmp is not None:
         tmp.release()
     grads = {}
-    if need.params:
+    if fold is not None:
+        if need.params:
+            grads = fold.grads(be, node, dW, db)
+        saved.release()
+    elif need.params:
         grads["weight"] = dW
         if has_bias:
             grads["bias"] = db

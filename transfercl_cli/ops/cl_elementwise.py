@@ -332,21 +332,23 @@ def chan_affine(rt, x, a, b=None, out=None, act=None):
     return out
 
 
-def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1, dx=None, k1=None):
+def chan_gsum(rt, x, g, mean=None, istd=None, fused=None, ghw=1, dx=None, k1=None, unit_act=None):
     """(sum_g[c], sum_gx[c]) over all axes but the last: sum(g) and sum(g * (x - mean) * istd) (mean/istd None:
     sum(g * x)). fused = (a, b, act): g is first masked by act'(x * a + b), the fused activation's derivative.
     ghw > 1: g is the gradient of a fused global average pool over groups of ghw rows of x (one row per group).
-    dx (x's shape) and k1 (C,): the same pass also writes dx = k1[c] * (masked g)."""
+    dx (x's shape) and k1 (C,): the same pass also writes dx = k1[c] * (masked g). unit_act ('relu'/'relu6', with
+    dx and without fused and k1): g masked by that activation's derivative read from x, its output, into dx."""
     C = x.shape[-1]
     M = x.size // C
     nch, rows = chunking(M, C)
     sg, sgx = rt.empty((C,)), rt.empty((C,))
     pg, pgx = (sg, sgx) if nch == 1 else (rt.empty((nch, C)), rt.empty((nch, C)))
     centered = mean is not None
-    fa, fb, act = fused or (g, g, None)
+    fa, fb, act = fused or (g, g, unit_act)
     run(rt, BN, "chan_gsum_partial", (-(-C // bn_cw(rt)), nch), x, g, mean if centered else g, istd if centered else g,
         i32(centered), i32(M), i32(C), i32(rows), i32(nch), pg, pgx, fa, fb, i32(BN_ACT[act]), i32(ghw),
-        f32(1.0 / ghw), g if dx is None else dx, g if k1 is None else k1, i32(dx is not None))
+        f32(1.0 / ghw), g if dx is None else dx, g if k1 is None else k1, i32(dx is not None),
+        i32(unit_act is not None))
     if nch > 1:
         run(rt, BN, "chan_gsum_final", (C,), pg, pgx, i32(nch), i32(C), sg, sgx)
         pg.release()
@@ -816,6 +818,64 @@ def _concat_batchnorm_fwd(be, node, xs, training):
     for t in (istd, a, b):
         t.release()  # the in-order queue runs the launches above before a later command reuses them
     return [y], Saved(be)
+
+
+class BNFold:
+    """A trainable inference-mode BatchNorm folded into the trainable convolution before it (attr bn,
+    plan.fold_frozen), from the current parameters: w = W * a, b = bias * a + beta - mean * a per output channel,
+    a = gamma * istd, istd = 1 / sqrt(var + eps). The convolution runs with (w, b) and writes the BN's output."""
+
+    def __init__(self, be, conv, weight, bias):
+        rt = self.rt = be.rt
+        self.bn = bn = conv.attrs["bn"]
+        C = int(weight.shape[-1])
+        gamma, beta = _bn_gb(be, bn)
+        rm, rv = be.param(bn, "mean"), be.param(bn, "var")
+        if tuple(rm.shape) != (C,):
+            raise ValueError(f"conv2d {conv.name}: the BatchNorm {bn.name} it carries has {rm.size} channels, the "
+                             f"convolution {C}")
+        self.istd, self.a, shift = rt.empty((C,)), rt.empty((C,)), rt.empty((C,))
+        run(rt, BN, "bn_infer_coeffs", (C,), gamma if gamma is not None else rm, beta if beta is not None else rm,
+            rm, rv, i32(gamma is not None), i32(beta is not None), i32(C), f32(bn_eps(bn)), self.istd, self.a, shift)
+        self.w = chan_affine(rt, weight, self.a)
+        self.b = shift if bias is None else chan_affine(rt, bias, self.a, shift)
+        if bias is not None:
+            shift.release()  # the in-order queue has run its reader before a later command reuses it
+
+    @property
+    def temps(self):
+        return [self.w, self.b, self.a, self.istd]
+
+    def release(self):
+        for t in self.temps:
+            t.release()
+
+    def grads(self, be, conv, dw, db):
+        """{param key or (BN name, key): gradient} from the gradients dw, db of the folded weights and bias (db:
+        the sum of the masked output gradient). The BN's input u = conv(x, W) + bias is not stored:
+        sum(g * (u - mean)) = sum_k W[k, c] dw[k, c] + (bias[c] - mean[c]) db[c] gives gamma's, without dividing by
+        gamma. dw and db are consumed (dw becomes the weight's gradient)."""
+        rt, bn = self.rt, self.bn
+        C = int(dw.shape[-1])
+        out = {}
+        has_bias = be.has_param(conv, "bias")
+        bias = be.param(conv, "bias") if has_bias else None
+        if be.has_param(bn, "gamma"):
+            s_dw, s_wdw = chan_gsum(rt, be.param(conv, "weight"), dw)
+            s_dw.release()
+            dgamma = rt.empty((C,))
+            run(rt, BN, "bn_fold_dgamma", (C,), s_wdw, db, bias if has_bias else db, i32(has_bias),
+                be.param(bn, "mean"), self.istd, i32(C), dgamma)
+            s_wdw.release()
+            out[(bn.name, "gamma")] = dgamma
+        out["weight"] = chan_affine(rt, dw, self.a, out=dw)
+        if has_bias:
+            out["bias"] = chan_affine(rt, db, self.a)
+        if be.has_param(bn, "beta"):
+            out[(bn.name, "beta")] = db
+        else:
+            db.release()
+        return out
 
 
 @register(B, "batchnorm", "backward")

@@ -217,8 +217,29 @@ def no_residual_backward(node):
                          "only where no gradient flows)")
 
 
+def _conv_then_bn(node):
+    """A convolution carrying a trainable inference-mode BatchNorm (attr bn, plan.fold_frozen) as the two nodes it
+    stands for: the reference runs them one after the other (the OpenCL backend folds the BN into the weights)."""
+    from ..graph import Node
+
+    bn = node.attrs["bn"]
+    mid = f"{node.name}:bn_input"
+    attrs = {k: v for k, v in node.attrs.items() if k not in ("bn", "act")}
+    conv = Node(node.name, "conv2d", list(node.inputs), [mid], attrs, node.params, node.source)
+    norm = Node(bn.name, "batchnorm", [mid], list(node.outputs), dict(bn.attrs, act=node.attrs.get("act")),
+                bn.params, bn.source)
+    return conv, norm
+
+
 @register("numpy", "conv2d")
 def conv2d_fwd(be, node, xs, training):
+    if node.attrs.get("bn"):
+        from .ref_elementwise import batchnorm_fwd
+
+        conv, norm = _conv_then_bn(node)
+        (u,), conv_saved = conv2d_fwd(be, conv, xs, training)
+        (y,), bn_saved = batchnorm_fwd(be, norm, [u], False)  # inference mode: the moving statistics
+        return [y], {"conv": conv_saved, "bn": bn_saved}
     x = xs[0]
     w = be.param(node, "weight")
     b = be.param(node, "bias") if be.has_param(node, "bias") else None
@@ -234,6 +255,14 @@ def conv2d_fwd(be, node, xs, training):
 @register("numpy", "conv2d", "backward")
 def conv2d_bwd(be, node, saved, gys, need):
     no_residual_backward(node)
+    if node.attrs.get("bn"):
+        from . import Need
+        from .ref_elementwise import batchnorm_bwd
+
+        conv, norm = _conv_then_bn(node)
+        (gu,), bn_grads = batchnorm_bwd(be, norm, saved["bn"], gys, Need([True], need.params))
+        dxs, grads = conv2d_bwd(be, conv, saved["conv"], [gu], need)
+        return dxs, {**grads, **{(norm.name, k): v for k, v in bn_grads.items()}}
     x, y = saved
     w = be.param(node, "weight")
     gy = _act_mask(gys[0], y, node.attrs.get("act"))
