@@ -347,12 +347,15 @@ def test_gemm_packed_panels_match_in_place(rt, M):
 
 
 def test_gemm_block_width_follows_narrow_n():
-    """Narrow outputs take the block width that pads N least (ties and N >= NARROW_N keep the default choice)."""
+    """Narrow outputs take the block width that computes the fewest columns, 16-wide blocks' counted 1.8 times
+    (ties and N >= NARROW_N keep the default choice)."""
     tuned = cl_gemm.VARIANTS["cpu14x32"]
     width = lambda M, N: 16 * cl_gemm._shape_variant(tuned, M, N, 64, False, False)["NV"]  # noqa: E731
     assert width(12544, 16) == 16
     assert width(3136, 24) == 32 and width(196, 24) == 32
-    assert width(3136, 144) == 48
+    assert width(3136, 144) == 48 and width(3136, 40) == 48
+    assert width(3136, 80) == 32 and width(196, 80) == 32  # not 8 x 16 (80 columns, one FMA per broadcast)
+    assert width(3136, 112) == 64 and width(196, 112) == 32
     assert width(3136, 64) == 64 and width(196, 64) == 32  # unchanged: the 6 x 64 rule for tall maps
     assert width(49, 960) == 32 and width(3136, 320) == 64
     assert cl_gemm._shape_variant(tuned, 3136, 16, 64, True, False) is tuned  # weight gradients keep theirs

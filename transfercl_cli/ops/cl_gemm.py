@@ -138,7 +138,9 @@ _PLAN_VERSION = 1  # bump when the Python side of a variant changes what the cac
 _TUNED = {}  # device id -> variant name, for this process
 
 
-NARROW_N = 256  # below this many columns the block width is chosen to pad N least (_shape_variant)
+NARROW_N = 256  # below this many columns the block width is chosen by the columns it computes (_shape_variant)
+NARROW_NV1_COST = 1.8  # a 16-column block's cost per column against wider blocks' (its B vector feeds one FMA per
+# broadcast of A): 1568x672x112 took 945 us in 8 x 16 blocks, 584 in 8 x 32 ones (128 columns), 25088x24x72 464 / 372
 
 
 def _shape_variant(cfg, M, N, K, trans_a, trans_b):
@@ -146,17 +148,24 @@ def _shape_variant(cfg, M, N, K, trans_a, trans_b):
     MobileNet shapes, fwd/dgrad at N <= 512: 5-15% less time): fewer column blocks, so each A row is broadcast
     from fewer work-items. With a transposed A (weight gradients) the tall 14 x 32 blocks stayed ahead.
 
-    Narrow outputs (the 16-144 channels of MobileNetV2/V3 and EfficientNet's projections) take the block width that
-    computes the fewest padding columns: N = 16 ran 8 x 16 blocks in half the time of 6 x 64 ones (a quarter of
-    whose columns were real), N = 24 and 144 the 14 x 32 and 8 x 48 ones 1.3-1.8x faster (bench/bench_gemm.py
-    --shapes). Ties keep the wider block."""
+    Narrow outputs (the 16-240 channels of MobileNetV2/V3 and EfficientNet's layers) take the block width that
+    computes the fewest columns, padding included, a 16-column block's counted NARROW_NV1_COST times: N = 16 ran
+    8 x 16 blocks in half the time of 6 x 64 ones (a quarter of whose columns were real), N = 24 and 144 the
+    14 x 32 and 8 x 48 ones 1.3-1.8x faster (bench/bench_gemm.py --shapes); N = 80 and 112 the 8 x 32 ones
+    1.4-1.6x faster than 8 x 16 (which pad less but feed one FMA per broadcast of A). Ties keep the earlier
+    candidate. (4 x 80 blocks were faster on some N = 72-80 shapes alone, 2.5x slower on MobileNetV3-Small's
+    3136x16x72 in the network: not a candidate.)"""
     if trans_a:
         return cfg
     base = VARIANTS["cpu6x64"] if N <= 512 and M >= 1024 else cfg
     if N >= NARROW_N:
         return base
-    padded = lambda c: _cdiv(N, 16 * int(c["NV"])) * 16 * int(c["NV"])  # noqa: E731
-    return min([base, cfg, VARIANTS["cpu8x48"], VARIANTS["cpu8x16"]], key=padded)
+
+    def cost(c):
+        nr = 16 * int(c["NV"])
+        return _cdiv(N, nr) * nr * (NARROW_NV1_COST if nr == 16 else 1.0)
+
+    return min([base, cfg, VARIANTS["cpu8x48"], VARIANTS["cpu8x16"]], key=cost)
 
 
 def default_variant(rt):
