@@ -636,7 +636,10 @@ def estimate_memory(plan, batch):
             if j == i and t in kept:
                 pool.give(kept.pop(t))
     acts = pool.allocated
-    packed = packed_weight_bytes(g, plan.trainable)
+    # GEMM panels of frozen weights, and the weights a convolution carrying a BatchNorm folds it into (kept from its
+    # forward to its backward)
+    packed = packed_weight_bytes(g, plan.trainable) + sum(
+        int(np.prod(n.params["weight"].shape)) * 4 for n in grad_nodes if n.attrs.get("bn"))
     total = params + packed + 3 * train_params + acts
     return {"params": params, "packed_weights": packed, "optimizer_and_grads": 3 * train_params, "activations": acts,
             "total": total}
