@@ -369,14 +369,20 @@ def fold_frozen(graph, trainable, engine=False):
     return g
 
 
+def _lone_activation(graph, cons, tensor):
+    """The ReLU/ReLU6 node that is the only reader of `tensor` (not a graph output), or None: the activation a
+    trainable node can carry, its gradient masked by the carrier's output."""
+    nxt = cons.get(tensor, [])
+    if len(nxt) != 1 or tensor in graph.outputs or not _clip_as_act(nxt[0]) or nxt[0].params:
+        return None
+    return nxt[0]
+
+
 def _trainable_act(graph, cons, n, trainable):
     """The ReLU/ReLU6 node that trainable convolution or Dense n can carry (its output's only reader), or None."""
     if n.op not in ("conv2d", "dense") or n.name not in trainable or n.attrs.get("act") or n.attrs.get("residual"):
         return None
-    nxt = cons.get(n.outputs[0], [])
-    if len(nxt) != 1 or n.outputs[0] in graph.outputs or not _clip_as_act(nxt[0]) or nxt[0].params:
-        return None
-    return nxt[0]
+    return _lone_activation(graph, cons, n.outputs[0])
 
 
 def _trainable_bn(graph, cons, n, trainable):
@@ -392,10 +398,7 @@ def _trainable_bn(graph, cons, n, trainable):
     if (bn.op != "batchnorm" or bn.name not in trainable or bn.attrs.get("bn_mode") != "inference"
             or any(bn.attrs.get(k) for k in ("act", "pool", "concat")) or not {"mean", "var"} <= set(bn.params)):
         return None
-    after = cons.get(bn.outputs[0], [])
-    act = after[0] if (len(after) == 1 and bn.outputs[0] not in graph.outputs and _clip_as_act(after[0])
-                       and not after[0].params) else None
-    return bn, act
+    return bn, _lone_activation(graph, cons, bn.outputs[0])
 
 
 def _concats_into_batchnorm(graph, cons, trainable, grad, shapes):

@@ -122,6 +122,15 @@ def _masked_grad(rt, gy, y, act):
     return g, (g if g is not gy else None)
 
 
+def _masked_grad_and_sum(rt, gy, y, act):
+    """(gradient, its per-channel sum): gy masked by relu/relu6 read from the output y, and summed over all axes but
+    the last in the same pass (cl_elementwise.chan_gsum): a convolution carrying a BatchNorm needs both."""
+    g = rt.empty(y.shape)
+    s, s_gy = chan_gsum(rt, y, gy, dx=g, unit_act=act)
+    s_gy.release()
+    return g, s
+
+
 def _copy2d(rt, src, sld, sr0, sc0, dst, dld, dr0, dc0, rows, cols):
     rt.launch(rt.kernel("conv", "copy2d"), (cols, rows), None, src, i32(sld), i32(sr0), i32(sc0),
               dst, i32(dld), i32(dr0), i32(dc0), i32(rows), i32(cols))
@@ -715,6 +724,7 @@ def conv2d_fwd(be, node, xs, training):
         if res is not None:
             cl_gemm.add_residual(rt, y, res, act)
     else:
+        # (folded weights change every pass: no GEMM panels derived from the parameter for them)
         conv_forward(rt, x, w, b, geom, G, act, y, None if fold else be.const_cache(node, "weight"), res)
     # The output is kept only when a fused activation's gradient needs it (the executor frees what no context holds).
     keep_y = y if cl_gemm.DIFFERENTIABLE_ACTS.get(act or None, 0) else None
@@ -735,23 +745,21 @@ def conv2d_bwd(be, node, saved, gys, need):
     w = be.param(node, "weight") if fold is None else fold.w  # dx goes through the weights the forward used
     G = int(node.attrs.get("groups", 1))
     geom = conv_geometry(node, x.shape)
-    has_bias = be.has_param(node, "bias") or fold is not None  # the folded bias always exists
     act = node.attrs.get("act")
-    db = None
+    db = None  # the folded bias's gradient, when the masking pass sums it
     if fold is not None and need.params and act in ("relu", "relu6"):
-        # One pass masks the gradient and sums it per channel (the folded bias's gradient), instead of two
-        gy = tmp = rt.empty(y.shape)
-        db, s_gy = chan_gsum(rt, y, gys[0], dx=gy, unit_act=act)
-        s_gy.release()
-        has_bias = False
+        gy, db = _masked_grad_and_sum(rt, gys[0], y, act)
+        tmp = gy
     else:
         gy, tmp = _masked_grad(rt, gys[0], y, act)
+    # the folded bias always has a gradient, summed below unless the masking pass did
+    want_db = db is None and (fold is not None or be.has_param(node, "bias"))
     need_x = bool(need.inputs[0])
     if _is_depthwise(x.shape, w.shape, G):
-        dx, dW, db_ = depthwise_backward(rt, x, w, gy, geom, need_x, need.params, has_bias)
+        dx, dW, db_conv = depthwise_backward(rt, x, w, gy, geom, need_x, need.params, want_db)
     else:
-        dx, dW, db_ = conv_backward(rt, x, w, gy, geom, G, need_x, need.params, has_bias)
-    db = db if db is not None else db_
+        dx, dW, db_conv = conv_backward(rt, x, w, gy, geom, G, need_x, need.params, want_db)
+    db = db_conv if db is None else db
     if tmp is not None:
         tmp.release()
     grads = {}
@@ -761,7 +769,7 @@ def conv2d_bwd(be, node, saved, gys, need):
         saved.release()
     elif need.params:
         grads["weight"] = dW
-        if has_bias:
+        if want_db:
             grads["bias"] = db
     return [dx], grads
 

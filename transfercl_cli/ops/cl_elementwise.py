@@ -894,7 +894,9 @@ def batchnorm_bwd(be, node, saved, gys, need):
     sg = sgx = None
     # Inference mode: gx = gamma * istd * (masked g) needs no sums, so the pass that sums for the parameters writes it
     one_pass = want_p and gx is not None and not training
-    k = (chan_affine(rt, gamma, istd) if gamma is not None else istd) if gx is not None and not training else None
+    k = None  # gamma * istd (one row of C), the inference-mode input gradient's factor
+    if gx is not None and not training:
+        k = chan_affine(rt, gamma, istd) if gamma is not None else istd
     if want_p or (gx is not None and training):
         sg, sgx = chan_gsum(rt, x, g, mean, istd, fused, ghw, *((gx, k) if one_pass else ()))
     if gx is not None and not one_pass:
@@ -910,7 +912,7 @@ def batchnorm_bwd(be, node, saved, gys, need):
             run(rt, BN, "chan_bwd_apply", (-(-C // bn_cw(rt)), -(-M // BN_RB)), x, g, gx, k, k, k, k, i32(0), i32(M),
                 i32(C), fa, fb, i32(BN_ACT[act]), i32(ghw), f32(1.0 / ghw))
     if k is not None and k is not istd:
-        k.release()  # gamma * istd (one row of C); the in-order queue has run its readers by a later reuse
+        k.release()  # the in-order queue has run its readers by a later reuse
     if want_p:
         if gamma is not None:
             gp["gamma"] = sgx
